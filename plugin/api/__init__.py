@@ -1,0 +1,1 @@
+"""The HTTP layer: Flask blueprints that decode a request, call one service method, encode."""

@@ -1,0 +1,88 @@
+"""The Flask application factory; gunicorn serves ``plugin.app:wsgi()``.
+
+``create_app`` wires settings -> backend -> service -> blueprints and starts no threads;
+tests pass their own ``service`` (a fake backend behind the real :class:`VolumeService`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from .api import admin, volume_driver
+from .api.wire import reply
+from .backends.btrfs import BtrfsBackend
+from .config import Settings
+from .errors import PluginError
+from .locks import VolumeLocks
+from .mounts import MountTable
+from .pool import ensure_pool
+from .volumes import VolumeService
+
+log = logging.getLogger(__name__)
+
+
+def build_service(settings: Settings) -> VolumeService:
+    """The production service for *settings*: embedded pool if needed, backend, state.
+
+    :raises BackendUnavailable: the storage cannot be prepared or checked.
+    """
+    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if settings.embedded_pool:
+        ensure_pool(settings.image_path, settings.data_root, settings.pool_size)
+    backend = BtrfsBackend(settings.data_root)
+    service = VolumeService(backend, MountTable(settings.state_dir / "mounts.json"),
+                            VolumeLocks(settings.lock_timeout))
+    service.open()
+    return service
+
+
+def create_app(service: VolumeService | None = None,
+               environ: Mapping[str, str] | None = None) -> Flask:
+    """The WSGI application serving Docker's protocol and the CLI's endpoints."""
+    if service is None:
+        service = build_service(Settings.from_env(os.environ if environ is None else environ))
+    app = Flask(__name__)
+    app.extensions["snapvol.service"] = service
+    app.register_blueprint(volume_driver.bp)
+    app.register_blueprint(admin.bp)
+
+    @app.errorhandler(PluginError)
+    def plugin_error(exc: PluginError) -> Response:
+        level = logging.WARNING if exc.http_status < 500 else logging.ERROR
+        log.log(level, "%s refused: %s", request.path, exc)
+        return reply(exc.http_status, Err=str(exc))
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        if exc.code == 404:
+            message = f"unknown endpoint {request.path[:100]!r}"
+        elif exc.code == 405:
+            message = f"{request.path[:100]} accepts only POST"
+        else:
+            message = f"{exc.name}: {exc.description}"
+        log.warning("%s %s: %s", request.method, request.path[:100], message)
+        return reply(exc.code or 500, Err=message)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        # Our bug, not the client's: full traceback in our log, one line to the client.
+        log.exception("internal error while serving %s", request.path)
+        return reply(500, Err=f"internal error in snapvol ({type(exc).__name__}); "
+                               "see the plugin log")
+
+    return app
+
+
+def wsgi() -> Flask:
+    """gunicorn's entry point: like :func:`create_app`, but a configuration or storage problem
+    ends the worker with one clear log line (exit 3 makes gunicorn stop instead of retrying)."""
+    try:
+        return create_app()
+    except PluginError as exc:
+        log.error("snapvol cannot start: %s", exc)
+        raise SystemExit(3) from None

@@ -1,0 +1,1 @@
+"""Storage backends: filesystem primitives behind one protocol (see :mod:`.base`)."""

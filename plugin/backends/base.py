@@ -1,0 +1,74 @@
+"""The contract every storage backend implements, and the values it returns.
+
+Backends are storage primitives: no locks, no mount refcounts, no HTTP. Names arrive
+validated, options arrive validated and normalised (:mod:`plugin.options`), and callers hold
+the volume lock for mutations. Every method raises only :class:`~plugin.errors.PluginError`
+subclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A volume as the filesystem describes it."""
+
+    name: str
+    mountpoint: Path
+    created: datetime                  # timezone-aware UTC, from the filesystem
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Space accounting of one volume; ``None`` where the filesystem cannot tell cheaply."""
+
+    used_bytes: int | None
+    quota_bytes: int | None
+
+
+class Backend(Protocol):
+    """Storage primitives for volumes.
+
+    :raises VolumeNotFound: (any method taking a name) no such volume owned by snapvol.
+    :raises BackendUnavailable: the storage root is gone or is not the expected filesystem.
+    :raises BackendError: the filesystem refused; the message says why.
+    """
+
+    kind: ClassVar[str]                      # "btrfs" | "zfs"
+
+    def check(self) -> None:
+        """Verify the storage root at start and finish interrupted work (crash leftovers)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for ``snapvol status``: root, filesystem, quotas... (cheap)."""
+
+    def volumes(self) -> list[VolumeInfo]:
+        """Every volume snapvol owns, in one bulk pass (no subprocess per volume)."""
+
+    def volume(self, name: str) -> VolumeInfo:
+        """One volume."""
+
+    def usage(self, name: str) -> Usage:
+        """Used bytes and quota of one volume (cheap: no subprocess)."""
+
+    def create_volume(self, name: str, options: Mapping[str, str]) -> VolumeInfo:
+        """Create a volume with its options applied, all or nothing.
+
+        :raises VolumeExists: the name is taken (by snapvol or by something else).
+        """
+
+    def destroy_volume(self, name: str) -> None:
+        """Destroy the volume and its data; it disappears from listings at once."""
+
+    def attach(self, name: str) -> Path:
+        """Make the volume reachable and return the directory to hand to Docker (idempotent)."""
+
+    def detach(self, name: str) -> None:
+        """Undo :meth:`attach` once no container uses the volume (idempotent)."""

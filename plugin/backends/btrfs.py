@@ -1,0 +1,276 @@
+"""Volumes as Btrfs subvolumes, through ``btrfsutil`` (the ``btrfs`` CLI only for quotas).
+
+Layout under the root directory (a directory on a mounted Btrfs)::
+
+    <root>/volumes/<name>        one subvolume per volume; this is what containers see
+    <root>/.snapvol-staging/     volumes being created or destroyed (never listed)
+
+A subvolume belongs to snapvol when its root directory carries the ``trusted.snapvol``
+extended attribute (JSON: format and options). The attribute lives *in* the subvolume, so it
+can never drift from it, it travels with snapshots and ``btrfs send``, and the ``trusted.``
+namespace needs CAP_SYS_ADMIN, so an ordinary container cannot forge or strip it. Subvolumes
+without it are never listed, mounted, changed or destroyed. Creation time is the subvolume's
+``otime``: the filesystem is the only source of truth.
+
+Creation and destruction go through the staging directory so that Docker never sees a
+half-made volume: a volume is built and configured there, then renamed into ``volumes/``
+(atomic), and removed by renaming it out first. Leftovers of a crash are finished at start.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+import btrfsutil
+
+from .. import names, process
+from ..errors import (BackendError, BackendUnavailable, InvalidOption, VolumeExists,
+                      VolumeNotFound)
+from ..units import parse_size
+from .base import Usage, VolumeInfo
+
+log = logging.getLogger(__name__)
+
+OWNER_XATTR = "trusted.snapvol"
+FORMAT = 1
+VOLUMES = "volumes"
+STAGING = ".snapvol-staging"
+_BTRFS_IOC_FS_INFO = 0x8400941F       # _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args[1024])
+_CLI_TIMEOUT = 60.0
+
+
+def _filesystem_id(path: Path) -> str:
+    """The Btrfs filesystem UUID (the name of its directory in /sys/fs/btrfs)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        buf = bytearray(1024)
+        fcntl.ioctl(fd, _BTRFS_IOC_FS_INFO, buf)
+    finally:
+        os.close(fd)
+    return str(uuid.UUID(bytes=bytes(buf[16:32])))
+
+
+class BtrfsBackend:
+    """Volumes as subvolumes below *root*, which must be a directory on a mounted Btrfs."""
+
+    kind: ClassVar[str] = "btrfs"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.volumes_dir = root / VOLUMES
+        self.staging_dir = root / STAGING
+        self._fsid: str | None = None
+
+    # ------------------------------------------------------------------ start-up
+
+    def check(self) -> None:
+        """Verify the root is on Btrfs, create the layout, finish interrupted work.
+
+        :raises BackendUnavailable: the root does not exist or is not on Btrfs.
+        """
+        if not self.root.is_dir():
+            raise BackendUnavailable(f"btrfs root {self.root} does not exist or is not a directory")
+        try:
+            btrfsutil.is_subvolume(self.root)
+        except btrfsutil.BtrfsUtilError as exc:
+            raise BackendUnavailable(f"{self.root} is not on a Btrfs filesystem ({exc.strerror})") from None
+        for directory in (self.volumes_dir, self.staging_dir):
+            directory.mkdir(mode=0o711, exist_ok=True)
+        self._fsid = _filesystem_id(self.root)
+        self._finish_interrupted()
+
+    def _finish_interrupted(self) -> None:
+        """Destroy what a crash left in staging: half-made or half-destroyed volumes of ours."""
+        for entry in os.scandir(self.staging_dir):
+            path = Path(entry.path)
+            if not entry.is_dir(follow_symlinks=False) or not self._is_ours(path):
+                log.warning("leaving unknown entry %s in staging alone", path)
+                continue
+            log.info("removing %s left by an interrupted create or remove", path)
+            self._delete_subvolume(path)
+
+    def describe(self) -> dict[str, Any]:
+        return {"root": str(self.root), "filesystem": "btrfs", "fsid": self._fsid,
+                "quotas": self._quotas_enabled()}
+
+    # ------------------------------------------------------------------ queries
+
+    def volumes(self) -> list[VolumeInfo]:
+        found = []
+        try:
+            entries = list(os.scandir(self.volumes_dir))
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+        for entry in entries:
+            try:
+                found.append(self._info(entry.name, Path(entry.path)))
+            except (VolumeNotFound, OSError, btrfsutil.BtrfsUtilError):
+                continue  # not ours, or removed while we were listing
+        return found
+
+    def volume(self, name: str) -> VolumeInfo:
+        try:
+            return self._info(name, self._path(name))
+        except VolumeNotFound:
+            self._require_healthy()
+            raise
+        except (OSError, btrfsutil.BtrfsUtilError) as exc:
+            self._require_healthy()
+            raise BackendError(f"cannot read volume {name}: {exc}") from None
+
+    def usage(self, name: str) -> Usage:
+        info = btrfsutil.subvolume_info(self._owned_path(name))
+        if not self._fsid or not self._quotas_enabled():
+            return Usage(None, None)
+        qgroup = Path("/sys/fs/btrfs", self._fsid, "qgroups", f"0_{info.id}")
+        try:
+            used = int((qgroup / "referenced").read_text())
+            limit = int((qgroup / "max_referenced").read_text())
+        except (OSError, ValueError):
+            return Usage(None, None)
+        return Usage(used, limit or None)
+
+    def _info(self, name: str, path: Path) -> VolumeInfo:
+        meta = self._read_owner(path)
+        if meta is None:
+            raise VolumeNotFound(name)
+        sub = btrfsutil.subvolume_info(path)
+        created = datetime.fromtimestamp(sub.otime, tz=timezone.utc)
+        return VolumeInfo(name=name, mountpoint=path, created=created,
+                          options=dict(meta.get("options", {})))
+
+    # ------------------------------------------------------------------ changes
+
+    def create_volume(self, name: str, options: Mapping[str, str]) -> VolumeInfo:
+        target = self._path(name)
+        if os.path.lexists(target):
+            owner = "snapvol" if self._is_ours(target) else "something else (not snapvol)"
+            raise VolumeExists(f"volume {name} already exists (made by {owner})")
+        work = names.under(self.staging_dir, f"create.{name}.{secrets.token_hex(4)}")
+        try:
+            btrfsutil.create_subvolume(work)
+            # Mark it ours first: if we crash below, start-up cleanup recognises and removes it.
+            self._write_owner(work, options)
+            self._apply_options(work, options)
+            os.rename(work, target)
+        except BaseException as exc:
+            if self._is_ours(work):
+                self._delete_subvolume(work)
+            if isinstance(exc, btrfsutil.BtrfsUtilError | OSError):
+                raise BackendError(f"cannot create volume {name}: {exc}") from None
+            raise
+        log.info("created volume %s (options: %s)", name, ", ".join(sorted(options)) or "none")
+        return self._info(name, target)
+
+    def destroy_volume(self, name: str) -> None:
+        path = self._owned_path(name)
+        doomed = names.under(self.staging_dir, f"remove.{name}.{secrets.token_hex(4)}")
+        try:
+            os.rename(path, doomed)  # gone from listings at once, even if deletion is slow
+        except OSError as exc:
+            raise BackendError(f"cannot remove volume {name}: {exc.strerror}") from None
+        self._delete_subvolume(doomed)
+        log.info("removed volume %s", name)
+
+    def attach(self, name: str) -> Path:
+        path = self._owned_path(name)
+        if not btrfsutil.is_subvolume(path):
+            raise BackendError(f"volume {name}: {path} is no longer a subvolume")
+        return path
+
+    def detach(self, name: str) -> None:
+        """Nothing to undo: a subvolume needs no mount of its own on the host."""
+
+    # ------------------------------------------------------------------ helpers
+
+    def _path(self, name: str) -> Path:
+        return names.under(self.volumes_dir, names.volume_name(name))
+
+    def _owned_path(self, name: str) -> Path:
+        path = self._path(name)
+        if not self._is_ours(path):
+            self._require_healthy()
+            raise VolumeNotFound(name)
+        return path
+
+    def _read_owner(self, path: Path) -> dict[str, Any] | None:
+        try:
+            raw = os.getxattr(path, OWNER_XATTR, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOENT, errno.ENOTDIR, errno.EOPNOTSUPP):
+                return None
+            raise
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            return None
+        return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+    def _is_ours(self, path: Path) -> bool:
+        try:
+            return self._read_owner(path) is not None
+        except OSError:
+            return False
+
+    def _write_owner(self, path: Path, options: Mapping[str, str]) -> None:
+        meta = {"format": FORMAT, "options": dict(sorted(options.items()))}
+        os.setxattr(path, OWNER_XATTR, json.dumps(meta).encode(), follow_symlinks=False)
+
+    def _apply_options(self, path: Path, options: Mapping[str, str]) -> None:
+        """Apply validated options to a fresh, empty subvolume."""
+        if options.get("nocow") == "true":
+            # Only affects files created afterwards, hence on the empty root (chattr(1)).
+            process.run(["chattr", "+C", "--", path], timeout=_CLI_TIMEOUT)
+        if "compression" in options:
+            value = options["compression"]
+            # The "compression" property is this xattr; "none" disables compression (5.14+).
+            os.setxattr(path, "btrfs.compression", value.encode(), follow_symlinks=False)
+        mode = int(options.get("mode", "755"), 8)
+        os.chmod(path, mode)
+        if "uid" in options or "gid" in options:
+            os.chown(path, int(options.get("uid", -1)), int(options.get("gid", -1)),
+                     follow_symlinks=False)
+        if "size" in options:
+            self._ensure_quotas()
+            process.run(["btrfs", "qgroup", "limit", str(parse_size(options["size"])), path],
+                        timeout=_CLI_TIMEOUT)
+
+    def _quotas_enabled(self) -> bool:
+        return bool(self._fsid) and Path("/sys/fs/btrfs", self._fsid, "qgroups").is_dir()
+
+    def _ensure_quotas(self) -> None:
+        """Enable qgroups on the filesystem the first time a volume asks for a size limit."""
+        if self._quotas_enabled():
+            return
+        log.info("enabling btrfs quotas on %s (first volume with a size limit)", self.root)
+        process.run(["btrfs", "quota", "enable", self.root], timeout=_CLI_TIMEOUT)
+        if not self._quotas_enabled():
+            raise InvalidOption("size: btrfs quotas could not be enabled on "
+                                f"{self.root}; this kernel may not support qgroups")
+
+    def _delete_subvolume(self, path: Path) -> None:
+        try:
+            btrfsutil.delete_subvolume(path, recursive=True)
+        except btrfsutil.BtrfsUtilError as exc:
+            raise BackendError(f"cannot delete subvolume {path}: {exc}") from None
+
+    def _require_healthy(self) -> None:
+        """Tell "no such volume" apart from "the storage is gone" (Docker purges on the former)."""
+        try:
+            btrfsutil.is_subvolume(self.root)
+            os.stat(self.volumes_dir)
+        except (OSError, btrfsutil.BtrfsUtilError) as exc:
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: Exception) -> BackendUnavailable:
+        return BackendUnavailable(f"btrfs root {self.root} is not usable: {exc}")

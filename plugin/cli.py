@@ -1,0 +1,127 @@
+"""``snapvol``: the command line, a client of the plugin's socket (never of the storage).
+
+Data goes to stdout (a table, or the reply as JSON with ``--json``); messages go to stderr.
+The exit status says what kind of failure happened (:class:`Exit`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
+
+from . import __version__
+from .client import PluginClient, find_socket
+from .units import format_size
+
+
+class Exit(enum.IntEnum):
+    OK = 0
+    ERROR = 1          # the plugin failed (5xx)
+    USAGE = 2          # bad arguments (argparse's own code too), other 4xx
+    NOT_FOUND = 3
+    CONFLICT = 4       # in use, exists, busy
+    UNREACHABLE = 5    # no socket, plugin not running
+
+
+def exit_for(http_status: int) -> Exit:
+    if http_status < 400:
+        return Exit.OK
+    if http_status == 404:
+        return Exit.NOT_FOUND
+    if http_status in (409, 503):
+        return Exit.CONFLICT
+    return Exit.USAGE if http_status < 500 else Exit.ERROR
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
+def _size(value: int | None) -> str:
+    return "-" if value is None else format_size(value)
+
+
+def render_volumes(reply: dict[str, Any]) -> str:
+    rows = [["NAME", "USED", "QUOTA", "MOUNTS", "CREATED", "OPTIONS"]]
+    for v in reply.get("Volumes", []):
+        opts = ",".join(f"{k}={val}" for k, val in sorted(v.get("options", {}).items()))
+        rows.append([v["name"], _size(v.get("used_bytes")), _size(v.get("quota_bytes")),
+                     str(v.get("mounts", 0)), v.get("created", ""), opts or "-"])
+    return _table(rows)
+
+
+def render_status(reply: dict[str, Any]) -> str:
+    status = reply.get("Status", {})
+    storage = status.get("storage", {})
+    lines = [
+        ("plugin", f"snapvol {status.get('version')} (pid {status.get('pid')}, "
+                   f"up {status.get('uptime_seconds')} s)"),
+        ("backend", status.get("backend", "?")),
+        ("storage", ", ".join(f"{k}={v}" for k, v in storage.items())),
+        ("volumes", f"{status.get('volumes')} ({status.get('volumes_in_use')} in use, "
+                    f"{status.get('mounts')} mounts)"),
+        ("options", ", ".join(status.get("options", []))),
+    ]
+    return "\n".join(f"{key + ':':9} {value}" for key, value in lines)
+
+
+def _add_common(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--socket", default=default,
+                        help="plugin socket (default: $SNAPVOL_SOCKET, "
+                        "/run/docker/plugins/snapvol.sock, or the managed plugin's)")
+    parser.add_argument("--json", action="store_true",
+                        default=False if default is None else default,
+                        help="print the reply as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="snapvol", description="Manage snapvol volumes through the running plugin.")
+    parser.add_argument("--version", action="version", version=f"snapvol {__version__}")
+    _add_common(parser, default=None)
+    # Accepted after the command too; SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common(common, default=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ls = sub.add_parser("ls", parents=[common], help="list volumes with usage and mounts")
+    ls.set_defaults(endpoint="Snapvol.Volumes", render=render_volumes)
+    st = sub.add_parser("status", parents=[common], help="show the plugin and its storage")
+    st.set_defaults(endpoint="Snapvol.Status", render=render_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
+         stderr: TextIO | None = None, environ: Mapping[str, str] | None = None,
+         connect: Callable[[str], PluginClient] = PluginClient) -> int:
+    """Run the CLI; return the exit status (see :class:`Exit`)."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:          # --help, --version, usage errors
+        return int(exc.code or 0)
+    try:
+        client = connect(args.socket or find_socket(os.environ if environ is None else environ))
+        status, reply = client.call(args.endpoint, {})
+    except (LookupError, OSError) as exc:
+        print(f"snapvol: cannot reach the plugin: {exc}", file=stderr)
+        return Exit.UNREACHABLE
+    except ValueError as exc:
+        print(f"snapvol: {exc}", file=stderr)
+        return Exit.ERROR
+    if reply.get("Err") or status >= 400:
+        print(f"snapvol: {reply.get('Err') or f'HTTP {status}'}", file=stderr)
+        return exit_for(status) or Exit.ERROR
+    print(json.dumps(reply, indent=2) if args.json else args.render(reply), file=stdout)
+    return Exit.OK
+
+
+def entry_point() -> None:
+    sys.exit(main())

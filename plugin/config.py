@@ -1,0 +1,122 @@
+"""Settings: every knob is a ``SNAPVOL_*`` environment variable, parsed once at start.
+
+``Settings.SPEC`` is the single table the README and ``config.json`` are checked against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import ClassVar
+
+from .errors import ConfigError
+from .units import parse_size
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in allowed:
+            raise ValueError(f"must be one of: {', '.join(allowed)}")
+        return raw
+    return parse
+
+
+def _seconds(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 3600:
+        raise ValueError("must be a number of seconds between 0 and 3600")
+    return value
+
+
+def _threads(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 64:
+        raise ValueError("must be a whole number between 1 and 64")
+    return value
+
+
+def _absolute_path(raw: str) -> Path:
+    path = Path(raw)
+    if not path.is_absolute():
+        raise ValueError("must be an absolute path")
+    return path
+
+
+def _optional_path(raw: str) -> Path | None:
+    return _absolute_path(raw) if raw else None
+
+
+def _pool_size(raw: str) -> int:
+    size = parse_size(raw)
+    if size < 256 << 20:
+        raise ValueError("must be at least 256M (btrfs needs room for its metadata)")
+    return size
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The plugin's configuration; build it with :meth:`from_env`."""
+
+    backend: str
+    btrfs_root: Path | None
+    state_dir: Path
+    socket: Path
+    pool_image: Path | None
+    pool_size: int
+    lock_timeout: float
+    threads: int
+    log_level: str
+
+    # field -> (environment variable, default, parser, help)
+    SPEC: ClassVar[dict[str, tuple[str, str, Callable[[str], object], str]]] = {
+        "backend": ("SNAPVOL_BACKEND", "btrfs", _choice("btrfs"),
+                    "storage backend (btrfs; zfs is planned)"),
+        "btrfs_root": ("SNAPVOL_BTRFS_ROOT", "", _optional_path,
+                       "a directory on a mounted Btrfs where volumes live; empty: the "
+                       "embedded pool image"),
+        "state_dir": ("SNAPVOL_STATE_DIR", "/var/lib/snapvol", _absolute_path,
+                      "mount table, lock, and the embedded pool (pool.img, pool/)"),
+        "socket": ("SNAPVOL_SOCKET", "/run/docker/plugins/snapvol.sock", _absolute_path,
+                   "Unix socket served to Docker; its file name (without .sock) is the "
+                   "driver name"),
+        "pool_image": ("SNAPVOL_POOL_IMAGE", "", _optional_path,
+                       "image file of the embedded pool; empty: STATE_DIR/pool.img"),
+        "pool_size": ("SNAPVOL_POOL_SIZE", "10G", _pool_size,
+                      "size of the embedded pool image when it is first created (sparse)"),
+        "lock_timeout": ("SNAPVOL_LOCK_TIMEOUT", "20", _seconds,
+                         "longest wait for a busy volume before answering 'busy'"),
+        "threads": ("SNAPVOL_THREADS", "8", _threads, "request threads of the server"),
+        "log_level": ("SNAPVOL_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"),
+                      "log verbosity"),
+    }
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Parse every setting from *env*, falling back to the defaults in :attr:`SPEC`.
+
+        :raises ConfigError: a value does not parse; the message names the variable.
+        """
+        values = {}
+        for f in fields(cls):
+            var, default, parse, _ = cls.SPEC[f.name]
+            raw = env.get(var, default)
+            try:
+                values[f.name] = parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{var}={raw!r}: {exc}") from None
+        return cls(**values)
+
+    @property
+    def embedded_pool(self) -> bool:
+        """True when no Btrfs root is configured and snapvol provides its own pool image."""
+        return self.btrfs_root is None
+
+    @property
+    def image_path(self) -> Path:
+        return self.pool_image or self.state_dir / "pool.img"
+
+    @property
+    def data_root(self) -> Path:
+        """Where the backend keeps its volumes: the configured root or the pool's mountpoint."""
+        return self.btrfs_root or self.state_dir / "pool"

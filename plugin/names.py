@@ -1,0 +1,63 @@
+"""Validation of every name a client sends, and containment of every path built from one.
+
+Volume names follow Docker's rule for local volumes (a letter or digit, then letters, digits,
+``_``, ``.`` or ``-``) but may be a single character, as ``docker volume create -d snapvol x``
+is what people type. The length cap keeps ``<root>/volumes/<name>`` and a future
+``<dataset>/<volume>@<snapshot>`` far below filesystem limits (255 bytes per component).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import InvalidName
+
+MAX_NAME = 100
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (MAX_NAME - 1))
+# Docker's mount IDs are 64 hex digits; accept any short opaque token of safe characters.
+_MOUNT_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def _shown(raw: object) -> str:
+    """A short, printable rendering of a rejected value for error messages."""
+    text = repr(raw)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def volume_name(raw: object) -> str:
+    """Return *raw* if it is a valid volume name.
+
+    :raises InvalidName: not a string, empty, too long, or has characters outside the rule.
+    """
+    if not isinstance(raw, str) or not _NAME.fullmatch(raw):
+        raise InvalidName(
+            f"invalid volume name {_shown(raw)}: use 1-{MAX_NAME} characters from "
+            "A-Z a-z 0-9 _ . -, starting with a letter or digit")
+    return raw
+
+
+def mount_id(raw: object) -> str:
+    """Return *raw* if it looks like a Docker mount ID (an opaque token).
+
+    :raises InvalidName: not a short token of letters, digits, ``_ . -``.
+    """
+    if not isinstance(raw, str) or not _MOUNT_ID.fullmatch(raw):
+        raise InvalidName(f"invalid mount ID {_shown(raw)}: expected up to 128 characters "
+                          "from A-Z a-z 0-9 _ . -")
+    return raw
+
+
+def under(root: Path, *parts: str) -> Path:
+    """``root/parts...``, refusing anything that resolves outside *root* (symlinks included).
+
+    Validation already forbids ``/`` and ``..`` in names; this is the second wall, as in
+    moby's local driver: a symlink planted inside the root cannot redirect us elsewhere.
+
+    :raises InvalidName: the path resolves to *root* itself or outside it.
+    """
+    path = root.joinpath(*parts)
+    real_root, real = root.resolve(), path.resolve()
+    if real == real_root or not real.is_relative_to(real_root):
+        raise InvalidName(f"{path} resolves outside {root}")
+    return path

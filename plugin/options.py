@@ -1,0 +1,122 @@
+"""Volume options (``docker volume create -o k=v``, Compose ``driver_opts``): validation.
+
+Every option is checked at Create, before anything is made: unknown names, options of the
+other backend and bad values are refused with a message that names the option and what it
+accepts. The result is a normalised ``dict[str, str]`` that is stored with the volume.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import InvalidOption
+from .units import parse_size
+
+MAX_ID = 2**32 - 2          # (uid_t)-1 means "unchanged" to chown(2)
+MIN_SIZE = 1 << 20
+
+
+def _size(value: str) -> str:
+    size = parse_size(value)
+    if size < MIN_SIZE:
+        raise ValueError("must be at least 1M")
+    return value.strip()
+
+
+def _id(value: str) -> str:
+    if not value.isdigit() or not 0 <= int(value) <= MAX_ID:
+        raise ValueError(f"must be a number from 0 to {MAX_ID}")
+    return str(int(value))
+
+
+def _mode(value: str) -> str:
+    if not re.fullmatch(r"0?[0-7]{3,4}", value) or int(value, 8) > 0o7777:
+        raise ValueError("must be octal permission bits such as 755, 0750 or 1777")
+    return format(int(value, 8), "o")
+
+
+def _one_of(*allowed: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+    return parse
+
+
+def _boolean(value: str) -> str:
+    lowered = value.lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return "true"
+    if lowered in ("false", "no", "off", "0"):
+        return "false"
+    raise ValueError("must be true or false")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    name: str
+    parse: Callable[[str], str]
+    backends: frozenset[str]
+    help: str
+
+
+_BOTH = frozenset({"btrfs", "zfs"})
+SPECS: dict[str, OptionSpec] = {spec.name: spec for spec in (
+    OptionSpec("size", _size, _BOTH, "hard quota, e.g. 20G (btrfs: qgroup limit)"),
+    OptionSpec("uid", _id, _BOTH, "owner of the volume's root directory"),
+    OptionSpec("gid", _id, _BOTH, "group of the volume's root directory"),
+    OptionSpec("mode", _mode, _BOTH, "permissions of the volume's root directory, e.g. 750"),
+    OptionSpec("compression", _one_of("zstd", "lzo", "zlib", "none"), frozenset({"btrfs"}),
+               "transparent compression: zstd, lzo, zlib or none"),
+    OptionSpec("nocow", _boolean, frozenset({"btrfs"}),
+               "true: no copy-on-write for files in the volume (databases, VM images)"),
+    OptionSpec("recordsize", str, frozenset({"zfs"}), "ZFS record size"),
+    OptionSpec("atime", str, frozenset({"zfs"}), "ZFS access-time updates"),
+)}
+# In the product contract (DESIGN.md 2.1) but not in this release: refused with a clear word.
+PLANNED = ("from", "schedule", "keep", "quiesce", "replicate")
+
+
+def accepted(backend: str) -> list[str]:
+    """Names of the options a volume of *backend* accepts, in documentation order."""
+    return [name for name, spec in SPECS.items() if backend in spec.backends]
+
+
+def validate(raw: object, backend: str) -> dict[str, str]:
+    """Check Docker's ``Opts`` for a volume of *backend*; return them normalised.
+
+    ``None`` (Docker sends ``null`` for volumes created implicitly by ``docker run``) means
+    no options.
+
+    :raises InvalidOption: not a map of strings, an unknown option, an option of the other
+        backend, or a bad value; the message names the option and the accepted values.
+    """
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidOption("Opts must be a map of option names to string values")
+    unknown = sorted(k for k in raw if k not in SPECS and k not in PLANNED)
+    if unknown:
+        shown = ", ".join(repr(k) if not isinstance(k, str) or len(k) < 40 else repr(k[:40] + "...")
+                          for k in unknown[:5])
+        raise InvalidOption(f"unknown option(s): {shown}; {backend} volumes accept: "
+                            f"{', '.join(accepted(backend))}")
+    result = {}
+    for key, value in sorted(raw.items()):
+        if key in PLANNED:
+            raise InvalidOption(f"option {key} is not available in this version of snapvol "
+                                f"(accepted: {', '.join(accepted(backend))})")
+        spec = SPECS[key]
+        if backend not in spec.backends:
+            only = "/".join(sorted(spec.backends))
+            raise InvalidOption(f"option {key} is for {only} volumes only; this plugin "
+                                f"stores volumes on {backend}")
+        if not isinstance(value, str):
+            raise InvalidOption(f"option {key}: the value must be a string, got {value!r:.40}")
+        try:
+            result[key] = spec.parse(value)
+        except ValueError as exc:
+            raise InvalidOption(f"option {key}={value[:40]!r}: {exc}") from None
+    return result

@@ -1,0 +1,32 @@
+"""Parsing of human sizes (``20G``) shared by settings and volume options."""
+
+from __future__ import annotations
+
+import re
+
+_SIZE = re.compile(r"(\d+)([KMGTP]?)(i?B?)?", re.IGNORECASE)
+_FACTOR = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in *text*: a whole number with an optional binary unit (``512M``, ``20G``, ``1TiB``).
+
+    Units are powers of 1024, as in ``btrfs`` and ``zfs``.
+
+    :raises ValueError: not of that form.
+    """
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ValueError("expected a whole number with an optional unit K, M, G, T or P "
+                         "(powers of 1024), like 512M or 20G")
+    return int(match.group(1)) * _FACTOR[match.group(2).upper()]
+
+
+def format_size(size: int) -> str:
+    """A short human form of *size* bytes (``1.5G``), for tables."""
+    value = float(size)
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return f"{value:.0f}{unit}" if unit == "B" or value >= 100 else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
