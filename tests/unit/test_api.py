@@ -1,0 +1,182 @@
+"""The HTTP layer through Flask's test client, with requests shaped exactly like dockerd's:
+no Content-Type, a trailing newline, ``Opts: null``, an empty body for Activate."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from plugin.app import create_app
+from plugin.locks import VolumeLocks
+from plugin.mounts import MountTable
+from plugin.volumes import VolumeService
+from tests.fakes import FakeBackend
+
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> FakeBackend:
+    return FakeBackend(tmp_path / "root")
+
+
+@pytest.fixture
+def client(backend: FakeBackend, tmp_path: Path):
+    service = VolumeService(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(0.5))
+    service.open()
+    return create_app(service=service).test_client()
+
+
+def call(client, endpoint: str, body: object = None, raw: bytes | None = None):
+    data = raw if raw is not None else (json.dumps(body) + "\n").encode()
+    response = client.post("/" + endpoint, data=data)   # bytes: no Content-Type header
+    assert response.headers["Content-Type"] == "application/vnd.docker.plugins.v1+json"
+    return response.status_code, json.loads(response.data)
+
+
+def test_activate_with_empty_body(client):
+    assert call(client, "Plugin.Activate", raw=b"") == (200, {"Implements": ["VolumeDriver"], "Err": ""})
+
+
+def test_capabilities_scope_local(client):
+    assert call(client, "VolumeDriver.Capabilities", {}) == (
+        200, {"Capabilities": {"Scope": "local"}, "Err": ""})
+
+
+def test_create_with_null_opts_then_get_and_list(client, backend):
+    assert call(client, "VolumeDriver.Create", {"Name": "v1", "Opts": None}) == (200, {"Err": ""})
+    status, reply = call(client, "VolumeDriver.Get", {"Name": "v1"})
+    assert status == 200 and reply["Err"] == ""
+    volume = reply["Volume"]
+    assert volume["Name"] == "v1"
+    assert volume["Mountpoint"] == str(backend.volume("v1").mountpoint)
+    assert RFC3339.fullmatch(volume["CreatedAt"])
+    assert volume["Status"] == {"backend": "btrfs", "options": {}, "used_bytes": 0,
+                                "quota_bytes": None, "mounts": 0}
+    status, reply = call(client, "VolumeDriver.List", {})
+    assert [v["Name"] for v in reply["Volumes"]] == ["v1"]
+    assert "Status" not in reply["Volumes"][0]
+
+
+def test_create_is_idempotent_for_same_options(client, backend):
+    body = {"Name": "v1", "Opts": {"size": "10M", "mode": "0750"}}
+    assert call(client, "VolumeDriver.Create", body)[1] == {"Err": ""}
+    assert call(client, "VolumeDriver.Create", body)[1] == {"Err": ""}
+    assert backend.calls.count(("create", "v1")) == 1
+    assert backend.volume("v1").options == {"size": "10M", "mode": "750"}
+
+
+def test_create_existing_with_other_options_is_refused(client):
+    call(client, "VolumeDriver.Create", {"Name": "v1", "Opts": {"mode": "700"}})
+    status, reply = call(client, "VolumeDriver.Create", {"Name": "v1", "Opts": {}})
+    assert status == 409
+    assert reply["Err"] == ("volume v1 already exists with other options (mode=700); "
+                            "remove it first or choose another name")
+
+
+def test_unknown_option_names_the_option_and_the_accepted_ones(client, backend):
+    status, reply = call(client, "VolumeDriver.Create", {"Name": "v1", "Opts": {"bogus": "1"}})
+    assert status == 400
+    assert reply["Err"] == ("unknown option(s): 'bogus'; btrfs volumes accept: size, uid, "
+                            "gid, mode, compression, nocow")
+    assert backend.volumes() == []
+
+
+def test_option_of_the_other_backend(client):
+    status, reply = call(client, "VolumeDriver.Create", {"Name": "v1", "Opts": {"recordsize": "8K"}})
+    assert reply["Err"] == ("option recordsize is for zfs volumes only; this plugin stores "
+                            "volumes on btrfs")
+
+
+def test_mount_unmount_refcount_and_remove_refusal(client, backend):
+    call(client, "VolumeDriver.Create", {"Name": "v1"})
+    first = call(client, "VolumeDriver.Mount", {"Name": "v1", "ID": "a" * 64})
+    assert first == (200, {"Mountpoint": str(backend.volume("v1").mountpoint), "Err": ""})
+    call(client, "VolumeDriver.Mount", {"Name": "v1", "ID": "b" * 64})
+    call(client, "VolumeDriver.Mount", {"Name": "v1", "ID": "b" * 64})   # docker cp: same ID twice
+    assert call(client, "VolumeDriver.Get", {"Name": "v1"})[1]["Volume"]["Status"]["mounts"] == 3
+    status, reply = call(client, "VolumeDriver.Remove", {"Name": "v1"})
+    assert status == 409
+    assert reply["Err"] == ("volume v1 is in use by 3 container mount(s); stop or remove "
+                            "those containers first")
+    for mount_id in ("a" * 64, "b" * 64, "b" * 64):
+        assert "v1" in backend.attached
+        assert call(client, "VolumeDriver.Unmount", {"Name": "v1", "ID": mount_id}) == (200, {"Err": ""})
+    assert "v1" not in backend.attached
+    assert call(client, "VolumeDriver.Remove", {"Name": "v1"}) == (200, {"Err": ""})
+    assert call(client, "VolumeDriver.Get", {"Name": "v1"}) == (404, {"Err": "no such volume: v1"})
+
+
+def test_unknown_unmount_is_harmless(client):
+    call(client, "VolumeDriver.Create", {"Name": "v1"})
+    assert call(client, "VolumeDriver.Unmount", {"Name": "v1", "ID": "f" * 64}) == (200, {"Err": ""})
+
+
+def test_path(client, backend):
+    call(client, "VolumeDriver.Create", {"Name": "v1"})
+    assert call(client, "VolumeDriver.Path", {"Name": "v1"}) == (
+        200, {"Mountpoint": str(backend.volume("v1").mountpoint), "Err": ""})
+
+
+@pytest.mark.parametrize("endpoint", ["Remove", "Mount", "Path", "Get"])
+def test_missing_volume(client, endpoint):
+    status, reply = call(client, f"VolumeDriver.{endpoint}", {"Name": "ghost", "ID": "x"})
+    assert (status, reply) == (404, {"Err": "no such volume: ghost"})
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"{", "request body is not valid JSON"),
+    (b"[1, 2]", "request body must be a JSON object"),
+    (b'"v1"', "request body must be a JSON object"),
+    (b"{}", "missing field 'Name' in the request"),
+    (b'{"Name": null}', "missing field 'Name' in the request"),
+    (b'{"Name": 5}', "invalid volume name 5"),
+    (b'{"Name": "v1", "Opts": "size=1G"}', "Opts must be a map of option names"),
+    (b'{"Name": "v1", "Opts": {"size": 5}}', "option size: the value must be a string"),
+    (b"x" * 70000, "request body is larger than 65536 bytes"),
+])
+def test_malformed_create(client, backend, raw, message):
+    status, reply = call(client, "VolumeDriver.Create", raw=raw)
+    assert status == 400 and reply["Err"].startswith(message)
+    assert backend.volumes() == []
+
+
+def test_unknown_endpoint_and_wrong_method(client):
+    assert call(client, "VolumeDriver.Explode", {}) == (404, {"Err": "unknown endpoint '/VolumeDriver.Explode'"})
+    response = client.get("/VolumeDriver.List")
+    assert response.status_code == 405
+    assert json.loads(response.data) == {"Err": "/VolumeDriver.List accepts only POST"}
+
+
+def test_internal_errors_never_leak_a_traceback(client, backend, monkeypatch):
+    def boom() -> None:
+        raise RuntimeError("secret detail /etc/shadow")
+    monkeypatch.setattr(backend, "volumes", boom)
+    status, reply = call(client, "VolumeDriver.List", {})
+    assert status == 500
+    assert reply == {"Err": "internal error in snapvol (RuntimeError); see the plugin log"}
+
+
+def test_admin_endpoints(client):
+    call(client, "VolumeDriver.Create", {"Name": "v1", "Opts": {"size": "1G"}})
+    status, reply = call(client, "Snapvol.Volumes", {})
+    assert status == 200
+    assert [(v["name"], v["options"]) for v in reply["Volumes"]] == [("v1", {"size": "1G"})]
+    status, reply = call(client, "Snapvol.Status", {})
+    assert reply["Status"]["volumes"] == 1 and reply["Status"]["backend"] == "btrfs"
+
+
+def test_get_answers_when_storage_is_unavailable(client, backend, monkeypatch):
+    """dockerd purges its metadata of a volume whose Get errs: never err for a transient fault."""
+    from plugin.errors import BackendUnavailable
+
+    def unavailable(name: str):
+        raise BackendUnavailable("btrfs root /x is not usable: gone")
+    monkeypatch.setattr(backend, "volume", unavailable)
+    status, reply = call(client, "VolumeDriver.Get", {"Name": "v1"})
+    assert status == 200
+    assert reply["Volume"] == {"Name": "v1", "Status": {
+        "state": "unavailable", "error": "btrfs root /x is not usable: gone"}}

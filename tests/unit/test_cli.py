@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+
+from plugin.cli import Exit, main
+from plugin.client import find_socket
+
+
+class FakeClient:
+    def __init__(self, replies: dict[str, tuple[int, dict[str, Any]]]) -> None:
+        self.replies = replies
+        self.calls: list[str] = []
+
+    def call(self, endpoint: str, body=None):
+        self.calls.append(endpoint)
+        return self.replies[endpoint]
+
+
+VOLUMES = {"Volumes": [{"name": "db", "used_bytes": 1536, "quota_bytes": 1 << 30, "mounts": 1,
+                        "created": "2026-11-29T07:33:23Z", "options": {"size": "1G"}},
+                       {"name": "x", "used_bytes": None, "quota_bytes": None, "mounts": 0,
+                        "created": "2026-11-29T07:33:24Z", "options": {}}], "Err": ""}
+
+
+def run(argv, replies, environ=None):
+    out, err = io.StringIO(), io.StringIO()
+    client = FakeClient(replies)
+    code = main(argv, stdout=out, stderr=err, environ=environ or {"SNAPVOL_SOCKET": "/s"},
+                connect=lambda path: client)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_ls_table():
+    code, out, err = run(["ls"], {"Snapvol.Volumes": (200, VOLUMES)})
+    assert code == Exit.OK and err == ""
+    assert out.splitlines() == [
+        "NAME  USED  QUOTA  MOUNTS  CREATED               OPTIONS",
+        "db    1.5K  1.0G   1       2026-11-29T07:33:23Z  size=1G",
+        "x     -     -      0       2026-11-29T07:33:24Z  -",
+    ]
+
+
+@pytest.mark.parametrize("argv", [["--json", "ls"], ["ls", "--json"]])
+def test_ls_json_either_position(argv):
+    code, out, _ = run(argv, {"Snapvol.Volumes": (200, VOLUMES)})
+    assert code == Exit.OK and json.loads(out) == VOLUMES
+
+
+@pytest.mark.parametrize("status, expected", [(404, Exit.NOT_FOUND), (409, Exit.CONFLICT),
+                                              (503, Exit.CONFLICT), (400, Exit.USAGE),
+                                              (500, Exit.ERROR)])
+def test_errors_go_to_stderr_with_exit_codes(status, expected):
+    code, out, err = run(["status"], {"Snapvol.Status": (status, {"Err": "nope"})})
+    assert (code, out, err) == (expected, "", "snapvol: nope\n")
+
+
+def test_unreachable_socket():
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["ls", "--socket", "/nonexistent/snapvol.sock"], stdout=out, stderr=err)
+    assert code == Exit.UNREACHABLE and out.getvalue() == ""
+    assert err.getvalue().startswith("snapvol: cannot reach the plugin")
+
+
+def test_usage_error_exit_code():
+    code, out, err = run(["frobnicate"], {})
+    assert code == Exit.USAGE
+
+
+def test_find_socket(tmp_path, monkeypatch):
+    assert find_socket({"SNAPVOL_SOCKET": "/x.sock"}) == "/x.sock"
+    monkeypatch.setattr("plugin.client.LEGACY_SOCKET", str(tmp_path / "none.sock"))
+    monkeypatch.setattr("plugin.client.MANAGED_SOCKETS", str(tmp_path / "*" / "snapvol.sock"))
+    with pytest.raises(LookupError, match="is the plugin running"):
+        find_socket({})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "snapvol.sock").touch()
+    assert find_socket({}) == str(tmp_path / "a" / "snapvol.sock")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "snapvol.sock").touch()
+    with pytest.raises(LookupError, match="several snapvol plugins"):
+        find_socket({})
+    (tmp_path / "none.sock").touch()
+    assert find_socket({}) == str(tmp_path / "none.sock")

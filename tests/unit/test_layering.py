@@ -1,0 +1,49 @@
+"""Dependencies point down: HTTP -> domain -> backends -> process/names/errors (STYLE C1)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "plugin"
+FORBIDDEN = {  # module prefix -> imports it must never make
+    "plugin.backends": ("flask", "plugin.api", "plugin.app", "plugin.volumes", "plugin.cli"),
+    "plugin.volumes": ("flask", "plugin.api", "plugin.app", "plugin.cli", "btrfsutil"),
+    "plugin.mounts": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
+    "plugin.process": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
+    "plugin.pool": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
+    "plugin.api": ("btrfsutil", "plugin.backends", "plugin.process"),
+    "plugin.cli": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
+    "plugin.client": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(path: Path) -> set[str]:
+    pkg = module_name(path).split(".")
+    if path.name != "__init__.py":
+        pkg = pkg[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg[: len(pkg) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            found |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=module_name)
+def test_imports_point_down(path):
+    me = module_name(path)
+    for prefix, banned in FORBIDDEN.items():
+        if me == prefix or me.startswith(prefix + "."):
+            bad = sorted(n for n in imported(path) for b in banned if n == b or n.startswith(b + "."))
+            assert not bad, f"{me} must not import {bad}"

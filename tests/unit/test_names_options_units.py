@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from plugin import names, options
+from plugin.errors import InvalidName, InvalidOption
+from plugin.units import format_size, parse_size
+
+
+@pytest.mark.parametrize("good", ["x", "v1", "A_b.c-d", "0" * 100, "a" * 64])
+def test_valid_volume_names(good):
+    assert names.volume_name(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", ".x", "-x", "_x", "../x", "a/b", "x;rm -rf /", "$(touch F)",
+                                 "a\0b", "a b", "é", "x" * 101, None, 5, ["x"], {"a": 1}])
+def test_invalid_volume_names(bad):
+    with pytest.raises(InvalidName, match="invalid volume name"):
+        names.volume_name(bad)
+
+
+def test_long_names_are_shortened_in_messages():
+    with pytest.raises(InvalidName) as info:
+        names.volume_name("x" * 10000)
+    assert len(str(info.value)) < 200
+
+
+def test_under_refuses_symlink_escape(tmp_path: Path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "evil").symlink_to("/etc")
+    with pytest.raises(InvalidName, match="resolves outside"):
+        names.under(root, "evil")
+    assert names.under(root, "fine") == root / "fine"
+
+
+@pytest.mark.parametrize("text, size", [("1", 1), ("512M", 512 << 20), ("20G", 20 << 30),
+                                        ("1TiB", 1 << 40), ("2k", 2048), (" 3G ", 3 << 30)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "G", "1.5G", "-1G", "1X", "1 G", "ten"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_format_size():
+    assert [format_size(n) for n in (0, 1536, 10 << 20, 300 << 30)] == ["0B", "1.5K", "10.0M", "300G"]
+
+
+def test_validate_normalises():
+    assert options.validate({"mode": "0750", "uid": "0042", "nocow": "YES", "size": "1G",
+                             "compression": "zstd"}, "btrfs") == {
+        "mode": "750", "uid": "42", "nocow": "true", "size": "1G", "compression": "zstd"}
+    assert options.validate(None, "btrfs") == {}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"size": "0"}, "option size='0': must be at least 1M"),
+    ({"size": "lots"}, "option size='lots': expected a whole number"),
+    ({"uid": "-1"}, "option uid='-1': must be a number from 0 to 4294967294"),
+    ({"gid": "4294967295"}, "option gid='4294967295': must be a number from 0 to 4294967294"),
+    ({"mode": "888"}, "option mode='888': must be octal permission bits"),
+    ({"mode": "17777"}, "option mode='17777': must be octal permission bits"),
+    ({"compression": "lz4"}, "option compression='lz4': must be one of zstd, lzo, zlib, none"),
+    ({"nocow": "maybe"}, "option nocow='maybe': must be true or false"),
+    ({"atime": "off"}, "option atime is for zfs volumes only"),
+    ({"schedule": "1h"}, "option schedule is not available in this version of snapvol"),
+    ({"x" * 5000: "1"}, "unknown option(s): 'xxxx"),
+    ({"size": None}, "option size: the value must be a string"),
+    (["size=1G"], "Opts must be a map"),
+])
+def test_validate_refuses(raw, message):
+    with pytest.raises(InvalidOption) as info:
+        options.validate(raw, "btrfs")
+    assert str(info.value).startswith(message)
+    assert len(str(info.value)) < 300
