@@ -50,7 +50,10 @@ _CLI_TIMEOUT = 60.0
 
 
 def _filesystem_id(path: Path) -> str:
-    """The Btrfs filesystem UUID (the name of its directory in /sys/fs/btrfs)."""
+    """The Btrfs filesystem UUID of *path* (the name of its directory in /sys/fs/btrfs).
+
+    :raises OSError: *path* is missing (ENOENT) or not on Btrfs (ENOTTY).
+    """
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         buf = bytearray(1024)
@@ -81,12 +84,11 @@ class BtrfsBackend:
         if not self.root.is_dir():
             raise BackendUnavailable(f"btrfs root {self.root} does not exist or is not a directory")
         try:
-            btrfsutil.is_subvolume(self.root)
-        except btrfsutil.BtrfsUtilError as exc:
+            self._fsid = _filesystem_id(self.root)
+        except OSError as exc:
             raise BackendUnavailable(f"{self.root} is not on a Btrfs filesystem ({exc.strerror})") from None
         for directory in (self.volumes_dir, self.staging_dir):
             directory.mkdir(mode=0o711, exist_ok=True)
-        self._fsid = _filesystem_id(self.root)
         self._finish_interrupted()
 
     def _finish_interrupted(self) -> None:
@@ -114,7 +116,7 @@ class BtrfsBackend:
         for entry in entries:
             try:
                 found.append(self._info(entry.name, Path(entry.path)))
-            except (VolumeNotFound, OSError, btrfsutil.BtrfsUtilError):
+            except (VolumeNotFound, OSError):  # BtrfsUtilError is an OSError
                 continue  # not ours, or removed while we were listing
         return found
 
@@ -124,7 +126,7 @@ class BtrfsBackend:
         except VolumeNotFound:
             self._require_healthy()
             raise
-        except (OSError, btrfsutil.BtrfsUtilError) as exc:
+        except OSError as exc:
             self._require_healthy()
             raise BackendError(f"cannot read volume {name}: {exc}") from None
 
@@ -166,7 +168,7 @@ class BtrfsBackend:
         except BaseException as exc:
             if self._is_ours(work):
                 self._delete_subvolume(work)
-            if isinstance(exc, btrfsutil.BtrfsUtilError | OSError):
+            if isinstance(exc, OSError):
                 raise BackendError(f"cannot create volume {name}: {exc}") from None
             raise
         log.info("created volume %s (options: %s)", name, ", ".join(sorted(options)) or "none")
@@ -267,9 +269,9 @@ class BtrfsBackend:
     def _require_healthy(self) -> None:
         """Tell "no such volume" apart from "the storage is gone" (Docker purges on the former)."""
         try:
-            btrfsutil.is_subvolume(self.root)
-            os.stat(self.volumes_dir)
-        except (OSError, btrfsutil.BtrfsUtilError) as exc:
+            if _filesystem_id(self.volumes_dir) != self._fsid:
+                raise OSError(errno.ENODEV, "another filesystem is mounted there now")
+        except OSError as exc:
             raise self._unavailable(exc) from None
 
     def _unavailable(self, exc: Exception) -> BackendUnavailable:

@@ -1,0 +1,65 @@
+"""The backend contract, run unchanged against the fake and a real loop-mounted Btrfs."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from plugin.backends.btrfs import BtrfsBackend
+from plugin.errors import VolumeExists, VolumeNotFound
+from tests.fakes import FakeBackend
+
+
+@pytest.fixture(params=["fake", "btrfs"])
+def backend(request, tmp_path: Path):
+    if request.param == "fake":
+        b = FakeBackend(tmp_path / "fake")
+    else:
+        b = BtrfsBackend(request.getfixturevalue("btrfs_mount"))
+    b.check()
+    return b
+
+
+def test_create_list_get_destroy(backend):
+    before = datetime.now(timezone.utc) - timedelta(seconds=2)
+    info = backend.create_volume("v1", {"mode": "750"})
+    assert info.name == "v1" and info.options == {"mode": "750"}
+    assert info.mountpoint.is_dir()
+    assert before <= info.created <= datetime.now(timezone.utc) + timedelta(seconds=2)
+    assert [v.name for v in backend.volumes()] == ["v1"]
+    assert backend.volume("v1") == info
+    backend.destroy_volume("v1")
+    assert backend.volumes() == []
+    assert not info.mountpoint.exists()
+    with pytest.raises(VolumeNotFound, match="no such volume: v1"):
+        backend.volume("v1")
+
+
+def test_create_twice_is_refused(backend):
+    backend.create_volume("v1", {})
+    with pytest.raises(VolumeExists, match="volume v1 already exists"):
+        backend.create_volume("v1", {})
+
+
+def test_data_survives_attach_detach(backend):
+    backend.create_volume("v1", {})
+    path = backend.attach("v1")
+    (path / "file").write_text("hello")
+    backend.detach("v1")
+    assert (backend.attach("v1") / "file").read_text() == "hello"
+
+
+def test_missing_volume_everywhere(backend):
+    for call in (backend.volume, backend.destroy_volume, backend.attach, backend.usage):
+        with pytest.raises(VolumeNotFound):
+            call("ghost")
+
+
+def test_many_volumes_listed_in_one_pass(backend):
+    for i in range(20):
+        backend.create_volume(f"v{i:02d}", {})
+    assert sorted(v.name for v in backend.volumes()) == [f"v{i:02d}" for i in range(20)]
