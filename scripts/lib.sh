@@ -1,0 +1,50 @@
+# shellcheck shell=bash
+# Shared by scripts/run, scripts/test and scripts/bench: install what is missing, make the venv.
+# Sourced, never run. Expects REPO to be set to the repository root.
+
+log() { printf '%s\n' "snapvol: $*" >&2; }
+die() { printf '%s\n' "snapvol: error: $*" >&2; exit 1; }
+
+require_root() {
+  [ "$(id -u)" = 0 ] || die "run me as root (I mount filesystems and talk to dockerd)"
+}
+
+# ensure_packages PKG... : apt-get install the Debian packages that are not installed yet.
+ensure_packages() {
+  local missing=() pkg
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || die "missing packages ${missing[*]} and no apt-get to install them"
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null || die "apt-get update failed"
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+}
+
+# The packages the plugin needs at run time.
+RUNTIME_PACKAGES=(btrfs-progs python3-btrfsutil python3-venv python3-flask gunicorn e2fsprogs
+  util-linux)
+
+# docker_answers [DOCKER_HOST]: true if a Docker engine answers.
+docker_answers() { timeout 20 docker info >/dev/null 2>&1; }
+
+# ensure_venv [EXTRAS]: a virtualenv in $REPO/.venv made from Debian's python3 (it needs
+# python3-btrfsutil from Debian, which other interpreters cannot see), with snapvol in it.
+ensure_venv() {
+  local extras="${1:-}" venv="$REPO/.venv"
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import btrfsutil, flask' 2>/dev/null; then
+    rm -rf "$venv"
+    log "creating $venv (Debian's /usr/bin/python3, with system site-packages)"
+    /usr/bin/python3 -m venv --system-site-packages "$venv" || die "cannot create $venv"
+  fi
+  local stamp="$venv/.snapvol-installed$extras"
+  if [ ! -f "$stamp" ] || [ "$REPO/setup.cfg" -nt "$stamp" ]; then
+    log "installing snapvol${extras} into $venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation \
+      -e "$REPO$extras" >/dev/null || die "pip install of snapvol failed"
+    touch "$stamp"
+  fi
+}
