@@ -1,0 +1,202 @@
+"""Real parts for the end-to-end tier: a private dockerd, snapvol plugin processes, a busybox image.
+
+The private dockerd (own data-root, exec-root and socket) keeps these tests off any daemon
+that is already running on a shared machine: dockerd caches every legacy volume driver it has
+used until it restarts, and stalls 15 s per ``docker volume ls`` once that driver's socket is
+gone (PROTOCOL.md section 4). Each run uses a unique driver name, and the daemon is stopped
+before the plugin, so nothing that outlives the run ever knew our driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from plugin.client import PluginClient, UnixHTTPConnection
+
+REPO = Path(__file__).resolve().parents[2]
+BUSYBOX_IMAGE = "snapvol-test/busybox:e2e"
+
+
+class CommandError(AssertionError):
+    pass
+
+
+def mounts_under(base: Path) -> list[str]:
+    """Mount points at or below *base*, deepest first (from /proc/self/mountinfo)."""
+    prefix = str(base)
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            point = line.split()[4]
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+class DockerDaemon:
+    """A dockerd of our own, with no bridge network and no iptables changes."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.socket = base / "docker.sock"
+        self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.socket}"}
+        self.log = base / "dockerd.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = ["dockerd", "--data-root", str(self.base / "data"),
+                "--exec-root", str(self.base / "exec"), "--host", f"unix://{self.socket}",
+                "--pidfile", str(self.base / "docker.pid"), "--bridge=none",
+                "--iptables=false", "--ip-masq=false"]
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                          start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"dockerd exited: {self.log.read_text()[-2000:]}")
+            if self.socket.exists() and subprocess.run(
+                    ["docker", "info"], env=self.env, capture_output=True).returncode == 0:
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"dockerd did not answer in 60 s: {self.log.read_text()[-2000:]}")
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 180,
+                 input: str | None = None) -> str:
+        """Run the docker CLI against this daemon; return stdout (stderr in the failure)."""
+        proc = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, input=input)
+        if check and proc.returncode != 0:
+            raise CommandError(f"docker {' '.join(args)} failed ({proc.returncode}): "
+                               f"{proc.stderr.strip()}")
+        return proc.stdout if check else proc.stdout + proc.stderr
+
+    def result(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def import_busybox(self) -> str:
+        """A tiny image made of busybox-static with every applet linked."""
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "root"
+            (root / "bin").mkdir(parents=True)
+            shutil.copy("/bin/busybox", root / "bin" / "busybox")
+            applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True,
+                                     check=True).stdout.split()
+            for applet in applets:
+                if applet != "busybox":
+                    (root / "bin" / applet).symlink_to("busybox")
+            (root / "tmp").mkdir()
+            archive = Path(tmp) / "busybox.tar"
+            with tarfile.open(archive, "w") as tar:
+                tar.add(root, arcname=".")
+            subprocess.run(["docker", "import", "--change", "ENV PATH=/bin", str(archive),
+                            BUSYBOX_IMAGE], env=self.env, check=True, capture_output=True)
+        return BUSYBOX_IMAGE
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        ids = self("ps", "-aq", check=False).split()
+        if ids and all(len(i) == 12 for i in ids):
+            self("rm", "-f", *ids, check=False, timeout=120)
+        self._proc.send_signal(signal.SIGTERM)
+        try:
+            self._proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(10)
+        for point in mounts_under(self.base):
+            subprocess.run(["umount", "-l", point], check=False)
+        self._proc = None
+
+
+class PluginProcess:
+    """One snapvol instance (gunicorn) on a legacy socket with a unique driver name."""
+
+    def __init__(self, driver: str, state_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.driver = driver
+        self.state_dir = state_dir
+        self.socket = Path("/run/docker/plugins") / f"{driver}.sock"
+        self.log = state_dir.parent / f"{driver}.log"
+        self.pidfile = state_dir.parent / f"{driver}.pid"
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                    "SNAPVOL_SOCKET": str(self.socket), "SNAPVOL_STATE_DIR": str(state_dir),
+                    "SNAPVOL_POOL_SIZE": "3G", "SNAPVOL_PIDFILE": str(self.pidfile),
+                    "SNAPVOL_LOG_LEVEL": "info", **(extra_env or {})}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def start(self, timeout: float = 60) -> None:
+        self.socket.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", "python:plugin.gunicorn_conf"],
+                cwd=REPO, env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"plugin exited ({self._proc.returncode}): {self.log_tail()}")
+            try:
+                if self.call("Snapvol.Status")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"plugin did not answer in {timeout} s: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def call(self, endpoint: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        return PluginClient(str(self.socket), timeout=30).call(endpoint, body or {})
+
+    def raw(self, path: str, body: bytes, method: str = "POST") -> tuple[int, bytes]:
+        """Send *body* exactly as given (no Content-Type, as dockerd does)."""
+        conn = UnixHTTPConnection(str(self.socket), timeout=30)
+        try:
+            conn.request(method, path, body=body)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the gunicorn master only, as a crash of the plugin's main process would."""
+        assert self._proc is not None
+        self._proc.send_signal(sig)
+        self._proc.wait(30)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
+        self._proc = None
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(3)}"
+
+
+def inspect_volume(docker: DockerDaemon, name: str) -> dict[str, Any]:
+    return json.loads(docker("volume", "inspect", name))[0]
