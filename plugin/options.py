@@ -16,12 +16,13 @@ from .units import parse_size
 
 MAX_ID = 2**32 - 2          # (uid_t)-1 means "unchanged" to chown(2)
 MIN_SIZE = 1 << 20
+MAX_SIZE = 1 << 60          # 1 EiB: far beyond any disk, far below u64 overflow in btrfs/zfs
 
 
 def _size(value: str) -> str:
     size = parse_size(value)
-    if size < MIN_SIZE:
-        raise ValueError("must be at least 1M")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError("must be between 1M and 1048576T")
     return value.strip()
 
 

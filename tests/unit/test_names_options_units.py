@@ -60,7 +60,8 @@ def test_validate_normalises():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"size": "0"}, "option size='0': must be at least 1M"),
+    ({"size": "0"}, "option size='0': must be between 1M and 1048576T"),
+    ({"size": "9" * 40}, "option size='" + "9" * 40 + "': must be between 1M and 1048576T"),
     ({"size": "lots"}, "option size='lots': expected a whole number"),
     ({"uid": "-1"}, "option uid='-1': must be a number from 0 to 4294967294"),
     ({"gid": "4294967295"}, "option gid='4294967295': must be a number from 0 to 4294967294"),

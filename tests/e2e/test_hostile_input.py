@@ -1,0 +1,126 @@
+"""Hostile input over the raw socket, against the real plugin on real Btrfs.
+
+Every case must get a JSON ``Err`` (and an error status), no traceback, no command run, no
+path outside the root, and no change to the volume list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+MARKER = Path("/tmp/snapvol-hostile-marker")
+HOSTILE_NAMES = [
+    "../x", "../../etc", "a/b", "/abs", ".", "..", ".hidden", "-rf", "x;touch " + str(MARKER),
+    "$(touch " + str(MARKER) + ")", "`touch " + str(MARKER) + "`", "a\0b", "x" * 10240, "", " ",
+    "a b", "a\nb", "é", "x|y", "x&y", "*", "~root", "%2e%2e", 5, 1.5, True, [], {}, ["v"],
+]
+VOLUME_ENDPOINTS = ["Create", "Remove", "Mount", "Unmount", "Path", "Get"]
+
+CASES: list[tuple[str, str, bytes]] = []
+for endpoint in VOLUME_ENDPOINTS:
+    for name in HOSTILE_NAMES:
+        CASES.append((f"{endpoint}-name-{name!r:.30}", f"/VolumeDriver.{endpoint}",
+                      json.dumps({"Name": name, "ID": "a" * 64}).encode()))
+BODIES = {
+    "not-json": b"{not json",
+    "truncated": b'{"Name": "v1", "Opts": {',
+    "array": b"[1, 2, 3]",
+    "string": b'"v1"',
+    "number": b"42",
+    "null": b"null",
+    "empty-object": b"{}",
+    "name-null": b'{"Name": null}',
+    "huge": b'{"Name": "' + b"x" * (2 << 20) + b'"}',
+    "binary": bytes(range(256)),
+    "deep-nesting": b"[" * 100000 + b"]" * 100000,
+    "bad-utf8": b'{"Name": "\xff\xfe"}',
+}
+for label, body in BODIES.items():
+    for endpoint in ("Create", "Mount", "Get"):
+        CASES.append((f"{endpoint}-body-{label}", f"/VolumeDriver.{endpoint}", body))
+OPTIONS = {
+    "unknown": {"bogus": "1"},
+    "shell-in-option": {"$(touch /tmp/snapvol-hostile-marker)": "1"},
+    "size-zero": {"size": "0"},
+    "size-negative": {"size": "-5G"},
+    "size-text": {"size": "$(reboot)"},
+    "size-huge-number": {"size": "9" * 400},
+    "uid-negative": {"uid": "-1"},
+    "uid-too-big": {"uid": "99999999999"},
+    "gid-text": {"gid": "root"},
+    "mode-not-octal": {"mode": "999"},
+    "mode-too-big": {"mode": "77777"},
+    "compression-unknown": {"compression": "lz4"},
+    "compression-injection": {"compression": "zstd; touch /tmp/snapvol-hostile-marker"},
+    "nocow-bad": {"nocow": "maybe"},
+    "zfs-only": {"recordsize": "128K"},
+    "not-yet": {"schedule": "1h"},
+    "value-number": {"size": 5},
+    "value-null": {"size": None},
+    "opts-list": ["size=1G"],
+    "opts-string": "size=1G",
+    "option-name-10k": {"x" * 10240: "1"},
+}
+for label, opts in OPTIONS.items():
+    CASES.append((f"Create-opts-{label}", "/VolumeDriver.Create",
+                  json.dumps({"Name": "hostile-ok-name", "Opts": opts}).encode()))
+for endpoint in ("Remove", "Mount", "Path", "Get"):
+    CASES.append((f"{endpoint}-missing-volume", f"/VolumeDriver.{endpoint}",
+                  json.dumps({"Name": "no-such-volume", "ID": "b" * 64}).encode()))
+for label, body in {"id-missing": {"Name": "hostile-mounted"},
+                    "id-traversal": {"Name": "hostile-mounted", "ID": "../../x"},
+                    "id-10k": {"Name": "hostile-mounted", "ID": "f" * 10240},
+                    "id-number": {"Name": "hostile-mounted", "ID": 7}}.items():
+    for endpoint in ("Mount", "Unmount"):
+        CASES.append((f"{endpoint}-{label}", f"/VolumeDriver.{endpoint}", json.dumps(body).encode()))
+CASES.append(("unknown-endpoint", "/VolumeDriver.Explode", b"{}"))
+CASES.append(("unknown-subsystem", "/NetworkDriver.CreateNetwork", b"{}"))
+CASES.append(("path-traversal-url", "/../../etc/passwd", b"{}"))
+
+
+def snapshot_of_world(plugin) -> dict[str, object]:
+    root = plugin.state_dir / "pool"
+    subvolumes = subprocess.run(["btrfs", "subvolume", "list", str(root)], capture_output=True,
+                                text=True, check=True).stdout
+    return {"volumes": sorted(v["Name"] for v in plugin.call("VolumeDriver.List")[1]["Volumes"]),
+            "subvolumes": subvolumes,
+            "root_entries": sorted(os.listdir(root)),
+            "outside": sorted(p.name for p in Path("/").iterdir()),
+            "tmp": sorted(p.name for p in Path("/tmp").iterdir() if "hostile" in p.name)}
+
+
+@pytest.fixture(scope="module")
+def world(plugin):
+    plugin.call("VolumeDriver.Create", {"Name": "hostile-mounted"})
+    plugin.call("VolumeDriver.Mount", {"Name": "hostile-mounted", "ID": "c" * 64})
+    MARKER.unlink(missing_ok=True)
+    before = snapshot_of_world(plugin)
+    yield before
+    plugin.call("VolumeDriver.Unmount", {"Name": "hostile-mounted", "ID": "c" * 64})
+    plugin.call("VolumeDriver.Remove", {"Name": "hostile-mounted"})
+
+
+def test_there_are_enough_cases():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("label, path, body", CASES, ids=[c[0] for c in CASES])
+def test_hostile_request(plugin, world, label, path, body):
+    status, raw = plugin.raw(path, body)
+    reply = json.loads(raw)
+    assert status >= 400, reply
+    assert isinstance(reply.get("Err"), str) and reply["Err"], reply
+    assert "Traceback" not in reply["Err"] and "File \"" not in reply["Err"]
+    assert len(reply["Err"]) < 400
+    assert not MARKER.exists(), "a command ran"
+    assert snapshot_of_world(plugin) == world
+
+
+def test_hostile_run_left_no_internal_error_in_the_log(plugin, world):
+    assert "Traceback" not in plugin.log_tail(10**7)
+    assert "internal error" not in plugin.log_tail(10**7)
