@@ -35,7 +35,8 @@ def build_service(settings: Settings) -> VolumeService:
     if settings.embedded_pool:
         ensure_pool(settings.image_path, settings.data_root, settings.pool_size)
     backend = BtrfsBackend(settings.data_root)
-    service = VolumeService(backend, MountTable(settings.state_dir / "mounts.json"),
+    settings.mount_table.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    service = VolumeService(backend, MountTable(settings.mount_table),
                             VolumeLocks(settings.lock_timeout))
     service.open()
     return service

@@ -62,6 +62,7 @@ class Settings:
     btrfs_root: Path | None
     state_dir: Path
     socket: Path
+    run_dir: Path | None
     pool_image: Path | None
     pool_size: int
     lock_timeout: float
@@ -80,6 +81,9 @@ class Settings:
         "socket": ("SNAPVOL_SOCKET", "/run/docker/plugins/snapvol.sock", _absolute_path,
                    "Unix socket served to Docker; its file name (without .sock) is the "
                    "driver name"),
+        "run_dir": ("SNAPVOL_RUN_DIR", "", _optional_path,
+                    "run-time state that lives as long as the boot (the table of Docker "
+                    "mounts); empty: /run/snapvol/<driver name>"),
         "pool_image": ("SNAPVOL_POOL_IMAGE", "", _optional_path,
                        "image file of the embedded pool; empty: STATE_DIR/pool.img"),
         "pool_size": ("SNAPVOL_POOL_SIZE", "10G", _pool_size,
@@ -111,6 +115,16 @@ class Settings:
     def embedded_pool(self) -> bool:
         """True when no Btrfs root is configured and snapvol provides its own pool image."""
         return self.btrfs_root is None
+
+    @property
+    def driver(self) -> str:
+        """The name Docker knows this instance by: the socket's file name without ``.sock``."""
+        return self.socket.name.removesuffix(".sock")
+
+    @property
+    def mount_table(self) -> Path:
+        """Where the Docker mount IDs live: tmpfs by default, cleared at boot like the mounts."""
+        return (self.run_dir or Path("/run/snapvol") / self.driver) / "mounts.json"
 
     @property
     def image_path(self) -> Path:

@@ -4,25 +4,46 @@ Docker sends one Mount per container start with an opaque ``ID`` and exactly one
 the same ID later; the same ID can be mounted twice (a running container plus ``docker cp``),
 so each volume has a *multiset* of IDs. dockerd never replays Mounts after a plugin restart
 (PROTOCOL.md section 6), so the table is written to disk, atomically, before each answer.
+
+After a reboot no container can still be using a volume, and stale IDs would keep volumes
+"in use" forever. So the table lives in ``/run`` by default (tmpfs, cleared at boot, and fast:
+on ext4 every rename over an existing file forces a data flush), and it is tagged with the
+kernel's boot ID so a table from an earlier boot is discarded wherever it is kept. It only has
+to survive a crash of the plugin, not a power loss, so it is written without fsync.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
 from .statefile import read_json, write_json_atomically
 
+log = logging.getLogger(__name__)
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def current_boot_id() -> str:
+    return BOOT_ID.read_text().strip()
+
 
 class MountTable:
     """A persisted multiset of mount IDs per volume. Thread-safe; callers hold the volume lock."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, boot_id: str | None = None) -> None:
         self._path = path
+        self._boot_id = boot_id or current_boot_id()
         self._guard = threading.Lock()
         raw = read_json(path, {})
+        mounts = raw.get("mounts", {}) if isinstance(raw, dict) else {}
+        if mounts and raw.get("boot_id") != self._boot_id:
+            log.info("the host rebooted since %s was written: no container can still use "
+                     "a volume, forgetting %d volume(s) in use", path, len(mounts))
+            mounts = {}
         self._ids: dict[str, list[str]] = {
-            str(name): [str(i) for i in ids] for name, ids in raw.items()
+            str(name): [str(i) for i in ids] for name, ids in mounts.items()
             if isinstance(ids, list) and ids}
 
     def users(self, name: str) -> list[str]:
@@ -64,4 +85,5 @@ class MountTable:
             return ids
 
     def _save(self) -> None:
-        write_json_atomically(self._path, self._ids)
+        write_json_atomically(self._path, {"boot_id": self._boot_id, "mounts": self._ids},
+                              durable=False)

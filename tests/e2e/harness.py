@@ -133,8 +133,10 @@ class PluginProcess:
         self.pidfile = state_dir.parent / f"{driver}.pid"
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                     "SNAPVOL_SOCKET": str(self.socket), "SNAPVOL_STATE_DIR": str(state_dir),
+                    "SNAPVOL_RUN_DIR": f"/run/snapvol/{driver}",   # unique: removed by stop()
                     "SNAPVOL_POOL_SIZE": "3G", "SNAPVOL_PIDFILE": str(self.pidfile),
                     "SNAPVOL_LOG_LEVEL": "info", **(extra_env or {})}
+        self.run_dir = Path(self.env["SNAPVOL_RUN_DIR"])
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -184,6 +186,7 @@ class PluginProcess:
         self._proc.wait(30)
 
     def stop(self) -> None:
+        """Stop the plugin and remove its run-time directory (it is unique to this run)."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -192,6 +195,7 @@ class PluginProcess:
                 self._proc.kill()
                 self._proc.wait(10)
         self._proc = None
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def unique(prefix: str) -> str:

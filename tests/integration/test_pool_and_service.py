@@ -54,7 +54,8 @@ def test_pool_refuses_a_foreign_mount(pool_dir):
 
 
 def test_service_restart_keeps_mount_ids_and_reconciles(pool_dir):
-    settings = Settings.from_env({"SNAPVOL_STATE_DIR": str(pool_dir), "SNAPVOL_POOL_SIZE": "300M"})
+    settings = Settings.from_env({"SNAPVOL_STATE_DIR": str(pool_dir), "SNAPVOL_POOL_SIZE": "300M",
+                                  "SNAPVOL_RUN_DIR": str(pool_dir / "run")})
     first = build_service(settings)
     first.create("v1", {"size": "10M"})
     first.create("v2", None)

@@ -124,10 +124,21 @@ def test_mount_table_persists_multiset(tmp_path: Path):
     assert MountTable(path).in_use() == {}
 
 
+def test_mount_table_from_an_earlier_boot_is_discarded(tmp_path: Path):
+    path = tmp_path / "mounts.json"
+    MountTable(path, boot_id="boot-1").add("v", "id1")
+    assert MountTable(path, boot_id="boot-1").users("v") == ["id1"]
+    assert MountTable(path, boot_id="boot-2").in_use() == {}
+
+
 def test_settings_defaults_and_errors():
     settings = Settings.from_env({})
     assert settings.embedded_pool and settings.data_root == Path("/var/lib/snapvol/pool")
     assert settings.socket == Path("/run/docker/plugins/snapvol.sock")
+    assert settings.mount_table == Path("/run/snapvol/snapvol/mounts.json")
+    other = Settings.from_env({"SNAPVOL_SOCKET": "/run/docker/plugins/snapvolzfs.sock"})
+    assert other.driver == "snapvolzfs"
+    assert other.mount_table == Path("/run/snapvol/snapvolzfs/mounts.json")
     custom = Settings.from_env({"SNAPVOL_BTRFS_ROOT": "/srv/b", "SNAPVOL_POOL_SIZE": "2G"})
     assert not custom.embedded_pool and custom.data_root == Path("/srv/b")
     for env, message in [({"SNAPVOL_BACKEND": "ext4"}, "SNAPVOL_BACKEND='ext4': must be one of"),

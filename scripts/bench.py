@@ -1,0 +1,226 @@
+"""The benchmark behind ``scripts/bench`` (see there). Not a test: it asserts nothing.
+
+Latency is measured over one kept-alive HTTP connection per plugin, as dockerd's plugin
+client does (a Go ``http.Transport``, keep-alive on), after a warm-up; the client's own
+overhead is in every figure, for every plugin alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import btrfsutil  # noqa: E402  (Debian's, through the venv's system site-packages)
+
+from plugin.client import UnixHTTPConnection  # noqa: E402
+from tests.conftest import make_btrfs, unmount  # noqa: E402
+from tests.e2e.harness import DockerDaemon, PluginProcess, mounts_under  # noqa: E402
+
+
+def timed(action: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    action()
+    return (time.perf_counter() - started) * 1000
+
+
+def summary(samples: list[float]) -> str:
+    samples = sorted(samples)
+    p95 = samples[min(len(samples) - 1, int(round(0.95 * (len(samples) - 1))))]
+    return f"{statistics.median(samples):.2f} / {p95:.2f}"
+
+
+class Target:
+    """A plugin reached over its socket, plus a way to add volumes fast (to reach N)."""
+
+    def __init__(self, label: str, socket: Path, populate: Callable[[str], None],
+                 pids: Callable[[], list[int]]) -> None:
+        self.label, self.socket, self.populate, self.pids = label, str(socket), populate, pids
+        self._conn: UnixHTTPConnection | None = None
+
+    def call(self, endpoint: str, body: dict) -> dict:
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = UnixHTTPConnection(self.socket, timeout=120)
+            try:
+                self._conn.request("POST", "/" + endpoint, body=json.dumps(body))
+                reply = json.loads(self._conn.getresponse().read())
+                break
+            except (OSError, http.client.HTTPException):
+                self._conn.close()
+                self._conn = None        # the server closed an idle connection: reconnect once
+                if attempt == 2:
+                    raise
+        if reply.get("Err"):
+            raise RuntimeError(f"{self.label} {endpoint}: {reply['Err']}")
+        return reply
+
+
+def memory_mib(pids: list[int]) -> tuple[float, float]:
+    """(RSS, PSS) summed over *pids*, in MiB: PSS counts shared pages once."""
+    rss = pss = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "Rss":
+                rss += int(value.split()[0])
+            elif key == "Pss":
+                pss += int(value.split()[0])
+    return rss / 1024, pss / 1024
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def latency_rows(target: Target, count: int, repeat: int) -> dict[str, str]:
+    existing = len(target.call("VolumeDriver.List", {})["Volumes"])
+    for i in range(existing, count):
+        target.populate(f"fill{i:05d}")
+    probe = "fill00000"
+    for _ in range(20):                      # warm-up: caches, connection
+        target.call("VolumeDriver.Get", {"Name": probe})
+    rows = {}
+    rows["Get"] = summary([timed(lambda: target.call("VolumeDriver.Get", {"Name": probe}))
+                           for _ in range(repeat)])
+    rows["Path"] = summary([timed(lambda: target.call("VolumeDriver.Path", {"Name": probe}))
+                            for _ in range(repeat)])
+    mount_ms, unmount_ms = [], []
+    for i in range(repeat):
+        mount_id = secrets.token_hex(32)
+        mount_ms.append(timed(lambda: target.call("VolumeDriver.Mount", {"Name": probe, "ID": mount_id})))
+        unmount_ms.append(timed(lambda: target.call("VolumeDriver.Unmount", {"Name": probe, "ID": mount_id})))
+    rows["Mount"], rows["Unmount"] = summary(mount_ms), summary(unmount_ms)
+    rows["List"] = summary([timed(lambda: target.call("VolumeDriver.List", {}))
+                            for _ in range(max(5, repeat // 10))])
+    names = [f"bench{secrets.token_hex(4)}" for _ in range(max(5, repeat // 5))]
+    rows["Create"] = summary([timed(lambda n=n: target.call("VolumeDriver.Create", {"Name": n, "Opts": {}}))
+                              for n in names])
+    rows["Remove"] = summary([timed(lambda n=n: target.call("VolumeDriver.Remove", {"Name": n}))
+                              for n in names])
+    return rows
+
+
+@contextmanager
+def buttervolume(binary: str, base: Path) -> Iterator[Target]:
+    mnt = make_btrfs(base / "bv", size=8 << 30) if (base / "bv").mkdir() is None else None
+    socket = base / "bv.sock"
+    env = {"PATH": os.environ["PATH"], "BUTTERVOLUME_SOCKET": str(socket),
+           "BUTTERVOLUME_VOLUMES_PATH": f"{mnt}/volumes/", "BUTTERVOLUME_SNAPSHOTS_PATH": f"{mnt}/snapshots/",
+           "BUTTERVOLUME_SCHEDULE": str(base / "bv-schedule.csv"), "BUTTERVOLUME_LOGLEVEL": "WARNING"}
+    log = (base / "bv.log").open("wb")
+    proc = subprocess.Popen([binary, "run"], env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        for _ in range(100):
+            if socket.exists():
+                break
+            time.sleep(0.1)
+        # Filling through its API would take ~0.4 s a volume; a subvolume in its directory is
+        # exactly what its Create makes.
+        populate = lambda name: btrfsutil.create_subvolume(f"{mnt}/volumes/{name}")  # noqa: E731
+        yield Target("buttervolume", socket, populate, lambda: [proc.pid])
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        unmount(mnt)
+
+
+def docker_round_trip(docker: DockerDaemon, image: str, driver: str, repeat: int) -> str:
+    samples = []
+    for _ in range(repeat):
+        name = f"rt{secrets.token_hex(4)}"
+
+        def trip() -> None:
+            docker("volume", "create", "-d", driver, name)
+            docker("run", "--rm", "--network", "none", "-v", f"{name}:/data", image,
+                   "sh", "-c", "echo x > /data/f")
+            docker("volume", "rm", name)
+        samples.append(timed(trip))
+    return summary(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--buttervolume", required=True)
+    parser.add_argument("--sizes", default="10,100,1000")
+    parser.add_argument("--repeat", type=int, default=200)
+    parser.add_argument("--trips", type=int, default=10)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    base = Path(tempfile.mkdtemp(prefix="snapvol-bench-", dir="/tmp"))
+    out: list[str] = []
+    # The mount table lives in /run, which is a tmpfs on every systemd host; where it is not
+    # (some VMs and containers), give the plugin one, so the figures are a host's figures.
+    run_dir = base / "run"
+    run_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "snapvol-bench", str(run_dir)],
+                   check=True)
+    plugin = PluginProcess(f"snapvolbench{secrets.token_hex(3)}", base / "state",
+                           {"SNAPVOL_POOL_SIZE": "8G", "SNAPVOL_LOG_LEVEL": "warning",
+                            "SNAPVOL_RUN_DIR": str(run_dir)})
+    plugin.start()
+    snapvol = Target("snapvol", plugin.socket,
+                     lambda name: plugin.call("VolumeDriver.Create", {"Name": name}),
+                     lambda: [plugin.pid, *children(plugin.pid)])
+    idle = memory_mib(snapvol.pids())
+    docker = None
+    try:
+        results: dict[tuple[str, int], dict[str, str]] = {}
+        with buttervolume(args.buttervolume, base) as bv:
+            for n in sizes:
+                for target in (snapvol, bv):
+                    print(f"bench: {target.label} at {n} volumes...", file=sys.stderr)
+                    results[(target.label, n)] = latency_rows(target, n, args.repeat)
+            bv_memory = memory_mib(bv.pids())
+        loaded = memory_mib(snapvol.pids())
+        endpoints = ["Get", "Path", "Mount", "Unmount", "List", "Create", "Remove"]
+        out.append("Docker protocol latency over the raw socket, ms, median / p95 "
+                   f"({args.repeat} calls; List and Create/Remove fewer):\n")
+        header = "| endpoint | " + " | ".join(f"snapvol {n} | buttervolume {n}" for n in sizes) + " |"
+        out += [header, "|" + "---|" * (1 + 2 * len(sizes))]
+        for ep in endpoints:
+            cells = [f"{results[('snapvol', n)][ep]} | {results[('buttervolume', n)][ep]}" for n in sizes]
+            out.append(f"| {ep} | " + " | ".join(cells) + " |")
+        out.append("")
+        out.append(f"Memory (RSS / PSS, MiB, all processes): snapvol idle {idle[0]:.1f} / {idle[1]:.1f}; "
+                   f"snapvol with {max(sizes)} volumes {loaded[0]:.1f} / {loaded[1]:.1f}; "
+                   f"buttervolume with {max(sizes)} volumes {bv_memory[0]:.1f} / {bv_memory[1]:.1f}\n")
+
+        print("bench: Docker CLI round trips...", file=sys.stderr)
+        docker = DockerDaemon(base / "docker")
+        docker.base.mkdir()
+        docker.start()
+        image = docker.import_busybox()
+        local = docker_round_trip(docker, image, "local", args.trips)
+        ours = docker_round_trip(docker, image, plugin.driver, args.trips)
+        ratio = float(ours.split()[0]) / float(local.split()[0])
+        out.append("`docker volume create` + `docker run --rm -v` + `docker volume rm`, ms, "
+                   f"median / p95 of {args.trips}:\n")
+        out += ["| driver | round trip |", "|---|---|", f"| local (Docker's own) | {local} |",
+                f"| snapvol | {ours} |", f"| ratio snapvol / local (median) | {ratio:.2f} |"]
+    finally:
+        if docker is not None:
+            docker.stop()
+        plugin.stop()
+        for point in mounts_under(base):
+            subprocess.run(["umount", point], check=False)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
