@@ -108,10 +108,15 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     except SystemExit as exc:          # --help, --version, usage errors
         return int(exc.code or 0)
     try:
-        client = connect(args.socket or find_socket(os.environ if environ is None else environ))
-        status, reply = client.call(args.endpoint, {})
-    except (LookupError, OSError) as exc:
-        print(f"snapvol: cannot reach the plugin: {exc}", file=stderr)
+        socket_path = args.socket or find_socket(os.environ if environ is None else environ)
+    except LookupError as exc:
+        print(f"snapvol: {exc}", file=stderr)
+        return Exit.UNREACHABLE
+    try:
+        status, reply = connect(socket_path).call(args.endpoint, {})
+    except OSError as exc:
+        print(f"snapvol: cannot reach the plugin at {socket_path}: {exc.strerror or exc}",
+              file=stderr)
         return Exit.UNREACHABLE
     except ValueError as exc:
         print(f"snapvol: {exc}", file=stderr)

@@ -62,7 +62,7 @@ class VolumeLocks:
                         del self._entries[name]
 
 
-def single_instance(state_dir: Path, *, wait: float = 15.0) -> int:
+def single_instance(state_dir: Path, *, wait: float = 10.0) -> int:
     """Take the exclusive lock of *state_dir* and return its file descriptor (keep it open).
 
     The lock lives as long as the descriptor: a crashed process releases it at once. We wait

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -219,6 +220,8 @@ def main() -> None:
         plugin.stop()
         for point in mounts_under(base):
             subprocess.run(["umount", point], check=False)
+        if not mounts_under(base):
+            shutil.rmtree(base)
     print("\n".join(out))
 
 

@@ -99,7 +99,10 @@ class BtrfsBackend:
                 log.warning("leaving unknown entry %s in staging alone", path)
                 continue
             log.info("removing %s left by an interrupted create or remove", path)
-            self._delete_subvolume(path)
+            try:
+                self._delete_subvolume(path)
+            except BackendError as exc:   # never invisible to Docker; retried at next start
+                log.error("could not remove %s: %s", path, exc)
 
     def describe(self) -> dict[str, Any]:
         return {"root": str(self.root), "filesystem": "btrfs", "fsid": self._fsid,

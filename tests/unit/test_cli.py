@@ -62,7 +62,16 @@ def test_unreachable_socket():
     out, err = io.StringIO(), io.StringIO()
     code = main(["ls", "--socket", "/nonexistent/snapvol.sock"], stdout=out, stderr=err)
     assert code == Exit.UNREACHABLE and out.getvalue() == ""
-    assert err.getvalue().startswith("snapvol: cannot reach the plugin")
+    assert err.getvalue() == ("snapvol: cannot reach the plugin at /nonexistent/snapvol.sock: "
+                              "No such file or directory\n")
+
+
+def test_no_socket_found(monkeypatch, tmp_path):
+    monkeypatch.setattr("plugin.client.LEGACY_SOCKET", str(tmp_path / "none.sock"))
+    monkeypatch.setattr("plugin.client.MANAGED_SOCKETS", str(tmp_path / "*" / "snapvol.sock"))
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["status"], stdout=out, stderr=err, environ={}) == Exit.UNREACHABLE
+    assert "is the plugin running? (./scripts/run starts it)" in err.getvalue()
 
 
 def test_usage_error_exit_code():
