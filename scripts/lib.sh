@@ -24,6 +24,12 @@ ensure_packages() {
     || die "apt-get install ${missing[*]} failed"
 }
 
+# ensure_command CMD PKG : install Debian package PKG unless CMD is already on PATH (so a
+# Docker installed from docker.com's packages is used as it is, never replaced).
+ensure_command() {
+  command -v "$1" >/dev/null 2>&1 || ensure_packages "$2"
+}
+
 # The packages the plugin needs at run time.
 RUNTIME_PACKAGES=(btrfs-progs python3-btrfsutil python3-venv python3-flask gunicorn e2fsprogs
   util-linux)

@@ -27,6 +27,7 @@ def test_sigkill_and_restart_with_a_writing_container(docker, plugin, busybox):
     before = lines(docker, writer)
     time.sleep(0.5)
     assert lines(docker, writer) > before, "the container stopped writing while the plugin was down"
+    assert plugin.socket.exists()        # stale: nobody listens; the new start replaces it
     plugin.start()                       # waits for the old worker to release the state lock
     assert plugin.pid != old_pid
 
