@@ -20,24 +20,22 @@ from .config import Settings
 from .errors import PluginError
 from .locks import VolumeLocks
 from .mounts import MountTable
-from .pool import ensure_pool
+from .pool import prepare_root
 from .volumes import VolumeService
 
 log = logging.getLogger(__name__)
 
 
 def build_service(settings: Settings) -> VolumeService:
-    """The production service for *settings*: embedded pool if needed, backend, state.
+    """The production service for *settings*: storage made reachable, backend, mount table.
 
     :raises BackendUnavailable: the storage cannot be prepared or checked.
     """
-    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if settings.embedded_pool:
-        ensure_pool(settings.image_path, settings.data_root, settings.pool_size)
-    backend = BtrfsBackend(settings.data_root)
+    backend = BtrfsBackend(prepare_root(settings))
     settings.mount_table.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     service = VolumeService(backend, MountTable(settings.mount_table),
-                            VolumeLocks(settings.lock_timeout))
+                            VolumeLocks(settings.lock_timeout),
+                            recover=lambda: prepare_root(settings))
     service.open()
     return service
 

@@ -60,6 +60,7 @@ class Settings:
 
     backend: str
     btrfs_root: Path | None
+    publish_dir: Path | None
     state_dir: Path
     socket: Path
     run_dir: Path | None
@@ -74,10 +75,13 @@ class Settings:
         "backend": ("SNAPVOL_BACKEND", "btrfs", _choice("btrfs"),
                     "storage backend (btrfs; zfs is planned)"),
         "btrfs_root": ("SNAPVOL_BTRFS_ROOT", "", _optional_path,
-                       "a directory on a mounted Btrfs where volumes live; empty: the "
-                       "embedded pool image"),
+                       "a directory on a mounted Btrfs where volumes live; empty: the state "
+                       "directory if it is on Btrfs, else the embedded pool image in it"),
+        "publish_dir": ("SNAPVOL_PUBLISH_DIR", "", _optional_path,
+                        "managed plugin: its propagatedMount; the storage is mounted at "
+                        "PUBLISH_DIR/pool so Docker can reach every volume; empty on a host"),
         "state_dir": ("SNAPVOL_STATE_DIR", "/var/lib/snapvol", _absolute_path,
-                      "mount table, lock, and the embedded pool (pool.img, pool/)"),
+                      "lock, pid and log files, and the embedded pool (pool.img, pool/)"),
         "socket": ("SNAPVOL_SOCKET", "/run/docker/plugins/snapvol.sock", _absolute_path,
                    "Unix socket served to Docker; its file name (without .sock) is the "
                    "driver name"),
@@ -112,11 +116,6 @@ class Settings:
         return cls(**values)
 
     @property
-    def embedded_pool(self) -> bool:
-        """True when no Btrfs root is configured and snapvol provides its own pool image."""
-        return self.btrfs_root is None
-
-    @property
     def driver(self) -> str:
         """The name Docker knows this instance by: the socket's file name without ``.sock``."""
         return self.socket.name.removesuffix(".sock")
@@ -131,6 +130,6 @@ class Settings:
         return self.pool_image or self.state_dir / "pool.img"
 
     @property
-    def data_root(self) -> Path:
-        """Where the backend keeps its volumes: the configured root or the pool's mountpoint."""
-        return self.btrfs_root or self.state_dir / "pool"
+    def pool_mountpoint(self) -> Path:
+        """Where the storage is mounted when snapvol mounts it (image, or bind for Docker)."""
+        return (self.publish_dir or self.state_dir) / "pool"

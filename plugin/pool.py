@@ -1,8 +1,16 @@
-"""The embedded default pool: a sparse Btrfs image, loop-mounted, when no root is configured.
+"""Where the volumes live: a Btrfs directory, or the embedded pool image, made reachable.
 
-``ensure_pool`` is idempotent and conservative: it formats only an image file it has just
-created (or one that has no data blocks at all, left by a crash between creating and
-formatting it), and never reformats anything else. On restart it mounts the existing image.
+:func:`prepare_root` picks the storage (``SNAPVOL_BTRFS_ROOT``; else the state directory when
+it is on Btrfs; else a sparse image in it, formatted and loop-mounted) and, for the managed
+plugin, mounts it under the propagated mount so that every path given to Docker lies there.
+It is idempotent: called at start, and again when a Mount finds the storage gone (after
+``docker plugin disable -f`` unmounted everything).
+
+:func:`ensure_pool` is conservative: it formats only an image file it has just created (or
+one without a single data block, left by a crash between creating and formatting it), never
+anything else, and it reuses the loop device an image is still attached to, so the same
+Btrfs is never attached twice (two loop devices of one image would be two devices with one
+filesystem ID).
 """
 
 from __future__ import annotations
@@ -12,7 +20,10 @@ import os
 import re
 from pathlib import Path
 
+import json
+
 from . import process
+from .config import Settings
 from .errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -33,6 +44,64 @@ def mounted_filesystem(mountpoint: Path) -> str | None:
             if point == target:
                 found = fields[fields.index("-") + 1]   # the last entry is the visible mount
     return found
+
+
+def is_btrfs(path: Path) -> bool:
+    """True if *path* lies on a Btrfs filesystem."""
+    result = process.run(["stat", "--file-system", "--format=%T", "--", path], timeout=10)
+    return result.stdout.strip() == "btrfs"
+
+
+def prepare_root(settings: Settings) -> Path:
+    """Make the Btrfs directory of the volumes reachable; return it.
+
+    :raises BackendUnavailable: the storage cannot be found, created or mounted.
+    """
+    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    image = settings.image_path
+    directory = settings.btrfs_root
+    if directory is None and not image.exists() and is_btrfs(settings.state_dir):
+        directory = settings.state_dir
+    if directory is None:
+        ensure_pool(image, settings.pool_mountpoint, settings.pool_size)
+        return settings.pool_mountpoint
+    if settings.publish_dir is None:
+        return directory
+    ensure_bind(directory, settings.pool_mountpoint)
+    return settings.pool_mountpoint
+
+
+def ensure_bind(source: Path, target: Path) -> None:
+    """Bind-mount the Btrfs directory *source* at *target* unless it already is."""
+    target.mkdir(parents=True, exist_ok=True)
+    if mounted_filesystem(target) == "btrfs":
+        return
+    try:
+        if not is_btrfs(source):
+            raise BackendUnavailable(f"{source} is not on a Btrfs filesystem")
+        process.run(["mount", "--bind", "--", source, target], timeout=_TIMEOUT)
+    except BackendUnavailable:
+        raise
+    except Exception as exc:
+        raise BackendUnavailable(f"cannot bind {source} at {target}: {exc}") from None
+    log.info("btrfs directory %s mounted at %s", source, target)
+
+
+def attached_loop_device(image: Path) -> str | None:
+    """The loop device *image* is attached to already, matched by device and inode.
+
+    Paths cannot be compared: inside a managed plugin the image has another path than the
+    one the kernel recorded.
+    """
+    st = os.stat(image)
+    listing = process.run(["losetup", "--list", "--json", "--output", "NAME,BACK-INO,BACK-MAJ:MIN"],
+                          timeout=10).stdout
+    for device in json.loads(listing or "{}").get("loopdevices", []):
+        major, _, minor = str(device.get("back-maj:min", "")).strip().partition(":")
+        if (str(device.get("back-ino")) == str(st.st_ino) and major.isdigit() and minor.isdigit()
+                and os.makedev(int(major), int(minor)) == st.st_dev):
+            return device["name"]
+    return None
 
 
 def ensure_pool(image: Path, mountpoint: Path, size: int) -> None:
@@ -63,7 +132,11 @@ def ensure_pool(image: Path, mountpoint: Path, size: int) -> None:
         if fresh:
             log.info("formatting new embedded pool %s (%d bytes, sparse)", image, size)
             process.run(["mkfs.btrfs", "-q", "-L", "snapvol", "--", image], timeout=_TIMEOUT)
-        process.run(["mount", "-o", "loop", "--", image, mountpoint], timeout=_TIMEOUT)
+        device = None if fresh else attached_loop_device(image)
+        if device:
+            process.run(["mount", "--", device, mountpoint], timeout=_TIMEOUT)
+        else:
+            process.run(["mount", "-o", "loop", "--", image, mountpoint], timeout=_TIMEOUT)
         if fresh:
             # The pool is ours alone: enable quotas now so every volume reports its usage.
             process.run(["btrfs", "quota", "enable", mountpoint], timeout=_TIMEOUT)

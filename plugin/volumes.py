@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,10 +39,14 @@ class VolumeView:
 class VolumeService:
     """Docker's volume operations, made safe: validated, locked, counted, persisted."""
 
-    def __init__(self, backend: Backend, mounts: MountTable, locks: VolumeLocks) -> None:
+    def __init__(self, backend: Backend, mounts: MountTable, locks: VolumeLocks,
+                 recover: Callable[[], object] | None = None) -> None:
+        """*recover* makes the storage reachable again (re-mounts it); Mount calls it when the
+        backend reports the storage unavailable, e.g. after ``docker plugin disable -f``."""
         self._backend = backend
         self._mounts = mounts
         self._locks = locks
+        self._recover = recover
         self._started = time.time()
 
     def open(self) -> None:
@@ -111,7 +115,14 @@ class VolumeService:
         name = names.volume_name(name)
         mount_id = names.mount_id(mount_id)
         with self._locks.hold(name):
-            self._backend.volume(name)
+            try:
+                self._backend.volume(name)
+            except BackendUnavailable as exc:
+                if self._recover is None:
+                    raise
+                log.warning("mount %s: storage unavailable (%s); mounting it again", name, exc)
+                self._recover()
+                self._backend.volume(name)
             path = self._backend.attach(name)
             self._mounts.add(name, mount_id)   # persisted before Docker hears back
         log.info("mounted volume %s for mount id %.12s", name, mount_id)

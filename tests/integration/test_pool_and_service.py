@@ -11,7 +11,7 @@ import pytest
 from plugin.app import build_service
 from plugin.config import Settings
 from plugin.errors import BackendUnavailable
-from plugin.pool import ensure_pool, mounted_filesystem
+from plugin.pool import attached_loop_device, ensure_pool, mounted_filesystem, prepare_root
 from tests.conftest import need
 
 
@@ -63,7 +63,7 @@ def test_service_restart_keeps_mount_ids_and_reconciles(pool_dir):
     first.mount("v2", "b" * 64)
     (path / "f").write_text("x")
     # v2 disappears behind our back while we are "down": the restart forgets its mount IDs.
-    btrfsutil.delete_subvolume(settings.data_root / "volumes" / "v2")
+    btrfsutil.delete_subvolume(settings.pool_mountpoint / "volumes" / "v2")
     second = build_service(settings)
     assert second.get("v1").status["mounts"] == 1
     assert [v["name"] for v in second.describe_volumes()] == ["v1"]
@@ -71,3 +71,57 @@ def test_service_restart_keeps_mount_ids_and_reconciles(pool_dir):
     second.unmount("v1", "a" * 64)                 # the old ID's Unmount arrives after restart
     second.remove("v1")
     assert second.list() == []
+
+
+def test_remount_reuses_the_loop_device_still_attached(pool_dir):
+    """A volume still bind-mounted somewhere keeps the loop device: mount that, never a second."""
+    image, mnt, holder = pool_dir / "pool.img", pool_dir / "pool", pool_dir / "holder"
+    ensure_pool(image, mnt, 300 << 20)
+    device = attached_loop_device(image)
+    assert device and device.startswith("/dev/loop")
+    holder.mkdir()
+    subprocess.run(["mount", "--bind", str(mnt), str(holder)], check=True)   # like a container
+    try:
+        subprocess.run(["umount", str(mnt)], check=True)
+        assert attached_loop_device(image) == device
+        ensure_pool(image, mnt, 300 << 20)
+        assert attached_loop_device(image) == device
+        out = subprocess.run(["losetup", "--associated", str(image)], capture_output=True,
+                             text=True, check=True).stdout
+        assert len(out.splitlines()) == 1
+    finally:
+        subprocess.run(["umount", str(holder)], check=True)
+
+
+def test_state_dir_on_btrfs_holds_the_volumes_directly(btrfs_mount):
+    settings = Settings.from_env({"SNAPVOL_STATE_DIR": str(btrfs_mount / "state"),
+                                  "SNAPVOL_RUN_DIR": str(btrfs_mount / "run")})
+    assert prepare_root(settings) == btrfs_mount / "state"
+    assert not (btrfs_mount / "state" / "pool.img").exists()
+
+
+def test_publish_dir_binds_a_btrfs_directory(btrfs_mount, tmp_path):
+    publish = tmp_path / "published"
+    settings = Settings.from_env({"SNAPVOL_BTRFS_ROOT": str(btrfs_mount),
+                                  "SNAPVOL_STATE_DIR": str(tmp_path / "state"),
+                                  "SNAPVOL_PUBLISH_DIR": str(publish)})
+    try:
+        root = prepare_root(settings)
+        assert root == publish / "pool" and mounted_filesystem(root) == "btrfs"
+        (btrfs_mount / "seen").write_text("x")
+        assert (root / "seen").read_text() == "x"
+        assert prepare_root(settings) == root            # idempotent
+    finally:
+        subprocess.run(["umount", str(publish / "pool")], check=False)
+
+
+def test_mount_recovers_storage_that_was_unmounted(pool_dir):
+    """After `docker plugin disable -f` unmounted the pool, the next Mount mounts it again."""
+    settings = Settings.from_env({"SNAPVOL_STATE_DIR": str(pool_dir), "SNAPVOL_POOL_SIZE": "300M",
+                                  "SNAPVOL_RUN_DIR": str(pool_dir / "run")})
+    service = build_service(settings)
+    service.create("v1", None)
+    (service.mount("v1", "a" * 64) / "f").write_text("kept")
+    subprocess.run(["umount", str(settings.pool_mountpoint)], check=True)
+    assert service.get("v1").status["state"] == "unavailable"      # Get does not purge it
+    assert (service.mount("v1", "b" * 64) / "f").read_text() == "kept"

@@ -133,14 +133,16 @@ def test_mount_table_from_an_earlier_boot_is_discarded(tmp_path: Path):
 
 def test_settings_defaults_and_errors():
     settings = Settings.from_env({})
-    assert settings.embedded_pool and settings.data_root == Path("/var/lib/snapvol/pool")
+    assert settings.btrfs_root is None and settings.pool_mountpoint == Path("/var/lib/snapvol/pool")
     assert settings.socket == Path("/run/docker/plugins/snapvol.sock")
     assert settings.mount_table == Path("/run/snapvol/snapvol/mounts.json")
     other = Settings.from_env({"SNAPVOL_SOCKET": "/run/docker/plugins/snapvolzfs.sock"})
     assert other.driver == "snapvolzfs"
     assert other.mount_table == Path("/run/snapvol/snapvolzfs/mounts.json")
     custom = Settings.from_env({"SNAPVOL_BTRFS_ROOT": "/srv/b", "SNAPVOL_POOL_SIZE": "2G"})
-    assert not custom.embedded_pool and custom.data_root == Path("/srv/b")
+    assert custom.btrfs_root == Path("/srv/b") and custom.pool_size == 2 << 30
+    managed = Settings.from_env({"SNAPVOL_PUBLISH_DIR": "/mnt/volumes"})
+    assert managed.pool_mountpoint == Path("/mnt/volumes/pool")
     for env, message in [({"SNAPVOL_BACKEND": "ext4"}, "SNAPVOL_BACKEND='ext4': must be one of"),
                          ({"SNAPVOL_STATE_DIR": "rel"}, "SNAPVOL_STATE_DIR='rel': must be an absolute path"),
                          ({"SNAPVOL_POOL_SIZE": "1M"}, "SNAPVOL_POOL_SIZE='1M': must be at least 256M"),
