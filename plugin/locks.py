@@ -71,7 +71,7 @@ def single_instance(state_dir: Path, *, wait: float = 10.0) -> int:
 
     :raises AlreadyRunning: another live process holds the lock.
     """
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = state_dir / "snapvol.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + wait

@@ -54,3 +54,39 @@ ensure_venv() {
     touch "$stamp"
   fi
 }
+
+# debian_mirror: the Debian mirror this host's apt uses (for debootstrap), or deb.debian.org.
+debian_mirror() {
+  local uri=""
+  if [ -n "${SNAPVOL_DEBIAN_MIRROR:-}" ]; then echo "$SNAPVOL_DEBIAN_MIRROR"; return; fi
+  uri="$(grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}' \
+         | grep -v security | head -n1)"
+  [ -n "$uri" ] || uri="$(grep -hE '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}' \
+         | grep -v security | head -n1)"
+  echo "${uri:-http://deb.debian.org/debian}"
+}
+
+# ensure_debian_base IMAGE: a Debian bookworm base image in the local engine, made with
+# debootstrap when none can be pulled (no registry is reachable on some machines). The
+# debootstrap tree is cached as a tarball in $SNAPVOL_BUILD_CACHE (/var/cache/snapvol-build),
+# so later engines (the tests' private ones) only import it.
+ensure_debian_base() {
+  local image="$1" cache="${SNAPVOL_BUILD_CACHE:-/var/cache/snapvol-build}" root tarball
+  docker image inspect "$image" >/dev/null 2>&1 && return 0
+  tarball="$cache/debian-bookworm-minbase.tar"
+  if [ ! -s "$tarball" ]; then
+    ensure_command debootstrap debootstrap
+    mkdir -p "$cache"
+    root="$(mktemp -d /tmp/snapvol-debootstrap.XXXXXX)"
+    log "making a Debian base with debootstrap from $(debian_mirror) (about a minute, once)"
+    if ! debootstrap --variant=minbase bookworm "$root" "$(debian_mirror)" >"$root.log" 2>&1; then
+      tail -n 20 "$root.log" >&2; rm -rf --one-file-system "$root" "$root.log"
+      die "debootstrap failed"
+    fi
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* \
+      "$root"/usr/share/man/*
+    tar -C "$root" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+    rm -rf --one-file-system "$root" "$root.log"
+  fi
+  docker import - "$image" <"$tarball" >/dev/null || die "docker import of $image failed"
+}

@@ -62,5 +62,6 @@ def btrfs_mount(tmp_path: Path) -> Iterator[Path]:
 def pytest_report_header(config: pytest.Config) -> str:
     tiers = {"root": os.geteuid() == 0, "btrfs": bool(shutil.which("mkfs.btrfs")),
              "docker": bool(shutil.which("dockerd")),
+             "registry": bool(shutil.which("docker-registry")),
              "require-all": REQUIRE_ALL}
     return "tiers: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in tiers.items())

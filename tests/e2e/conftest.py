@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import need
-from tests.e2e.harness import DockerDaemon, PluginProcess, mounts_under
+from tests.e2e.harness import (DockerDaemon, ManagedPlugin, PluginProcess, Registry,
+                               build_plugin, mounts_under)
+
+DEFAULT_DATA = Path("/var/lib/snapvol")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -60,3 +63,55 @@ def docker(plugin: PluginProcess, e2e_base: Path) -> Iterator[DockerDaemon]:
 @pytest.fixture(scope="session")
 def busybox(docker: DockerDaemon) -> str:
     return docker.import_busybox()
+
+
+@pytest.fixture(scope="session")
+def registry(e2e_base: Path) -> Iterator[Registry]:
+    need("docker-registry")
+    reg = Registry(e2e_base / "registry")
+    reg.start()
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def plugin_references(docker: DockerDaemon, registry: Registry) -> list[str]:
+    """Two builds of the plugin (the second for `docker plugin upgrade`), pushed to the
+    loopback registry and removed locally, as a user would get them."""
+    references = [f"{registry.address}/snapvol:{tag}" for tag in ("1", "2")]
+    for reference in references:
+        build_plugin(docker, reference)
+        docker("plugin", "push", reference, timeout=300)
+        docker("plugin", "rm", reference)
+    return references
+
+
+@pytest.fixture(scope="session")
+def managed(docker: DockerDaemon, plugin_references: list[str], e2e_base: Path):
+    """`docker plugin install` from the registry, with no settings: the data lands in
+    /var/lib/snapvol, on this host's root filesystem (ext4 here, so the plugin makes its pool
+    image). Where /var/lib/snapvol already exists (someone's snapvol), we must not touch it:
+    the data source moves to a directory of the test's own."""
+    settings = []
+    ours = not DEFAULT_DATA.exists()
+    if not ours:
+        (e2e_base / "host").mkdir()
+        settings = [f"data.source={e2e_base / 'host'}"]
+    alias = f"snapvolmgd{secrets.token_hex(3)}:latest"
+    docker("plugin", "install", "--grant-all-permissions", "--alias", alias,
+           plugin_references[0], *settings, timeout=300)
+    plugin = ManagedPlugin(docker, alias)
+    plugin.wait_answering()
+    yield plugin
+    for volume in docker("volume", "ls", "-q", "--filter", f"driver={alias}").split():
+        docker("volume", "rm", "-f", volume, check=False)
+    plugin.remove()
+    if ours and DEFAULT_DATA.exists() and not mounts_under(DEFAULT_DATA):
+        shutil.rmtree(DEFAULT_DATA)
+
+
+@pytest.fixture(scope="session", params=["legacy", "managed"])
+def driver(request):
+    """The same end-to-end tests through `scripts/run`'s kind of plugin (a host process on a
+    legacy socket) and through the managed plugin installed from a registry."""
+    return request.getfixturevalue("plugin" if request.param == "legacy" else "managed")

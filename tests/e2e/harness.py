@@ -163,6 +163,14 @@ class PluginProcess:
             time.sleep(0.2)
         raise RuntimeError(f"plugin did not answer in {timeout} s: {self.log_tail()}")
 
+    @property
+    def name(self) -> str:
+        return self.driver
+
+    def volume_dir(self, volume: str) -> Path:
+        """The volume's directory on the host."""
+        return self.state_dir / "pool" / "volumes" / volume
+
     def log_tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
@@ -204,3 +212,111 @@ def unique(prefix: str) -> str:
 
 def inspect_volume(docker: DockerDaemon, name: str) -> dict[str, Any]:
     return json.loads(docker("volume", "inspect", name))[0]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Registry:
+    """Debian's docker-registry on loopback (dockerd trusts plain HTTP on 127.0.0.0/8)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import urllib.request
+        self.base.mkdir(parents=True, exist_ok=True)
+        config = self.base / "config.yml"
+        config.write_text(f"version: 0.1\nlog: {{level: warn}}\n"
+                          f"storage: {{filesystem: {{rootdirectory: {self.base / 'data'}}}}}\n"
+                          f"http: {{addr: {self.address}}}\n")
+        with (self.base / "registry.log").open("ab") as log:
+            self._proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log,
+                                          stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://{self.address}/v2/", timeout=2).read()
+                return
+            except OSError:
+                if self._proc.poll() is not None:
+                    break
+                time.sleep(0.2)
+        raise RuntimeError(f"registry did not start: {(self.base / 'registry.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(30)
+            self._proc = None
+
+
+class ManagedPlugin:
+    """A snapvol installed with `docker plugin install` into a private dockerd."""
+
+    def __init__(self, docker: DockerDaemon, name: str) -> None:
+        self.docker = docker
+        self.name = name                        # e.g. snapvolmgd:latest (the driver name)
+        self.driver = name
+
+    def inspect(self) -> dict[str, Any]:
+        return json.loads(self.docker("plugin", "inspect", self.name))[0]
+
+    @property
+    def id(self) -> str:
+        return self.inspect()["Id"]
+
+    @property
+    def socket(self) -> Path:
+        # dockerd 20.10 keeps managed plugins' sockets here whatever its --exec-root
+        return Path("/run/docker/plugins") / self.id / "snapvol.sock"
+
+    def volume_dir(self, volume: str) -> Path:
+        return (self.docker.base / "data" / "plugins" / self.id / "propagated-mount" / "pool"
+                / "volumes" / volume)
+
+    def call(self, endpoint: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        return PluginClient(str(self.socket), timeout=30).call(endpoint, body or {})
+
+    def processes(self) -> list[int]:
+        """Pids of the plugin's processes: those in the cgroup named after its ID."""
+        plugin_id = self.id
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    if plugin_id in (proc / "cgroup").read_text():
+                        pids.append(int(proc.name))
+                except OSError:
+                    continue
+        return sorted(pids)
+
+    def wait_answering(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.call("Snapvol.Status")[0] == 200:
+                    return
+            except (OSError, KeyError, IndexError, CommandError):
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"managed plugin {self.name} does not answer")
+
+    def remove(self) -> None:
+        self.docker("plugin", "disable", "-f", self.name, check=False)
+        self.docker("plugin", "rm", "-f", self.name, check=False)
+
+
+def build_plugin(docker: DockerDaemon, reference: str) -> None:
+    """scripts/build-plugin into *docker* (the README's way of building the plugin)."""
+    proc = subprocess.run([str(REPO / "scripts" / "build-plugin"), reference], env=docker.env,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise CommandError(f"build-plugin {reference} failed: {proc.stderr[-3000:]}")

@@ -40,13 +40,13 @@ def compose_command(docker) -> list[str]:
     pytest.skip(message)
 
 
-def test_compose_project_and_external_volume(docker, plugin, busybox, tmp_path: Path):
+def test_compose_project_and_external_volume(docker, driver, busybox, tmp_path: Path):
     external = unique("ext")
-    docker("volume", "create", "-d", plugin.driver, external)
+    docker("volume", "create", "-d", driver.driver, external)
     docker("run", "--rm", "--network", "none", "-v", f"{external}:/ext", busybox,
            "sh", "-c", "echo outside > /ext/marker")
     (tmp_path / "docker-compose.yml").write_text(
-        COMPOSE_FILE.format(image=busybox, driver=plugin.driver, external=external))
+        COMPOSE_FILE.format(image=busybox, driver=driver.driver, external=external))
     project = unique("proj").replace("-", "")
     compose = [*compose_command(docker), "-p", project, "-f", str(tmp_path / "docker-compose.yml")]
 
@@ -59,7 +59,7 @@ def test_compose_project_and_external_volume(docker, plugin, busybox, tmp_path: 
     run("up", "--no-color")
     volume = f"{project}_data"
     info = inspect_volume(docker, volume)
-    assert info["Driver"] == plugin.driver
+    assert info["Driver"] == driver.driver
     assert info["Status"]["options"] == {"size": "64M", "mode": "750"}
     assert info["Status"]["quota_bytes"] == 64 << 20
     content = docker("run", "--rm", "--network", "none", "-v", f"{volume}:/data", busybox,
@@ -70,5 +70,5 @@ def test_compose_project_and_external_volume(docker, plugin, busybox, tmp_path: 
     names = docker("volume", "ls", "--format", "{{.Name}}").split()
     assert volume not in names           # project volume removed through the plugin
     assert external in names             # external volume untouched
-    assert not (plugin.state_dir / "pool" / "volumes" / volume).exists()
+    assert not driver.volume_dir(volume).exists()
     docker("volume", "rm", external)

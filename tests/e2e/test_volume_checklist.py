@@ -10,14 +10,14 @@ RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 RUN = ("run", "--rm", "--network", "none")
 
 
-def test_full_checklist(docker, plugin, busybox):
+def test_full_checklist(docker, driver, busybox):
     name = unique("check")
-    docker("volume", "create", "-d", plugin.driver, "-o", "size=200M", "-o", "mode=0777", name)
-    listed = docker("volume", "ls", "--filter", f"driver={plugin.driver}", "--format", "{{.Name}}")
+    docker("volume", "create", "-d", driver.driver, "-o", "size=200M", "-o", "mode=0777", name)
+    listed = docker("volume", "ls", "--filter", f"driver={driver.driver}", "--format", "{{.Name}}")
     assert name in listed.split()
 
     info = inspect_volume(docker, name)
-    assert info["Driver"] == plugin.driver
+    assert info["Driver"] == driver.driver
     assert info["Options"] == {"size": "200M", "mode": "0777"}
     assert RFC3339.fullmatch(info["CreatedAt"])
     status = info["Status"]
@@ -53,13 +53,13 @@ def test_full_checklist(docker, plugin, busybox):
 
     docker("volume", "rm", name)
     assert name not in docker("volume", "ls", "--format", "{{.Name}}").split()
-    assert not (plugin.state_dir / "pool" / "volumes" / name).exists()
+    assert not driver.volume_dir(name).exists()
 
 
-def test_mount_flag_with_volume_opts(docker, plugin, busybox):
+def test_mount_flag_with_volume_opts(docker, driver, busybox):
     name = unique("mountopt")
     out = docker(*RUN, "--mount", f"type=volume,source={name},target=/data,"
-                 f"volume-driver={plugin.driver},volume-opt=uid=1234,volume-opt=size=64M",
+                 f"volume-driver={driver.driver},volume-opt=uid=1234,volume-opt=size=64M",
                  busybox, "stat", "-c", "%u", "/data")
     assert out.strip() == "1234"
     status = inspect_volume(docker, name)["Status"]
@@ -67,20 +67,20 @@ def test_mount_flag_with_volume_opts(docker, plugin, busybox):
     docker("volume", "rm", name)
 
 
-def test_implicit_creation_by_docker_run(docker, plugin, busybox):
+def test_implicit_creation_by_docker_run(docker, driver, busybox):
     """`docker run --volume-driver` creates the volume with Opts: null."""
     name = unique("implicit")
-    docker(*RUN, "--volume-driver", plugin.driver, "-v", f"{name}:/data", busybox,
+    docker(*RUN, "--volume-driver", driver.driver, "-v", f"{name}:/data", busybox,
            "sh", "-c", "echo implicit > /data/f")
     info = inspect_volume(docker, name)
-    assert info["Driver"] == plugin.driver and info["Status"]["options"] == {}
+    assert info["Driver"] == driver.driver and info["Status"]["options"] == {}
     assert docker(*RUN, "-v", f"{name}:/data", busybox, "cat", "/data/f").strip() == "implicit"
     docker("volume", "rm", name)
 
 
-def test_size_quota_stops_writes(docker, plugin, busybox):
+def test_size_quota_stops_writes(docker, driver, busybox):
     name = unique("quota")
-    docker("volume", "create", "-d", plugin.driver, "-o", "size=20M", name)
+    docker("volume", "create", "-d", driver.driver, "-o", "size=20M", name)
     result = docker.result(*RUN, "-v", f"{name}:/data", busybox, "sh", "-c",
                            "dd if=/dev/urandom of=/data/big bs=1M count=40 conv=fsync")
     assert result.returncode != 0
@@ -90,9 +90,9 @@ def test_size_quota_stops_writes(docker, plugin, busybox):
     docker("volume", "rm", name)
 
 
-def test_uid_gid_mode_inside_a_container(docker, plugin, busybox):
+def test_uid_gid_mode_inside_a_container(docker, driver, busybox):
     name = unique("owner")
-    docker("volume", "create", "-d", plugin.driver, "-o", "uid=1234", "-o", "gid=2345",
+    docker("volume", "create", "-d", driver.driver, "-o", "uid=1234", "-o", "gid=2345",
            "-o", "mode=0750", name)
     assert docker(*RUN, "-v", f"{name}:/data", busybox, "stat", "-c", "%u:%g %a", "/data").strip() \
         == "1234:2345 750"
@@ -103,24 +103,24 @@ def test_uid_gid_mode_inside_a_container(docker, plugin, busybox):
     docker("volume", "rm", name)
 
 
-def test_bad_create_through_docker_shows_plugin_error(docker, plugin):
-    result = docker.result("volume", "create", "-d", plugin.driver, "-o", "bogus=1", unique("bad"))
+def test_bad_create_through_docker_shows_plugin_error(docker, driver):
+    result = docker.result("volume", "create", "-d", driver.driver, "-o", "bogus=1", unique("bad"))
     assert result.returncode != 0
     assert "VolumeDriver.Create: unknown option(s): 'bogus'; btrfs volumes accept:" in result.stderr
-    result = docker.result("volume", "create", "-d", plugin.driver, "-o", "size=lots", unique("bad"))
+    result = docker.result("volume", "create", "-d", driver.driver, "-o", "size=lots", unique("bad"))
     assert "option size='lots': expected a whole number" in result.stderr
     assert not [n for n in docker("volume", "ls", "--format", "{{.Name}}").split()
                 if n.startswith("bad-")]
 
 
-def test_cli_lists_what_docker_created(docker, plugin):
+def test_cli_lists_what_docker_created(docker, driver):
     import io
 
     from plugin.cli import main
     name = unique("cli")
-    docker("volume", "create", "-d", plugin.driver, "-o", "size=32M", name)
+    docker("volume", "create", "-d", driver.driver, "-o", "size=32M", name)
     out, err = io.StringIO(), io.StringIO()
-    assert main(["ls", "--socket", str(plugin.socket)], stdout=out, stderr=err) == 0
+    assert main(["ls", "--socket", str(driver.socket)], stdout=out, stderr=err) == 0
     row = next(line for line in out.getvalue().splitlines() if line.startswith(name))
     assert row.split()[2] == "32.0M" and "size=32M" in row
     docker("volume", "rm", name)
