@@ -15,7 +15,9 @@ from werkzeug.exceptions import HTTPException
 
 from .api import admin, volume_driver
 from .api.wire import reply
+from .backends.base import Backend
 from .backends.btrfs import BtrfsBackend
+from .backends.zfs import ZfsBackend, load_libzfs_core
 from .config import Settings
 from .errors import PluginError
 from .locks import VolumeLocks
@@ -31,11 +33,16 @@ def build_service(settings: Settings) -> VolumeService:
 
     :raises BackendUnavailable: the storage cannot be prepared or checked.
     """
-    backend = BtrfsBackend(prepare_root(settings))
     settings.mount_table.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    service = VolumeService(backend, MountTable(settings.mount_table),
-                            VolumeLocks(settings.lock_timeout),
-                            recover=lambda: prepare_root(settings))
+    mounts, locks = MountTable(settings.mount_table), VolumeLocks(settings.lock_timeout)
+    if settings.backend == "zfs":
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # ZFS volumes are re-mounted one by one on Mount (ZfsBackend.attach): nothing to recover
+        backend: Backend = ZfsBackend(settings.zfs_root, settings.zfs_mounts, load_libzfs_core())
+        service = VolumeService(backend, mounts, locks)
+    else:
+        backend = BtrfsBackend(prepare_root(settings))
+        service = VolumeService(backend, mounts, locks, recover=lambda: prepare_root(settings))
     service.open()
     return service
 

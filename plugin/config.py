@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -47,6 +48,12 @@ def _optional_path(raw: str) -> Path | None:
     return _absolute_path(raw) if raw else None
 
 
+def _dataset(raw: str) -> str:
+    if raw and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.:-]*(/[A-Za-z0-9][A-Za-z0-9_.:-]*)*", raw):
+        raise ValueError("must be a dataset name such as tank/snapvol")
+    return raw
+
+
 def _pool_size(raw: str) -> int:
     size = parse_size(raw)
     if size < 256 << 20:
@@ -60,6 +67,7 @@ class Settings:
 
     backend: str
     btrfs_root: Path | None
+    zfs_root: str
     publish_dir: Path | None
     state_dir: Path
     socket: Path
@@ -72,11 +80,14 @@ class Settings:
 
     # field -> (environment variable, default, parser, help)
     SPEC: ClassVar[dict[str, tuple[str, str, Callable[[str], object], str]]] = {
-        "backend": ("SNAPVOL_BACKEND", "btrfs", _choice("btrfs"),
-                    "storage backend (btrfs; zfs is planned)"),
+        "backend": ("SNAPVOL_BACKEND", "btrfs", _choice("btrfs", "zfs"),
+                    "storage backend: btrfs or zfs"),
         "btrfs_root": ("SNAPVOL_BTRFS_ROOT", "", _optional_path,
                        "a directory on a mounted Btrfs where volumes live; empty: the state "
                        "directory if it is on Btrfs, else the embedded pool image in it"),
+        "zfs_root": ("SNAPVOL_ZFS_ROOT", "", _dataset,
+                     "zfs: the parent dataset of all volumes, e.g. tank/snapvol (created if "
+                     "missing; the pool must exist)"),
         "publish_dir": ("SNAPVOL_PUBLISH_DIR", "", _optional_path,
                         "managed plugin: its propagatedMount; the storage is mounted at "
                         "PUBLISH_DIR/pool so Docker can reach every volume; empty on a host"),
@@ -113,6 +124,9 @@ class Settings:
                 values[f.name] = parse(raw)
             except ValueError as exc:
                 raise ConfigError(f"{var}={raw!r}: {exc}") from None
+        if values["backend"] == "zfs" and not values["zfs_root"]:
+            raise ConfigError("SNAPVOL_ZFS_ROOT is required when SNAPVOL_BACKEND=zfs "
+                              "(the parent dataset of the volumes, e.g. tank/snapvol)")
         return cls(**values)
 
     @property
@@ -124,6 +138,11 @@ class Settings:
     def mount_table(self) -> Path:
         """Where the Docker mount IDs live: tmpfs by default, cleared at boot like the mounts."""
         return (self.run_dir or Path("/run/snapvol") / self.driver) / "mounts.json"
+
+    @property
+    def zfs_mounts(self) -> Path:
+        """Where ZFS volumes are mounted (under the propagated mount for a managed plugin)."""
+        return (self.publish_dir or self.state_dir) / "zfs"
 
     @property
     def image_path(self) -> Path:

@@ -8,7 +8,7 @@ accepts. The result is a normalised ``dict[str, str]`` that is stored with the v
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from .errors import InvalidOption
@@ -46,6 +46,13 @@ def _one_of(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _recordsize(value: str) -> str:
+    size = parse_size(value)
+    if size < 512 or size > 1 << 20 or size & (size - 1):
+        raise ValueError("must be a power of 2 from 512 to 1M, e.g. 16K or 128K")
+    return value.strip()
+
+
 def _boolean(value: str) -> str:
     lowered = value.lower()
     if lowered in ("true", "yes", "on", "1"):
@@ -69,12 +76,12 @@ SPECS: dict[str, OptionSpec] = {spec.name: spec for spec in (
     OptionSpec("uid", _id, _BOTH, "owner of the volume's root directory"),
     OptionSpec("gid", _id, _BOTH, "group of the volume's root directory"),
     OptionSpec("mode", _mode, _BOTH, "permissions of the volume's root directory, e.g. 750"),
-    OptionSpec("compression", _one_of("zstd", "lzo", "zlib", "none"), frozenset({"btrfs"}),
-               "transparent compression: zstd, lzo, zlib or none"),
+    OptionSpec("compression", str, _BOTH,
+               "transparent compression: what the filesystem supports (checked per backend)"),
     OptionSpec("nocow", _boolean, frozenset({"btrfs"}),
                "true: no copy-on-write for files in the volume (databases, VM images)"),
-    OptionSpec("recordsize", str, frozenset({"zfs"}), "ZFS record size"),
-    OptionSpec("atime", str, frozenset({"zfs"}), "ZFS access-time updates"),
+    OptionSpec("recordsize", _recordsize, frozenset({"zfs"}), "ZFS record size, e.g. 16K"),
+    OptionSpec("atime", _one_of("on", "off"), frozenset({"zfs"}), "ZFS access-time updates"),
 )}
 # In the product contract (DESIGN.md 2.1) but not in this release: refused with a clear word.
 PLANNED = ("from", "schedule", "keep", "quiesce", "replicate")
@@ -85,8 +92,14 @@ def accepted(backend: str) -> list[str]:
     return [name for name, spec in SPECS.items() if backend in spec.backends]
 
 
-def validate(raw: object, backend: str) -> dict[str, str]:
+BTRFS_COMPRESSION = frozenset({"zstd", "lzo", "zlib", "none"})
+
+
+def validate(raw: object, backend: str,
+             compressions: Collection[str] = BTRFS_COMPRESSION) -> dict[str, str]:
     """Check Docker's ``Opts`` for a volume of *backend*; return them normalised.
+
+    *compressions* are the algorithms this backend (and pool) supports.
 
     ``None`` (Docker sends ``null`` for volumes created implicitly by ``docker run``) means
     no options.
@@ -118,6 +131,18 @@ def validate(raw: object, backend: str) -> dict[str, str]:
             raise InvalidOption(f"option {key}: the value must be a string, got {value!r:.40}")
         try:
             result[key] = spec.parse(value)
+            if key == "compression" and value not in compressions:
+                raise ValueError(_compression_help(backend, compressions))
         except ValueError as exc:
             raise InvalidOption(f"option {key}={value[:40]!r}: {exc}") from None
     return result
+
+
+def _compression_help(backend: str, compressions: Collection[str]) -> str:
+    shown = ", ".join(sorted(c for c in compressions if not c[-1].isdigit()))
+    text = f"must be one of {shown}"
+    if any(c[-1].isdigit() for c in compressions):
+        text += " (or gzip-1..9" + (", zstd-1..19" if "zstd" in compressions else "") + ")"
+    if backend == "zfs" and "lz4" not in compressions:
+        text += "; this ZFS (zfs-fuse, pool version 23) has no lz4 or zstd"
+    return text

@@ -76,7 +76,7 @@ class VolumeService:
         :raises VolumeExists: the name is taken with other options, or by something not ours.
         """
         name = names.volume_name(name)
-        opts = options.validate(raw_options, self._backend.kind)
+        opts = options.validate(raw_options, self._backend.kind, self._backend.compressions)
         with self._locks.hold(name):
             try:
                 existing = self._backend.volume(name)

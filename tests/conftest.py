@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,9 +63,69 @@ def btrfs_mount(tmp_path: Path) -> Iterator[Path]:
         unmount(mnt)
 
 
+def _zfs_answers() -> bool:
+    return subprocess.run(["zpool", "list", "-H"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def zfs_service() -> Iterator[None]:
+    """A ZFS that answers: the kernel's (/dev/zfs), a running zfs-fuse, or a zfs-fuse we start
+    (and stop again at the end; one that was already running is left alone)."""
+    need("zpool", "zfs")
+    if os.path.exists("/dev/zfs") or (os.path.exists("/var/run/zfs/zfs_socket") and _zfs_answers()):
+        yield
+        return
+    need("zfs-fuse")
+    pidfile = Path(tempfile.mkdtemp(prefix="snapvol-zfs-fuse-")) / "zfs-fuse.pid"
+    subprocess.run(["zfs-fuse", "--pidfile", str(pidfile)], check=True)
+    for _ in range(100):
+        if _zfs_answers():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("zfs-fuse did not answer")
+    try:
+        yield
+    finally:
+        pid = int(pidfile.read_text())
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        shutil.rmtree(pidfile.parent, ignore_errors=True)
+
+
+def make_pool(directory: Path, size: int = 512 << 20) -> str:
+    """A pool on a sparse file vdev with a random name (never one someone else could own)."""
+    vdev = directory / "zpool.img"
+    with vdev.open("wb") as f:
+        f.truncate(size)
+    name = f"snapvoltest-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["zpool", "create", "-m", "none", name, str(vdev)], check=True,
+                   capture_output=True)
+    return name
+
+
+def destroy_pool(name: str) -> None:
+    subprocess.run(["zpool", "destroy", "-f", name], check=True, capture_output=True)
+
+
+@pytest.fixture
+def zfs_pool(zfs_service: None, tmp_path: Path) -> Iterator[str]:
+    name = make_pool(tmp_path)
+    try:
+        yield name
+    finally:
+        destroy_pool(name)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     tiers = {"root": os.geteuid() == 0, "btrfs": bool(shutil.which("mkfs.btrfs")),
              "docker": bool(shutil.which("dockerd")),
              "registry": bool(shutil.which("docker-registry")),
+             "zfs": os.path.exists("/dev/zfs") and "kernel" or bool(shutil.which("zfs-fuse")) and "zfs-fuse",
              "require-all": REQUIRE_ALL}
     return "tiers: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in tiers.items())

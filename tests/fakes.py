@@ -19,6 +19,7 @@ from plugin.errors import VolumeExists, VolumeNotFound
 
 class FakeBackend:
     kind: ClassVar[str] = "btrfs"     # accepts the Btrfs options
+    compressions = frozenset({"zstd", "lzo", "zlib", "none"})
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -50,6 +51,7 @@ class FakeBackend:
             raise VolumeExists(f"volume {name} already exists (made by snapvol)")
         path = names.under(self.root / "volumes", name)
         path.mkdir()
+        path.chmod(int(options.get("mode", "755"), 8))
         info = VolumeInfo(name, path, datetime.now(timezone.utc).replace(microsecond=0),
                           dict(options))
         self._volumes[name] = info

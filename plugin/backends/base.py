@@ -42,6 +42,7 @@ class Backend(Protocol):
     """
 
     kind: ClassVar[str]                      # "btrfs" | "zfs"
+    compressions: frozenset[str]             # values the ``compression`` option accepts
 
     def check(self) -> None:
         """Verify the storage root at start and finish interrupted work (crash leftovers)."""

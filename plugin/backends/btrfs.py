@@ -67,6 +67,7 @@ class BtrfsBackend:
     """Volumes as subvolumes below *root*, which must be a directory on a mounted Btrfs."""
 
     kind: ClassVar[str] = "btrfs"
+    compressions: frozenset[str] = frozenset({"zstd", "lzo", "zlib", "none"})
 
     def __init__(self, root: Path) -> None:
         self.root = root

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need
+from tests.conftest import destroy_pool, make_pool, need
 from tests.e2e.harness import (DockerDaemon, ManagedPlugin, PluginProcess, Registry,
                                build_plugin, mounts_under)
 
@@ -52,7 +52,20 @@ def plugin(e2e_base: Path) -> Iterator[PluginProcess]:
 
 
 @pytest.fixture(scope="session")
-def docker(plugin: PluginProcess, e2e_base: Path) -> Iterator[DockerDaemon]:
+def zfs_plugin(e2e_base: Path, zfs_service: None) -> Iterator[PluginProcess]:
+    """snapvol with SNAPVOL_BACKEND=zfs on a pool of its own (zfs-fuse where no kernel ZFS)."""
+    pool = make_pool(e2e_base, size=2 << 30)
+    process = PluginProcess(f"snapvolzfs{secrets.token_hex(4)}", e2e_base / "zstate",
+                            {"SNAPVOL_BACKEND": "zfs", "SNAPVOL_ZFS_ROOT": f"{pool}/snapvol"})
+    process.pool = pool  # type: ignore[attr-defined]
+    process.start()
+    yield process
+    process.stop()
+    destroy_pool(pool)
+
+
+@pytest.fixture(scope="session")
+def docker(plugin: PluginProcess, zfs_plugin: PluginProcess, e2e_base: Path) -> Iterator[DockerDaemon]:
     daemon = DockerDaemon(e2e_base / "docker")
     daemon.base.mkdir()
     daemon.start()
@@ -110,8 +123,16 @@ def managed(docker: DockerDaemon, plugin_references: list[str], e2e_base: Path):
         shutil.rmtree(DEFAULT_DATA)
 
 
-@pytest.fixture(scope="session", params=["legacy", "managed"])
+@pytest.fixture(scope="session", params=["legacy", "managed", "legacy-zfs"])
 def driver(request):
     """The same end-to-end tests through `scripts/run`'s kind of plugin (a host process on a
-    legacy socket) and through the managed plugin installed from a registry."""
-    return request.getfixturevalue("plugin" if request.param == "legacy" else "managed")
+    legacy socket), through the managed plugin installed from a registry, and through a host
+    process with the ZFS backend."""
+    return request.getfixturevalue({"legacy": "plugin", "managed": "managed",
+                                    "legacy-zfs": "zfs_plugin"}[request.param])
+
+
+@pytest.fixture(scope="session", params=["btrfs", "zfs"])
+def host_plugin(request):
+    """A host-process plugin of each backend (restart and hostile-input tests)."""
+    return request.getfixturevalue("plugin" if request.param == "btrfs" else "zfs_plugin")

@@ -167,8 +167,14 @@ class PluginProcess:
     def name(self) -> str:
         return self.driver
 
+    @property
+    def backend(self) -> str:
+        return self.env.get("SNAPVOL_BACKEND", "btrfs")
+
     def volume_dir(self, volume: str) -> Path:
         """The volume's directory on the host."""
+        if self.backend == "zfs":
+            return self.state_dir / "zfs" / volume
         return self.state_dir / "pool" / "volumes" / volume
 
     def log_tail(self, chars: int = 3000) -> str:
@@ -265,6 +271,7 @@ class ManagedPlugin:
         self.docker = docker
         self.name = name                        # e.g. snapvolmgd:latest (the driver name)
         self.driver = name
+        self.backend = "btrfs"
 
     def inspect(self) -> dict[str, Any]:
         return json.loads(self.docker("plugin", "inspect", self.name))[0]

@@ -12,7 +12,8 @@ def lines(docker, container: str) -> int:
     return int(docker("exec", container, "sh", "-c", "wc -l < /data/log").strip())
 
 
-def test_sigkill_and_restart_with_a_writing_container(docker, plugin, busybox):
+def test_sigkill_and_restart_with_a_writing_container(docker, host_plugin, busybox):
+    plugin = host_plugin
     name, writer = unique("restart"), unique("writer")
     docker("volume", "create", "-d", plugin.driver, name)
     docker("run", "-d", "--name", writer, "--network", "none", "-v", f"{name}:/data", busybox,

@@ -9,32 +9,40 @@ from pathlib import Path
 
 import pytest
 
-from plugin.backends.btrfs import BtrfsBackend
 from plugin.errors import VolumeExists, VolumeNotFound
 from tests.fakes import FakeBackend
 
 
-@pytest.fixture(params=["fake", "btrfs"])
+@pytest.fixture(params=["fake", "btrfs", "zfs"])
 def backend(request, tmp_path: Path):
     if request.param == "fake":
         b = FakeBackend(tmp_path / "fake")
-    else:
+    elif request.param == "btrfs":
+        from plugin.backends.btrfs import BtrfsBackend
         b = BtrfsBackend(request.getfixturevalue("btrfs_mount"))
+    else:
+        from plugin.backends.zfs import ZfsBackend, load_libzfs_core
+        pool = request.getfixturevalue("zfs_pool")
+        b = ZfsBackend(f"{pool}/snapvol", tmp_path / "mnt", load_libzfs_core())
     b.check()
-    return b
+    yield b
+    if request.param == "zfs":       # unmount before the pool goes (zfs-fuse keeps mounts busy)
+        for volume in b.volumes():
+            b.destroy_volume(volume.name)
 
 
 def test_create_list_get_destroy(backend):
     before = datetime.now(timezone.utc) - timedelta(seconds=2)
     info = backend.create_volume("v1", {"mode": "750"})
     assert info.name == "v1" and info.options == {"mode": "750"}
-    assert info.mountpoint.is_dir()
+    assert backend.attach("v1") == info.mountpoint and info.mountpoint.is_dir()
+    assert oct(os.stat(info.mountpoint).st_mode & 0o777) == "0o750"
     assert before <= info.created <= datetime.now(timezone.utc) + timedelta(seconds=2)
     assert [v.name for v in backend.volumes()] == ["v1"]
     assert backend.volume("v1") == info
     backend.destroy_volume("v1")
     assert backend.volumes() == []
-    assert not info.mountpoint.exists()
+    assert not (info.mountpoint / "anything").exists()
     with pytest.raises(VolumeNotFound, match="no such volume: v1"):
         backend.volume("v1")
 

@@ -11,7 +11,8 @@ import pytest
 from plugin.app import build_service
 from plugin.config import Settings
 from plugin.errors import BackendUnavailable
-from plugin.pool import attached_loop_device, ensure_pool, mounted_filesystem, prepare_root
+from plugin.mountinfo import mounted_filesystem
+from plugin.pool import attached_loop_device, ensure_pool, prepare_root
 from tests.conftest import need
 
 

@@ -1,0 +1,332 @@
+"""Volumes as ZFS datasets: libzfs_core (pyzfs) where it works, the ``zfs`` CLI for the rest.
+
+Layout: one dataset per volume, ``<root>/<name>``, with ``canmount=noauto`` and an explicit
+``mountpoint`` under the plugin's mount directory, so a host's ``zfs mount -a`` never mounts a
+volume anywhere, and the plugin mounts it itself (at creation, and again on Mount when it is
+missing). Ownership and options are user properties:
+
+    snapvol:owner    "snapvol" for a finished volume; "creating"/"removing" while in flux
+    snapvol:options  the volume's options as JSON
+
+A dataset without ``snapvol:owner=snapvol`` is never listed, mounted, changed or destroyed.
+Creation is committed by the last ``zfs set snapvol:owner=snapvol``, removal starts by
+setting ``removing``, so Docker never sees a half-made volume; start-up destroys datasets left
+"creating" or "removing" by a crash. Listing is one ``zfs get -H -p -d 1`` for all volumes.
+
+libzfs_core (``python3-pyzfs``, OpenZFS with ``/dev/zfs``) creates and destroys datasets; the
+CLI does listing, properties and mounting, and is the whole backend on zfs-fuse, which has no
+libzfs_core.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .. import names, process
+from ..errors import (BackendError, BackendUnavailable, CommandFailed, InvalidOption,
+                      VolumeExists, VolumeNotFound)
+from ..mountinfo import mounted_filesystem
+from ..units import parse_size
+from .base import Usage, VolumeInfo
+
+log = logging.getLogger(__name__)
+
+OWNER = "snapvol:owner"
+OPTIONS = "snapvol:options"
+_TIMEOUT = 120.0
+_BUSY_WAIT = 10.0
+_ZFS_FUSE_COMPRESSION = frozenset(["on", "off", "lzjb", "gzip", "zle"]
+                                  + [f"gzip-{n}" for n in range(1, 10)])
+_MISSING = re.compile(r"dataset does not exist|no such (pool|dataset)")
+
+
+def load_libzfs_core() -> Any | None:
+    """The ``libzfs_core`` module when OpenZFS's kernel interface is usable, else ``None``."""
+    if not os.path.exists("/dev/zfs"):
+        return None
+    try:
+        import libzfs_core  # type: ignore[import-not-found]  # Debian's python3-pyzfs
+    except ImportError:
+        return None
+    return libzfs_core
+
+
+def _run_while_busy(argv: list[str]) -> None:
+    """Run a zfs command, retrying for a while as long as it fails with "busy": zfs-fuse
+    releases an unmounted dataset asynchronously, so destroy or mount right after an unmount
+    can fail for a moment."""
+    deadline = time.monotonic() + _BUSY_WAIT
+    while True:
+        try:
+            process.run(argv, timeout=_TIMEOUT)
+            return
+        except CommandFailed as exc:
+            if "busy" not in exc.stderr or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+class ZfsBackend:
+    """Volumes as datasets below the parent dataset *root*, mounted below *mount_base*."""
+
+    kind: ClassVar[str] = "zfs"
+
+    def __init__(self, root: str, mount_base: Path, lzc: Any | None = None) -> None:
+        self.root = root
+        self.pool = root.split("/", 1)[0]
+        self.mount_base = mount_base
+        self._lzc = lzc
+        self.compressions: frozenset[str] = frozenset()
+        self._facts: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ start-up
+
+    def check(self) -> None:
+        """Check the pool and versions, create the parent dataset, detect capabilities.
+
+        :raises BackendUnavailable: no such pool, no zfs tools, or userland and kernel module
+            versions differ (OpenZFS refuses some ioctls across versions).
+        """
+        try:
+            pools = process.run(["zpool", "list", "-H", "-o", "name"], timeout=_TIMEOUT).stdout.split()
+        except BackendError as exc:
+            raise BackendUnavailable(f"ZFS is not usable here: {exc}") from None
+        if self.pool not in pools:
+            raise BackendUnavailable(f"ZFS pool {self.pool} does not exist (SNAPVOL_ZFS_ROOT={self.root}); "
+                                     "create it, or point SNAPVOL_ZFS_ROOT at an existing pool")
+        self._check_versions()
+        if self._get(self.root, ["type"], missing_ok=True) is None:
+            log.info("creating parent dataset %s", self.root)
+            process.run(["zfs", "create", "-p", "-o", "mountpoint=none", "-o", "canmount=off",
+                         self.root], timeout=_TIMEOUT)
+        self.mount_base.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self.compressions = self._detect_compressions()
+        self._facts = {"libzfs_core": self._lzc is not None,
+                       "compression": sorted(self.compressions)}
+        log.info("zfs backend on %s: libzfs_core=%s, compression=%s", self.root,
+                 self._lzc is not None, ",".join(sorted(self.compressions)))
+        self._finish_interrupted()
+
+    def _check_versions(self) -> None:
+        if not os.path.exists("/dev/zfs"):
+            self._facts["implementation"] = "zfs-fuse"
+            return
+        out = process.run(["zfs", "version"], timeout=_TIMEOUT, ok_codes=(0, 1, 2)).stdout
+        versions = re.findall(r"^zfs(-kmod)?-(\S+)", out, re.M)
+        user = next((v for kmod, v in versions if not kmod), None)
+        kernel = next((v for kmod, v in versions if kmod), None)
+        self._facts["implementation"] = f"OpenZFS {user} (module {kernel})"
+        if user and kernel and user.split("-")[0] != kernel.split("-")[0]:
+            raise BackendUnavailable(f"zfs userland {user} and kernel module {kernel} differ; "
+                                     "install matching versions (or reboot into the new module)")
+
+    def _detect_compressions(self) -> frozenset[str]:
+        if not os.path.exists("/dev/zfs"):
+            return _ZFS_FUSE_COMPRESSION          # zfs-fuse (pool version 23): no lz4, no zstd
+        found = set(_ZFS_FUSE_COMPRESSION)
+        features = process.run(["zpool", "get", "-H", "-o", "property,value",
+                                "feature@lz4_compress,feature@zstd_compress", self.pool],
+                               timeout=_TIMEOUT, ok_codes=(0, 1)).stdout
+        for line in features.splitlines():
+            prop, _, value = line.partition("\t")
+            if value in ("enabled", "active"):
+                if prop == "feature@lz4_compress":
+                    found.add("lz4")
+                elif prop == "feature@zstd_compress":
+                    found |= {"zstd", "zstd-fast"} | {f"zstd-{n}" for n in range(1, 20)}
+        return frozenset(found)
+
+    def _finish_interrupted(self) -> None:
+        for name, props in self._children().items():
+            if props.get(OWNER) in ("creating", "removing"):
+                log.info("destroying %s/%s left %s by an interrupted operation",
+                         self.root, name, props[OWNER])
+                try:
+                    self._destroy(f"{self.root}/{name}", mounted=props.get("mounted") == "yes")
+                except BackendError as exc:
+                    log.error("could not destroy %s/%s: %s", self.root, name, exc)
+
+    def describe(self) -> dict[str, Any]:
+        return {"root": self.root, "filesystem": "zfs", "mounts": str(self.mount_base), **self._facts}
+
+    # ------------------------------------------------------------------ queries
+
+    def volumes(self) -> list[VolumeInfo]:
+        return [self._info(name, props) for name, props in self._children().items()
+                if props.get(OWNER) == "snapvol"]
+
+    def volume(self, name: str) -> VolumeInfo:
+        props = self._get(self._dataset(name), [OWNER, OPTIONS, "creation"], missing_ok=True)
+        if props is None or props.get(OWNER) != "snapvol":
+            self._require_healthy()
+            raise VolumeNotFound(name)
+        return self._info(name, props)
+
+    def usage(self, name: str) -> Usage:
+        props = self._get(self._owned(name), ["referenced", "refquota"])
+        quota = int(props["refquota"]) if props["refquota"].isdigit() else 0
+        return Usage(int(props["referenced"]), quota or None)
+
+    def _children(self) -> dict[str, dict[str, str]]:
+        """Volume-like datasets directly below the root, with the properties we list by."""
+        try:
+            out = process.run(["zfs", "get", "-H", "-p", "-r", "-d", "1", "-o", "name,property,value",
+                               f"type,creation,mounted,{OWNER},{OPTIONS}", self.root],
+                              timeout=_TIMEOUT).stdout
+        except CommandFailed as exc:
+            raise BackendUnavailable(f"cannot list {self.root}: {exc}") from None
+        children: dict[str, dict[str, str]] = {}
+        prefix = self.root + "/"
+        for line in out.splitlines():
+            dataset, prop, value = line.split("\t", 2)
+            if dataset.startswith(prefix) and "/" not in dataset[len(prefix):] and "@" not in dataset:
+                children.setdefault(dataset[len(prefix):], {})[prop] = value
+        return {name: props for name, props in children.items() if props.get("type") == "filesystem"}
+
+    def _info(self, name: str, props: Mapping[str, str]) -> VolumeInfo:
+        try:
+            opts = json.loads(props.get(OPTIONS, "{}"))
+        except ValueError:
+            opts = {}
+        return VolumeInfo(name=name, mountpoint=self._mountpoint(name),
+                          created=datetime.fromtimestamp(int(props["creation"]), tz=timezone.utc),
+                          options=opts if isinstance(opts, dict) else {})
+
+    # ------------------------------------------------------------------ changes
+
+    def create_volume(self, name: str, options: Mapping[str, str]) -> VolumeInfo:
+        dataset = self._dataset(name)
+        existing = self._get(dataset, [OWNER], missing_ok=True)
+        if existing is not None:
+            owner = "snapvol" if existing.get(OWNER) == "snapvol" else "something else (not snapvol)"
+            raise VolumeExists(f"volume {name} already exists (made by {owner})")
+        mountpoint = self._mountpoint(name)
+        props = {OWNER: "creating", OPTIONS: json.dumps(dict(sorted(options.items()))),
+                 "canmount": "noauto", "mountpoint": str(mountpoint)}
+        if "size" in options:
+            props["refquota"] = str(parse_size(options["size"]))
+        for key in ("compression", "recordsize", "atime"):
+            if key in options:
+                props[key] = options[key]
+        try:
+            self._create(dataset, props)
+            self._mount(dataset, mountpoint)
+            os.chmod(mountpoint, int(options.get("mode", "755"), 8))
+            if "uid" in options or "gid" in options:
+                os.chown(mountpoint, int(options.get("uid", -1)), int(options.get("gid", -1)))
+            self._set(dataset, OWNER, "snapvol")       # the commit point
+        except BaseException as exc:
+            if (self._get(dataset, [OWNER], missing_ok=True) or {}).get(OWNER) == "creating":
+                self._destroy(dataset, mounted=True)
+            if isinstance(exc, OSError):
+                raise BackendError(f"cannot create volume {name}: {exc}") from None
+            raise
+        log.info("created volume %s (options: %s)", name, ", ".join(sorted(options)) or "none")
+        return self.volume(name)
+
+    def destroy_volume(self, name: str) -> None:
+        dataset = self._owned(name)
+        self._set(dataset, OWNER, "removing")           # invisible from here on
+        self._destroy(dataset, mounted=True)
+        log.info("removed volume %s", name)
+
+    def attach(self, name: str) -> Path:
+        dataset = self._owned(name)
+        mountpoint = self._mountpoint(name)
+        if not self._is_mounted(mountpoint):
+            log.info("mounting %s at %s", dataset, mountpoint)
+            self._mount(dataset, mountpoint)
+        return mountpoint
+
+    def detach(self, name: str) -> None:
+        """Volumes stay mounted while they exist; nothing to undo."""
+
+    # ------------------------------------------------------------------ helpers
+
+    def _dataset(self, name: str) -> str:
+        return f"{self.root}/{names.volume_name(name)}"
+
+    def _mountpoint(self, name: str) -> Path:
+        return names.under(self.mount_base, names.volume_name(name))
+
+    def _owned(self, name: str) -> str:
+        dataset = self._dataset(name)
+        props = self._get(dataset, [OWNER], missing_ok=True)
+        if props is None or props.get(OWNER) != "snapvol":
+            self._require_healthy()
+            raise VolumeNotFound(name)
+        return dataset
+
+    def _get(self, dataset: str, props: list[str], *, missing_ok: bool = False) -> dict[str, str] | None:
+        try:
+            out = process.run(["zfs", "get", "-H", "-p", "-o", "property,value", ",".join(props),
+                               dataset], timeout=_TIMEOUT).stdout
+        except CommandFailed as exc:
+            if missing_ok and _MISSING.search(exc.stderr):
+                return None
+            raise
+        return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+    def _set(self, dataset: str, prop: str, value: str) -> None:
+        process.run(["zfs", "set", f"{prop}={value}", dataset], timeout=_TIMEOUT)
+
+    def _create(self, dataset: str, props: Mapping[str, str]) -> None:
+        if self._lzc is not None:
+            user = {k.encode(): v.encode() for k, v in props.items() if ":" in k}
+            try:
+                self._lzc.lzc_create(dataset.encode(), props=user)
+            except Exception as exc:            # pyzfs raises its own ZFSError tree
+                raise BackendError(f"cannot create dataset {dataset}: {exc}") from None
+            for prop, value in props.items():
+                if ":" not in prop:
+                    self._set(dataset, prop, value)
+            return
+        argv = ["zfs", "create"]
+        for prop, value in props.items():
+            argv += ["-o", f"{prop}={value}"]
+        try:
+            process.run([*argv, dataset], timeout=_TIMEOUT)
+        except CommandFailed as exc:
+            if "property" in exc.stderr or "invalid" in exc.stderr:
+                raise InvalidOption(f"zfs refused the options: {exc.stderr.strip()}") from None
+            raise
+
+    def _mount(self, dataset: str, mountpoint: Path) -> None:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        if not self._is_mounted(mountpoint):
+            _run_while_busy(["zfs", "mount", dataset])
+
+    def _destroy(self, dataset: str, *, mounted: bool) -> None:
+        if mounted:
+            process.run(["zfs", "unmount", dataset], timeout=_TIMEOUT, ok_codes=(0, 1))
+        if self._lzc is not None:
+            try:
+                self._lzc.lzc_destroy(dataset.encode())
+            except Exception as exc:
+                raise BackendError(f"cannot destroy dataset {dataset}: {exc}") from None
+        else:
+            _run_while_busy(["zfs", "destroy", dataset])
+        mountpoint = self.mount_base / dataset.rsplit("/", 1)[1]
+        try:
+            mountpoint.rmdir()
+        except OSError:
+            pass
+
+    @staticmethod
+    def _is_mounted(mountpoint: Path) -> bool:
+        return mounted_filesystem(mountpoint) is not None
+
+    def _require_healthy(self) -> None:
+        try:
+            if self._get(self.root, ["type"], missing_ok=True) is None:
+                raise BackendUnavailable(f"parent dataset {self.root} is gone")
+        except CommandFailed as exc:
+            raise BackendUnavailable(f"zfs root {self.root} is not usable: {exc}") from None
