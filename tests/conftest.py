@@ -110,7 +110,13 @@ def make_pool(directory: Path, size: int = 512 << 20) -> str:
 
 
 def destroy_pool(name: str) -> None:
-    subprocess.run(["zpool", "destroy", "-f", name], check=True, capture_output=True)
+    """Destroy a pool we made; zfs-fuse may call it busy for a moment after unmounts."""
+    for attempt in range(50):
+        result = subprocess.run(["zpool", "destroy", "-f", name], capture_output=True, text=True)
+        if result.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"zpool destroy {name} failed: {result.stderr}")
 
 
 @pytest.fixture

@@ -67,7 +67,7 @@ def test_validate_normalises():
     ({"gid": "4294967295"}, "option gid='4294967295': must be a number from 0 to 4294967294"),
     ({"mode": "888"}, "option mode='888': must be octal permission bits"),
     ({"mode": "17777"}, "option mode='17777': must be octal permission bits"),
-    ({"compression": "lz4"}, "option compression='lz4': must be one of zstd, lzo, zlib, none"),
+    ({"compression": "lz4"}, "option compression='lz4': must be one of lzo, none, zlib, zstd"),
     ({"nocow": "maybe"}, "option nocow='maybe': must be true or false"),
     ({"atime": "off"}, "option atime is for zfs volumes only"),
     ({"schedule": "1h"}, "option schedule is not available in this version of snapvol"),
