@@ -90,3 +90,6 @@ ensure_debian_base() {
   fi
   docker import - "$image" <"$tarball" >/dev/null || die "docker import of $image failed"
 }
+
+# Debian packages the OpenZFS test VM needs beyond OpenZFS itself (see scripts/test).
+ZFSVM_PACKAGES="python3-pytest python3-flask python3-btrfsutil btrfs-progs"

@@ -109,8 +109,8 @@ class ZfsBackend:
                          self.root], timeout=_TIMEOUT)
         self.mount_base.mkdir(parents=True, exist_ok=True, mode=0o711)
         self.compressions = self._detect_compressions()
-        self._facts = {"libzfs_core": self._lzc is not None,
-                       "compression": sorted(self.compressions)}
+        self._facts.update({"libzfs_core": self._lzc is not None,
+                            "compression": sorted(self.compressions)})
         log.info("zfs backend on %s: libzfs_core=%s, compression=%s", self.root,
                  self._lzc is not None, ",".join(sorted(self.compressions)))
         self._finish_interrupted()

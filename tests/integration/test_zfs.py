@@ -33,6 +33,15 @@ def zget(dataset: str, prop: str) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
+def test_libzfs_core_is_used_where_openzfs_is_present(backend):
+    """The lane on real OpenZFS must exercise pyzfs, not quietly fall back to the CLI."""
+    uses_lzc = backend.describe()["libzfs_core"]
+    assert uses_lzc == (load_libzfs_core() is not None)
+    if os.environ.get("SNAPVOL_REQUIRE_LIBZFS_CORE") == "1":
+        assert uses_lzc, "OpenZFS lane without libzfs_core"
+        assert backend.describe()["implementation"].startswith("OpenZFS")
+
+
 def test_parent_created_and_volume_is_a_marked_dataset(backend):
     assert zget(backend.root, "type") == "filesystem"
     info = backend.create_volume("v1", {})
