@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 import btrfsutil  # noqa: E402  (Debian's, through the venv's system site-packages)
 
 from plugin.client import UnixHTTPConnection  # noqa: E402
-from tests.conftest import make_btrfs, unmount  # noqa: E402
+from tests.conftest import destroy_pool, make_btrfs, make_pool, unmount  # noqa: E402
 from tests.e2e.harness import DockerDaemon, PluginProcess, mounts_under  # noqa: E402
 
 
@@ -141,6 +141,34 @@ def buttervolume(binary: str, base: Path) -> Iterator[Target]:
         unmount(mnt)
 
 
+@contextmanager
+def zfs_plugin(base: Path) -> Iterator[Target]:
+    """snapvol with the ZFS backend on a pool of its own (zfs-fuse where no kernel ZFS)."""
+    started = None
+    if not os.path.exists("/dev/zfs") and subprocess.run(["zpool", "list"], capture_output=True).returncode:
+        pidfile = base / "zfs-fuse.pid"
+        subprocess.run(["zfs-fuse", "--pidfile", str(pidfile)], check=True)
+        for _ in range(100):
+            if subprocess.run(["zpool", "list"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        started = int(pidfile.read_text())
+    pool = make_pool(base, size=8 << 30)
+    process = PluginProcess(f"snapvolbenchz{secrets.token_hex(3)}", base / "zstate",
+                            {"SNAPVOL_BACKEND": "zfs", "SNAPVOL_ZFS_ROOT": f"{pool}/snapvol",
+                             "SNAPVOL_LOG_LEVEL": "warning", "SNAPVOL_RUN_DIR": str(base / "run" / "z")})
+    try:
+        process.start()
+        yield Target("snapvol-zfs", process.socket,
+                     lambda name: process.call("VolumeDriver.Create", {"Name": name}),
+                     lambda: [process.pid, *children(process.pid)])
+    finally:
+        process.stop()
+        destroy_pool(pool)
+        if started:
+            os.kill(started, signal.SIGTERM)
+
+
 def docker_round_trip(docker: DockerDaemon, image: str, driver: str, repeat: int) -> str:
     samples = []
     for _ in range(repeat):
@@ -161,6 +189,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,100,1000")
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--trips", type=int, default=10)
+    parser.add_argument("--zfs-max", type=int, default=1000,
+                        help="largest volume count for the ZFS rows")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     base = Path(tempfile.mkdtemp(prefix="snapvol-bench-", dir="/tmp"))
@@ -182,9 +212,11 @@ def main() -> None:
     docker = None
     try:
         results: dict[tuple[str, int], dict[str, str]] = {}
-        with buttervolume(args.buttervolume, base) as bv:
+        with buttervolume(args.buttervolume, base) as bv, zfs_plugin(base) as zfs:
             for n in sizes:
-                for target in (snapvol, bv):
+                for target in (snapvol, zfs, bv):
+                    if target is zfs and n > args.zfs_max:
+                        continue
                     print(f"bench: {target.label} at {n} volumes...", file=sys.stderr)
                     results[(target.label, n)] = latency_rows(target, n, args.repeat)
             bv_memory = memory_mib(bv.pids())
@@ -192,11 +224,12 @@ def main() -> None:
         endpoints = ["Get", "Path", "Mount", "Unmount", "List", "Create", "Remove"]
         out.append("Docker protocol latency over the raw socket, ms, median / p95 "
                    f"({args.repeat} calls; List and Create/Remove fewer):\n")
-        header = "| endpoint | " + " | ".join(f"snapvol {n} | buttervolume {n}" for n in sizes) + " |"
-        out += [header, "|" + "---|" * (1 + 2 * len(sizes))]
+        labels = ("snapvol", "snapvol-zfs", "buttervolume")
+        columns = [(label, n) for n in sizes for label in labels if (label, n) in results]
+        out.append("| endpoint | " + " | ".join(f"{label} {n}" for label, n in columns) + " |")
+        out.append("|" + "---|" * (1 + len(columns)))
         for ep in endpoints:
-            cells = [f"{results[('snapvol', n)][ep]} | {results[('buttervolume', n)][ep]}" for n in sizes]
-            out.append(f"| {ep} | " + " | ".join(cells) + " |")
+            out.append(f"| {ep} | " + " | ".join(results[c][ep] for c in columns) + " |")
         out.append("")
         out.append(f"Memory (RSS / PSS, MiB, all processes): snapvol idle {idle[0]:.1f} / {idle[1]:.1f}; "
                    f"snapvol with {max(sizes)} volumes {loaded[0]:.1f} / {loaded[1]:.1f}; "
