@@ -128,6 +128,32 @@ def zfs_pool(zfs_service: None, tmp_path: Path) -> Iterator[str]:
         destroy_pool(name)
 
 
+def write_until_refused(path: Path, megabytes: int) -> OSError:
+    """Write random data to *path* one MiB at a time, synced; return the error that stopped
+    it (a quota must stop it before *megabytes*)."""
+    try:
+        with open(path, "wb") as f:
+            for _ in range(megabytes):
+                f.write(os.urandom(1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as exc:
+        return exc
+    raise AssertionError(f"{megabytes} MiB written to {path} without any error")
+
+
+def assert_refuses_foreign(backend, name: str) -> None:
+    """Something under the backend's root that snapvol did not make is no volume of ours:
+    not listed, not found, not attachable, not destroyable, not replaceable."""
+    from plugin.errors import VolumeExists, VolumeNotFound
+    assert name not in [v.name for v in backend.volumes()]
+    for call in (backend.volume, backend.attach, backend.destroy_volume):
+        with pytest.raises(VolumeNotFound):
+            call(name)
+    with pytest.raises(VolumeExists, match=r"made by something else \(not snapvol\)"):
+        backend.create_volume(name, {})
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     tiers = {"root": os.geteuid() == 0, "btrfs": bool(shutil.which("mkfs.btrfs")),
              "docker": bool(shutil.which("dockerd")),

@@ -10,7 +10,8 @@ import btrfsutil
 import pytest
 
 from plugin.backends.btrfs import OWNER_XATTR, BtrfsBackend
-from plugin.errors import BackendError, BackendUnavailable, VolumeExists, VolumeNotFound
+from plugin.errors import BackendError, BackendUnavailable
+from tests.conftest import assert_refuses_foreign, write_until_refused
 
 
 @pytest.fixture
@@ -56,13 +57,7 @@ def test_size_enables_quotas_and_limits_writes(backend, btrfs_mount):
     assert backend.usage(backend.create_volume("free", {}).name).quota_bytes is None
     info = backend.create_volume("small", {"size": "8M"})
     assert backend.describe()["quotas"] is True
-    with pytest.raises(OSError) as err:
-        with open(info.mountpoint / "big", "wb") as f:
-            for _ in range(16):
-                f.write(os.urandom(1 << 20))
-                f.flush()
-                os.fsync(f.fileno())
-    assert err.value.errno == 122   # EDQUOT: Disk quota exceeded
+    assert write_until_refused(info.mountpoint / "big", 16).errno == 122   # EDQUOT
     subprocess.run(["sync"], check=True)
     usage = backend.usage("small")
     assert usage.quota_bytes == 8 << 20
@@ -73,12 +68,7 @@ def test_foreign_subvolume_is_invisible_and_untouched(backend):
     foreign = backend.volumes_dir / "theirs"
     btrfsutil.create_subvolume(foreign)
     (foreign / "keep").write_text("mine")
-    assert backend.volumes() == []
-    for call in (backend.volume, backend.attach, backend.destroy_volume):
-        with pytest.raises(VolumeNotFound):
-            call("theirs")
-    with pytest.raises(VolumeExists, match=r"made by something else \(not snapvol\)"):
-        backend.create_volume("theirs", {})
+    assert_refuses_foreign(backend, "theirs")
     assert (foreign / "keep").read_text() == "mine"
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from plugin.backends.zfs import OWNER, ZfsBackend, load_libzfs_core
-from plugin.errors import BackendUnavailable, InvalidOption, VolumeExists, VolumeNotFound
+from plugin.errors import BackendUnavailable, InvalidOption
 from plugin.locks import VolumeLocks
 from plugin.mounts import MountTable
 from plugin.mountinfo import mounted_filesystem
 from plugin.volumes import VolumeService
+from tests.conftest import assert_refuses_foreign, write_until_refused
 
 
 @pytest.fixture
@@ -69,13 +70,7 @@ def test_options_become_properties(backend):
 
 def test_refquota_stops_writes(backend):
     info = backend.create_volume("small", {"size": "8M"})
-    with pytest.raises(OSError) as err:
-        with open(info.mountpoint / "big", "wb") as f:
-            for _ in range(32):
-                f.write(os.urandom(1 << 20))
-                f.flush()
-                os.fsync(f.fileno())
-    assert err.value.errno == 122      # EDQUOT
+    assert write_until_refused(info.mountpoint / "big", 32).errno == 122   # EDQUOT
 
 
 def test_service_refuses_btrfs_options_and_unsupported_compression(backend, tmp_path):
@@ -95,12 +90,7 @@ def test_foreign_dataset_is_invisible_and_untouched(backend):
     foreign = f"{backend.root}/theirs"
     subprocess.run(["zfs", "create", "-o", "canmount=noauto", "-o", "mountpoint=none", foreign],
                    check=True)
-    assert backend.volumes() == []
-    for call in (backend.volume, backend.attach, backend.destroy_volume):
-        with pytest.raises(VolumeNotFound):
-            call("theirs")
-    with pytest.raises(VolumeExists, match=r"made by something else \(not snapvol\)"):
-        backend.create_volume("theirs", {})
+    assert_refuses_foreign(backend, "theirs")
     assert zget(foreign, "type") == "filesystem"
 
 
