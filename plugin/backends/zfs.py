@@ -224,8 +224,11 @@ class ZfsBackend:
                 os.chown(mountpoint, int(options.get("uid", -1)), int(options.get("gid", -1)))
             self._set(dataset, OWNER, "snapvol")       # the commit point
         except BaseException as exc:
-            if (self._get(dataset, [OWNER], missing_ok=True) or {}).get(OWNER) == "creating":
-                self._destroy(dataset, mounted=True)
+            try:
+                if (self._get(dataset, [OWNER], missing_ok=True) or {}).get(OWNER) == "creating":
+                    self._destroy(dataset, mounted=True)
+            except BackendError as cleanup:   # report the cause, not the cleanup; start-up retries
+                log.error("could not remove half-made %s (removed at next start): %s", dataset, cleanup)
             if isinstance(exc, OSError):
                 raise BackendError(f"cannot create volume {name}: {exc}") from None
             raise
