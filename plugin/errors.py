@@ -49,6 +49,12 @@ class VolumeNotFound(NotFound):
         self.name = name
 
 
+class SnapshotNotFound(NotFound):
+    def __init__(self, volume: str, snapshot: str) -> None:
+        super().__init__(f"no such snapshot: {volume}@{snapshot}")
+        self.volume, self.snapshot = volume, snapshot
+
+
 class Conflict(PluginError):
     http_status = 409
 
@@ -58,6 +64,10 @@ class VolumeExists(Conflict):
 
 
 class VolumeInUse(Conflict):
+    pass
+
+
+class SnapshotExists(Conflict):
     pass
 
 

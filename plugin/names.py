@@ -37,6 +37,18 @@ def volume_name(raw: object) -> str:
     return raw
 
 
+def snapshot_name(raw: object) -> str:
+    """Return *raw* if it is a valid snapshot name (the volume-name rule).
+
+    :raises InvalidName: as for volume names.
+    """
+    if not isinstance(raw, str) or not _NAME.fullmatch(raw):
+        raise InvalidName(
+            f"invalid snapshot name {_shown(raw)}: use 1-{MAX_NAME} characters from "
+            "A-Z a-z 0-9 _ . -, starting with a letter or digit")
+    return raw
+
+
 def mount_id(raw: object) -> str:
     """Return *raw* if it looks like a Docker mount ID (an opaque token).
 

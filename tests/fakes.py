@@ -7,25 +7,29 @@ proof that a storage feature works.
 
 from __future__ import annotations
 
+import shutil
+import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
 from plugin import names
-from plugin.backends.base import Usage, VolumeInfo
-from plugin.errors import VolumeExists, VolumeNotFound
+from plugin.backends.base import SnapshotInfo, Usage, VolumeInfo
+from plugin.errors import SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound
 
 
 class FakeBackend:
     kind: ClassVar[str] = "btrfs"     # accepts the Btrfs options
     compressions = frozenset({"zstd", "lzo", "zlib", "none"})
+    rollback_keeps_newer: ClassVar[bool] = True
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._volumes: dict[str, VolumeInfo] = {}
         self.attached: set[str] = set()
         self.calls: list[tuple[str, str]] = []
+        self._snapshots: dict[str, dict[str, SnapshotInfo]] = {}
 
     def check(self) -> None:
         (self.root / "volumes").mkdir(parents=True, exist_ok=True)
@@ -60,7 +64,9 @@ class FakeBackend:
 
     def destroy_volume(self, name: str) -> None:
         info = self.volume(name)
-        info.mountpoint.rmdir()
+        shutil.rmtree(info.mountpoint)
+        shutil.rmtree(self.root / "snapshots" / name, ignore_errors=True)
+        self._snapshots.pop(name, None)
         del self._volumes[name]
         self.calls.append(("destroy", name))
 
@@ -72,3 +78,47 @@ class FakeBackend:
     def detach(self, name: str) -> None:
         self.attached.discard(name)
         self.calls.append(("detach", name))
+
+    # Snapshots are copies here (the real backends are O(1)); good enough for the HTTP layer.
+    def snapshots(self, volume: str) -> list[SnapshotInfo]:
+        self.volume(volume)
+        return sorted(self._snapshots.get(volume, {}).values(), key=lambda s: (s.created, s.name))
+
+    def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
+        source = self.volume(volume).mountpoint
+        taken = self._snapshots.setdefault(volume, {})
+        if snapshot in taken:
+            raise SnapshotExists(f"snapshot {volume}@{snapshot} already exists")
+        shutil.copytree(source, self.root / "snapshots" / volume / snapshot)
+        taken[snapshot] = SnapshotInfo(volume, snapshot, datetime.now(timezone.utc), uuid.uuid4().hex)
+        return taken[snapshot]
+
+    def destroy_snapshot(self, volume: str, snapshot: str) -> None:
+        self._snapshot(volume, snapshot)
+        shutil.rmtree(self.root / "snapshots" / volume / snapshot)
+        del self._snapshots[volume][snapshot]
+
+    def clone(self, volume: str, snapshot: str, new_volume: str,
+              options: Mapping[str, str]) -> VolumeInfo:
+        self._snapshot(volume, snapshot)
+        if new_volume in self._volumes:
+            raise VolumeExists(f"volume {new_volume} already exists")
+        path = names.under(self.root / "volumes", new_volume)
+        shutil.copytree(self.root / "snapshots" / volume / snapshot, path)
+        info = VolumeInfo(new_volume, path, datetime.now(timezone.utc).replace(microsecond=0),
+                          dict(options))
+        self._volumes[new_volume] = info
+        return info
+
+    def rollback(self, volume: str, snapshot: str) -> None:
+        self._snapshot(volume, snapshot)
+        target = self.volume(volume).mountpoint
+        shutil.rmtree(target)
+        shutil.copytree(self.root / "snapshots" / volume / snapshot, target)
+
+    def _snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
+        self.volume(volume)
+        try:
+            return self._snapshots[volume][snapshot]
+        except KeyError:
+            raise SnapshotNotFound(volume, snapshot) from None

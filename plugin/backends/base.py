@@ -26,6 +26,16 @@ class VolumeInfo:
 
 
 @dataclass(frozen=True)
+class SnapshotInfo:
+    """A read-only point-in-time copy of a volume."""
+
+    volume: str
+    name: str
+    created: datetime                  # timezone-aware UTC, from the filesystem
+    identity: str                      # btrfs subvolume UUID or ZFS guid, hex
+
+
+@dataclass(frozen=True)
 class Usage:
     """Space accounting of one volume; ``None`` where the filesystem cannot tell cheaply."""
 
@@ -43,6 +53,7 @@ class Backend(Protocol):
 
     kind: ClassVar[str]                      # "btrfs" | "zfs"
     compressions: frozenset[str]             # values the ``compression`` option accepts
+    rollback_keeps_newer: ClassVar[bool]     # btrfs: True; zfs rollback destroys newer ones
 
     def check(self) -> None:
         """Verify the storage root at start and finish interrupted work (crash leftovers)."""
@@ -73,3 +84,27 @@ class Backend(Protocol):
 
     def detach(self, name: str) -> None:
         """Undo :meth:`attach` once no container uses the volume (idempotent)."""
+
+    def snapshots(self, volume: str) -> list[SnapshotInfo]:
+        """The volume's snapshots, oldest first (one bulk query)."""
+
+    def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
+        """Take a read-only snapshot, in constant time.
+
+        :raises SnapshotExists: the volume already has a snapshot of that name.
+        """
+
+    def destroy_snapshot(self, volume: str, snapshot: str) -> None:
+        """:raises SnapshotNotFound: no such snapshot."""
+
+    def clone(self, volume: str, snapshot: str, new_volume: str,
+              options: Mapping[str, str]) -> VolumeInfo:
+        """A new, independent, writable volume with the snapshot's content, in constant time.
+
+        :raises VolumeExists: *new_volume* is taken.
+        :raises SnapshotNotFound: no such snapshot.
+        """
+
+    def rollback(self, volume: str, snapshot: str) -> None:
+        """Make the volume's content that of the snapshot (caller: the volume is unmounted,
+        and on backends that destroy newer snapshots, the caller agreed to that)."""

@@ -3,7 +3,8 @@
 Layout under the root directory (a directory on a mounted Btrfs)::
 
     <root>/volumes/<name>        one subvolume per volume; this is what containers see
-    <root>/.snapvol-staging/     volumes being created or destroyed (never listed)
+    <root>/snapshots/<name>/<s>  read-only snapshots of volume <name>
+    <root>/.snapvol-staging/     volumes being created, destroyed or rolled back (never listed)
 
 A subvolume belongs to snapvol when its root directory carries the ``trusted.snapvol``
 extended attribute (JSON: format and options). The attribute lives *in* the subvolume, so it
@@ -34,16 +35,17 @@ from typing import Any, ClassVar
 import btrfsutil
 
 from .. import names, process
-from ..errors import (BackendError, BackendUnavailable, InvalidOption, VolumeExists,
-                      VolumeNotFound)
+from ..errors import (BackendError, BackendUnavailable, InvalidOption, SnapshotExists,
+                      SnapshotNotFound, VolumeExists, VolumeNotFound)
 from ..units import parse_size
-from .base import Usage, VolumeInfo
+from .base import SnapshotInfo, Usage, VolumeInfo
 
 log = logging.getLogger(__name__)
 
 OWNER_XATTR = "trusted.snapvol"
 FORMAT = 1
 VOLUMES = "volumes"
+SNAPSHOTS = "snapshots"
 STAGING = ".snapvol-staging"
 _BTRFS_IOC_FS_INFO = 0x8400941F       # _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args[1024])
 _CLI_TIMEOUT = 60.0
@@ -67,11 +69,13 @@ class BtrfsBackend:
     """Volumes as subvolumes below *root*, which must be a directory on a mounted Btrfs."""
 
     kind: ClassVar[str] = "btrfs"
+    rollback_keeps_newer: ClassVar[bool] = True
     compressions: frozenset[str] = frozenset({"zstd", "lzo", "zlib", "none"})
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.volumes_dir = root / VOLUMES
+        self.snapshots_dir = root / SNAPSHOTS
         self.staging_dir = root / STAGING
         self._fsid: str | None = None
 
@@ -88,7 +92,7 @@ class BtrfsBackend:
             self._fsid = _filesystem_id(self.root)
         except OSError as exc:
             raise BackendUnavailable(f"{self.root} is not on a Btrfs filesystem ({exc.strerror})") from None
-        for directory in (self.volumes_dir, self.staging_dir):
+        for directory in (self.volumes_dir, self.snapshots_dir, self.staging_dir):
             directory.mkdir(mode=0o711, exist_ok=True)
         self._finish_interrupted()
 
@@ -99,7 +103,14 @@ class BtrfsBackend:
             if not entry.is_dir(follow_symlinks=False) or not self._is_ours(path):
                 log.warning("leaving unknown entry %s in staging alone", path)
                 continue
-            log.info("removing %s left by an interrupted create or remove", path)
+            if path.name.startswith("replaced."):
+                # a rollback stopped between its two renames: put the volume back
+                name = path.name.removeprefix("replaced.").rsplit(".", 1)[0]
+                if not os.path.lexists(self.volumes_dir / name):
+                    log.warning("restoring volume %s from an interrupted rollback", name)
+                    os.rename(path, self.volumes_dir / name)
+                    continue
+            log.info("removing %s left by an interrupted operation", path)
             try:
                 self._delete_subvolume(path)
             except BackendError as exc:   # never invisible to Docker; retried at next start
@@ -186,7 +197,115 @@ class BtrfsBackend:
         except OSError as exc:
             raise BackendError(f"cannot remove volume {name}: {exc.strerror}") from None
         self._delete_subvolume(doomed)
+        snapshots = self.snapshots_dir / name
+        if snapshots.is_dir():
+            for entry in os.scandir(snapshots):
+                if self._is_ours(Path(entry.path)):
+                    self._delete_subvolume(Path(entry.path))
+            try:
+                snapshots.rmdir()
+            except OSError:
+                log.warning("left %s: it holds something snapvol did not make", snapshots)
         log.info("removed volume %s", name)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshots(self, volume: str) -> list[SnapshotInfo]:
+        self._owned_path(volume)
+        directory = self.snapshots_dir / volume
+        found = []
+        for entry in (os.scandir(directory) if directory.is_dir() else ()):
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False) and self._is_ours(path):
+                found.append(self._snapshot_info(volume, entry.name, path))
+        return sorted(found, key=lambda s: (s.created, s.name))
+
+    def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
+        source = self._owned_path(volume)
+        target = self._snapshot_path(volume, snapshot)
+        if os.path.lexists(target):
+            raise SnapshotExists(f"snapshot {volume}@{snapshot} already exists")
+        target.parent.mkdir(mode=0o700, exist_ok=True)
+        try:
+            btrfsutil.create_snapshot(source, target, read_only=True)
+        except OSError as exc:
+            raise BackendError(f"cannot snapshot {volume}: {exc}") from None
+        log.info("took snapshot %s@%s", volume, snapshot)
+        return self._snapshot_info(volume, snapshot, target)
+
+    def destroy_snapshot(self, volume: str, snapshot: str) -> None:
+        self._delete_subvolume(self._owned_snapshot(volume, snapshot))
+        log.info("removed snapshot %s@%s", volume, snapshot)
+
+    def clone(self, volume: str, snapshot: str, new_volume: str,
+              options: Mapping[str, str]) -> VolumeInfo:
+        origin = self._owned_snapshot(volume, snapshot)
+        target = self._path(new_volume)
+        if os.path.lexists(target):
+            raise VolumeExists(f"volume {new_volume} already exists")
+        work = names.under(self.staging_dir, f"clone.{new_volume}.{secrets.token_hex(4)}")
+        try:
+            btrfsutil.create_snapshot(origin, work)           # writable, O(1)
+            self._write_owner(work, options)
+            if "size" in options:
+                self._ensure_quotas()
+                process.run(["btrfs", "qgroup", "limit", str(parse_size(options["size"])), work],
+                            timeout=_CLI_TIMEOUT)
+            os.rename(work, target)
+        except BaseException as exc:
+            if self._is_ours(work):
+                self._delete_subvolume(work)
+            if isinstance(exc, OSError):
+                raise BackendError(f"cannot clone {volume}@{snapshot}: {exc}") from None
+            raise
+        log.info("cloned %s@%s as %s", volume, snapshot, new_volume)
+        return self._info(new_volume, target)
+
+    def rollback(self, volume: str, snapshot: str) -> None:
+        """Replace the volume's subvolume by a writable snapshot of *snapshot*; other
+        snapshots are untouched (Btrfs snapshots are independent subvolumes)."""
+        current = self._owned_path(volume)
+        origin = self._owned_snapshot(volume, snapshot)
+        meta = self._read_owner(current) or {}
+        token = secrets.token_hex(4)
+        fresh = names.under(self.staging_dir, f"rollback.{volume}.{token}")
+        replaced = names.under(self.staging_dir, f"replaced.{volume}.{token}")
+        try:
+            btrfsutil.create_snapshot(origin, fresh)
+            self._write_owner(fresh, meta.get("options", {}))
+            size = meta.get("options", {}).get("size")
+            if size:
+                process.run(["btrfs", "qgroup", "limit", str(parse_size(size)), fresh],
+                            timeout=_CLI_TIMEOUT)
+            os.rename(current, replaced)
+            os.rename(fresh, current)
+        except BaseException as exc:
+            if not os.path.lexists(current) and os.path.lexists(replaced):
+                os.rename(replaced, current)
+            if self._is_ours(fresh):
+                self._delete_subvolume(fresh)
+            if isinstance(exc, OSError):
+                raise BackendError(f"cannot roll {volume} back to {snapshot}: {exc}") from None
+            raise
+        self._delete_subvolume(replaced)
+        log.info("rolled volume %s back to snapshot %s", volume, snapshot)
+
+    def _snapshot_path(self, volume: str, snapshot: str) -> Path:
+        return names.under(self.snapshots_dir, names.volume_name(volume),
+                           names.snapshot_name(snapshot))
+
+    def _owned_snapshot(self, volume: str, snapshot: str) -> Path:
+        self._owned_path(volume)
+        path = self._snapshot_path(volume, snapshot)
+        if not self._is_ours(path):
+            raise SnapshotNotFound(volume, snapshot)
+        return path
+
+    @staticmethod
+    def _snapshot_info(volume: str, snapshot: str, path: Path) -> SnapshotInfo:
+        sub = btrfsutil.subvolume_info(path)
+        return SnapshotInfo(volume, snapshot, datetime.fromtimestamp(sub.otime, tz=timezone.utc),
+                            sub.uuid.hex())
 
     def attach(self, name: str) -> Path:
         path = self._owned_path(name)

@@ -32,10 +32,10 @@ from typing import Any, ClassVar
 
 from .. import names, process
 from ..errors import (BackendError, BackendUnavailable, CommandFailed, InvalidOption,
-                      VolumeExists, VolumeNotFound)
+                      SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound)
 from ..mountinfo import mounted_filesystem
 from ..units import parse_size
-from .base import Usage, VolumeInfo
+from .base import SnapshotInfo, Usage, VolumeInfo
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class ZfsBackend:
     """Volumes as datasets below the parent dataset *root*, mounted below *mount_base*."""
 
     kind: ClassVar[str] = "zfs"
+    rollback_keeps_newer: ClassVar[bool] = False        # zfs rollback -r destroys them
 
     def __init__(self, root: str, mount_base: Path, lzc: Any | None = None) -> None:
         self.root = root
@@ -209,13 +210,7 @@ class ZfsBackend:
             owner = "snapvol" if existing.get(OWNER) == "snapvol" else "something else (not snapvol)"
             raise VolumeExists(f"volume {name} already exists (made by {owner})")
         mountpoint = self._mountpoint(name)
-        props = {OWNER: "creating", OPTIONS: json.dumps(dict(sorted(options.items()))),
-                 "canmount": "noauto", "mountpoint": str(mountpoint)}
-        if "size" in options:
-            props["refquota"] = str(parse_size(options["size"]))
-        for key in ("compression", "recordsize", "atime"):
-            if key in options:
-                props[key] = options[key]
+        props = self._properties(name, options)
         try:
             self._create(dataset, props)
             self._mount(dataset, mountpoint)
@@ -240,6 +235,109 @@ class ZfsBackend:
         self._set(dataset, OWNER, "removing")           # invisible from here on
         self._destroy(dataset, mounted=True)
         log.info("removed volume %s", name)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshots(self, volume: str) -> list[SnapshotInfo]:
+        return sorted(self._snapshots(self._owned(volume), volume).values(),
+                      key=lambda s: (s.created, s.name))
+
+    def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
+        dataset = self._owned(volume)
+        full = f"{dataset}@{names.snapshot_name(snapshot)}"
+        if snapshot in self._snapshots(dataset, volume):
+            raise SnapshotExists(f"snapshot {volume}@{snapshot} already exists")
+        if self._lzc is not None:
+            try:
+                self._lzc.lzc_snapshot([full.encode()])
+            except Exception as exc:
+                raise BackendError(f"cannot snapshot {volume}: {exc}") from None
+        else:
+            process.run(["zfs", "snapshot", full], timeout=_TIMEOUT)
+        log.info("took snapshot %s@%s", volume, snapshot)
+        return self._snapshots(dataset, volume)[snapshot]
+
+    def destroy_snapshot(self, volume: str, snapshot: str) -> None:
+        full = self._owned_snapshot(volume, snapshot)
+        if self._lzc is not None:
+            try:
+                self._lzc.lzc_destroy_snaps([full.encode()], defer=False)
+            except Exception as exc:
+                raise BackendError(f"cannot destroy snapshot {volume}@{snapshot}: {exc}") from None
+        else:
+            _run_while_busy(["zfs", "destroy", full])
+        log.info("removed snapshot %s@%s", volume, snapshot)
+
+    def clone(self, volume: str, snapshot: str, new_volume: str,
+              options: Mapping[str, str]) -> VolumeInfo:
+        origin = self._owned_snapshot(volume, snapshot)
+        dataset = self._dataset(new_volume)
+        if self._get(dataset, [OWNER], missing_ok=True) is not None:
+            raise VolumeExists(f"volume {new_volume} already exists")
+        props = self._properties(new_volume, options)
+        try:
+            if self._lzc is not None:
+                user = {k.encode(): v.encode() for k, v in props.items() if ":" in k}
+                try:
+                    self._lzc.lzc_clone(dataset.encode(), origin.encode(), props=user)
+                except Exception as exc:
+                    raise BackendError(f"cannot clone {origin}: {exc}") from None
+                for prop, value in props.items():
+                    if ":" not in prop:
+                        self._set(dataset, prop, value)
+            else:
+                argv = ["zfs", "clone"]
+                for prop, value in props.items():
+                    argv += ["-o", f"{prop}={value}"]
+                process.run([*argv, origin, dataset], timeout=_TIMEOUT)
+            self._mount(dataset, self._mountpoint(new_volume))
+            self._set(dataset, OWNER, "snapvol")
+        except BaseException:
+            try:
+                if (self._get(dataset, [OWNER], missing_ok=True) or {}).get(OWNER) == "creating":
+                    self._destroy(dataset, mounted=True)
+            except BackendError as cleanup:
+                log.error("could not remove half-made %s (removed at next start): %s", dataset, cleanup)
+            raise
+        log.info("cloned %s@%s as %s", volume, snapshot, new_volume)
+        return self.volume(new_volume)
+
+    def rollback(self, volume: str, snapshot: str) -> None:
+        """``zfs rollback -r``: snapshots newer than *snapshot* are destroyed (the caller
+        agreed, see ``rollback_keeps_newer``)."""
+        full = self._owned_snapshot(volume, snapshot)
+        process.run(["zfs", "rollback", "-r", full], timeout=_TIMEOUT)
+        log.info("rolled volume %s back to snapshot %s", volume, snapshot)
+
+    def _snapshots(self, dataset: str, volume: str) -> dict[str, SnapshotInfo]:
+        out = process.run(["zfs", "get", "-H", "-p", "-r", "-d", "1", "-o", "name,property,value",
+                           "creation,guid", dataset], timeout=_TIMEOUT).stdout
+        props: dict[str, dict[str, str]] = {}
+        for line in out.splitlines():
+            name, prop, value = line.split("\t", 2)
+            if name.startswith(dataset + "@"):
+                props.setdefault(name.split("@", 1)[1], {})[prop] = value
+        return {snap: SnapshotInfo(volume, snap,
+                                   datetime.fromtimestamp(int(p["creation"]), tz=timezone.utc),
+                                   format(int(p["guid"]), "x"))
+                for snap, p in props.items()}
+
+    def _owned_snapshot(self, volume: str, snapshot: str) -> str:
+        dataset = self._owned(volume)
+        if names.snapshot_name(snapshot) not in self._snapshots(dataset, volume):
+            raise SnapshotNotFound(volume, snapshot)
+        return f"{dataset}@{snapshot}"
+
+    def _properties(self, name: str, options: Mapping[str, str]) -> dict[str, str]:
+        """The properties of a new volume's dataset (owner "creating" until it is complete)."""
+        props = {OWNER: "creating", OPTIONS: json.dumps(dict(sorted(options.items()))),
+                 "canmount": "noauto", "mountpoint": str(self._mountpoint(name))}
+        if "size" in options:
+            props["refquota"] = str(parse_size(options["size"]))
+        for key in ("compression", "recordsize", "atime"):
+            if key in options:
+                props[key] = options[key]
+        return props
 
     def attach(self, name: str) -> Path:
         dataset = self._owned(name)
@@ -310,13 +408,17 @@ class ZfsBackend:
     def _destroy(self, dataset: str, *, mounted: bool) -> None:
         if mounted:
             process.run(["zfs", "unmount", dataset], timeout=_TIMEOUT, ok_codes=(0, 1))
+        # Its snapshots go with it (snapvol's own dataset); a dependent clone makes this fail.
         if self._lzc is not None:
             try:
+                snaps = [f"{dataset}@{s}".encode() for s in self._snapshots(dataset, "")]
+                if snaps:
+                    self._lzc.lzc_destroy_snaps(snaps, defer=False)
                 self._lzc.lzc_destroy(dataset.encode())
             except Exception as exc:
                 raise BackendError(f"cannot destroy dataset {dataset}: {exc}") from None
         else:
-            _run_while_busy(["zfs", "destroy", dataset])
+            _run_while_busy(["zfs", "destroy", "-r", dataset])
         mountpoint = self.mount_base / dataset.rsplit("/", 1)[1]
         try:
             mountpoint.rmdir()

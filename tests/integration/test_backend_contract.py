@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.errors import VolumeExists, VolumeNotFound
+from plugin.errors import SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound
 from tests.fakes import FakeBackend
 
 
@@ -70,3 +70,76 @@ def test_many_volumes_listed_in_one_pass(backend):
     for i in range(20):
         backend.create_volume(f"v{i:02d}", {})
     assert sorted(v.name for v in backend.volumes()) == [f"v{i:02d}" for i in range(20)]
+
+
+def write(path: Path, text: str) -> None:
+    path.write_text(text)
+    with open(path) as f:
+        os.fsync(f.fileno())
+
+
+def test_snapshots_listed_oldest_first_and_destroyed(backend):
+    backend.create_volume("v1", {})
+    first = backend.create_snapshot("v1", "s1")
+    second = backend.create_snapshot("v1", "s2")
+    assert [s.name for s in backend.snapshots("v1")] == ["s1", "s2"]
+    assert first.volume == "v1" and first.identity != second.identity
+    assert first.created <= second.created
+    with pytest.raises(SnapshotExists, match="snapshot v1@s1 already exists"):
+        backend.create_snapshot("v1", "s1")
+    backend.destroy_snapshot("v1", "s1")
+    assert [s.name for s in backend.snapshots("v1")] == ["s2"]
+    with pytest.raises(SnapshotNotFound, match="no such snapshot: v1@s1"):
+        backend.destroy_snapshot("v1", "s1")
+    with pytest.raises(VolumeNotFound):
+        backend.snapshots("ghost")
+
+
+def test_clone_is_writable_and_independent(backend):
+    path = backend.attach(backend.create_volume("v1", {}).name)
+    write(path / "f", "before")
+    backend.create_snapshot("v1", "s1")
+    write(path / "f", "after")
+    clone = backend.clone("v1", "s1", "c1", {"mode": "700"})
+    assert clone.options == {"mode": "700"}
+    cpath = backend.attach("c1")
+    assert (cpath / "f").read_text() == "before"
+    write(cpath / "f", "changed in clone")
+    assert (path / "f").read_text() == "after"
+    assert sorted(v.name for v in backend.volumes()) == ["c1", "v1"]
+    with pytest.raises(VolumeExists):
+        backend.clone("v1", "s1", "c1", {})
+    with pytest.raises(SnapshotNotFound):
+        backend.clone("v1", "nope", "c2", {})
+    backend.destroy_volume("c1")
+
+
+def test_rollback_restores_the_snapshot(backend):
+    path = backend.attach(backend.create_volume("v1", {"size": "64M"}).name)
+    write(path / "f", "old")
+    backend.create_snapshot("v1", "s1")
+    write(path / "f", "new")
+    write(path / "extra", "x")
+    backend.detach("v1")
+    backend.rollback("v1", "s1")
+    path = backend.attach("v1")
+    assert (path / "f").read_text() == "old" and not (path / "extra").exists()
+    assert backend.volume("v1").options == {"size": "64M"}
+    assert [s.name for s in backend.snapshots("v1")] == ["s1"]
+
+
+def test_rollback_and_newer_snapshots(backend):
+    backend.create_volume("v1", {})
+    backend.create_snapshot("v1", "s1")
+    backend.create_snapshot("v1", "s2")
+    backend.rollback("v1", "s1")
+    expected = ["s1", "s2"] if backend.rollback_keeps_newer else ["s1"]
+    assert [s.name for s in backend.snapshots("v1")] == expected
+
+
+def test_destroy_volume_takes_its_snapshots(backend):
+    backend.create_volume("v1", {})
+    backend.create_snapshot("v1", "s1")
+    backend.destroy_volume("v1")
+    backend.create_volume("v1", {})
+    assert backend.snapshots("v1") == []
