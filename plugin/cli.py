@@ -81,6 +81,16 @@ def _add_common(parser: argparse.ArgumentParser, default: Any) -> None:
                         help="print the reply as JSON")
 
 
+def render_snapshots(reply: dict[str, Any]) -> str:
+    rows = [["VOLUME", "SNAPSHOT", "CREATED"]]
+    rows += [[s["volume"], s["name"], s["created"]] for s in reply.get("Snapshots", [])]
+    return _table(rows)
+
+
+def render_done(reply: dict[str, Any]) -> str:
+    return "done"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snapvol", description="Manage snapvol volumes through the running plugin.")
@@ -94,6 +104,33 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(endpoint="Snapvol.Volumes", render=render_volumes)
     st = sub.add_parser("status", parents=[common], help="show the plugin and its storage")
     st.set_defaults(endpoint="Snapvol.Status", render=render_status)
+
+    snap = sub.add_parser("snapshot", help="create, list and remove snapshots")
+    snap_sub = snap.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = snap_sub.add_parser("create", parents=[common],
+                                 help="snapshot one or more volumes (one name, all or none)")
+    create.add_argument("volumes", nargs="+", metavar="VOLUME")
+    create.add_argument("--name", help="snapshot name (default: manual-<UTC time>)")
+    create.set_defaults(endpoint="Snapvol.SnapshotCreate", render=render_snapshots,
+                        body=lambda a: {"Volumes": a.volumes, "Name": a.name})
+    ls_snap = snap_sub.add_parser("ls", parents=[common], help="list a volume's snapshots")
+    ls_snap.add_argument("volume", metavar="VOLUME")
+    ls_snap.set_defaults(endpoint="Snapvol.SnapshotList", render=render_snapshots,
+                         body=lambda a: {"Volume": a.volume})
+    rm_snap = snap_sub.add_parser("rm", parents=[common], help="remove a snapshot")
+    rm_snap.add_argument("volume", metavar="VOLUME")
+    rm_snap.add_argument("snapshot", metavar="SNAPSHOT")
+    rm_snap.set_defaults(endpoint="Snapvol.SnapshotRemove", render=render_done,
+                         body=lambda a: {"Volume": a.volume, "Snapshot": a.snapshot})
+    rollback = sub.add_parser("rollback", parents=[common],
+                              help="make a volume what it was at a snapshot (not while in use)")
+    rollback.add_argument("volume", metavar="VOLUME")
+    rollback.add_argument("snapshot", metavar="SNAPSHOT")
+    rollback.add_argument("--destroy-newer", action="store_true",
+                          help="ZFS: allow destroying snapshots newer than SNAPSHOT")
+    rollback.set_defaults(endpoint="Snapvol.Rollback", render=render_done,
+                          body=lambda a: {"Volume": a.volume, "Snapshot": a.snapshot,
+                                          "DestroyNewer": a.destroy_newer})
     return parser
 
 
@@ -113,7 +150,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         print(f"snapvol: {exc}", file=stderr)
         return Exit.UNREACHABLE
     try:
-        status, reply = connect(socket_path).call(args.endpoint, {})
+        body = args.body(args) if hasattr(args, "body") else {}
+        status, reply = connect(socket_path).call(args.endpoint, body)
     except OSError as exc:
         print(f"snapvol: cannot reach the plugin at {socket_path}: {exc.strerror or exc}",
               file=stderr)

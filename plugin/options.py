@@ -11,7 +11,8 @@ import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from .errors import InvalidOption
+from .errors import InvalidName, InvalidOption
+from .names import snapshot_name, volume_name
 from .units import parse_size
 
 MAX_ID = 2**32 - 2          # (uid_t)-1 means "unchanged" to chown(2)
@@ -53,6 +54,18 @@ def _recordsize(value: str) -> str:
     return value.strip()
 
 
+def _origin(value: str) -> str:
+    """``VOL`` or ``VOL@SNAP``: names checked here so a bad one never reaches a backend."""
+    volume, _, snapshot = value.partition("@")
+    try:
+        volume_name(volume)
+        if snapshot or "@" in value:
+            snapshot_name(snapshot)
+    except InvalidName as exc:
+        raise ValueError(f"expected VOLUME or VOLUME@SNAPSHOT ({exc})") from None
+    return value
+
+
 def _boolean(value: str) -> str:
     lowered = value.lower()
     if lowered in ("true", "yes", "on", "1"):
@@ -80,11 +93,15 @@ SPECS: dict[str, OptionSpec] = {spec.name: spec for spec in (
                "transparent compression: what the filesystem supports (checked per backend)"),
     OptionSpec("nocow", _boolean, frozenset({"btrfs"}),
                "true: no copy-on-write for files in the volume (databases, VM images)"),
+    OptionSpec("from", _origin, _BOTH,
+               "clone of VOLUME (a snapshot taken now) or of VOLUME@SNAPSHOT"),
     OptionSpec("recordsize", _recordsize, frozenset({"zfs"}), "ZFS record size, e.g. 16K"),
     OptionSpec("atime", _one_of("on", "off"), frozenset({"zfs"}), "ZFS access-time updates"),
 )}
 # In the product contract (DESIGN.md 2.1) but not in this release: refused with a clear word.
-PLANNED = ("from", "schedule", "keep", "quiesce", "replicate")
+PLANNED = ("schedule", "keep", "quiesce", "replicate")
+# A clone keeps its source's data, owner and mode; only these may go with from=.
+WITH_FROM = frozenset({"from", "size"})
 
 
 def accepted(backend: str) -> list[str]:
@@ -135,6 +152,10 @@ def validate(raw: object, backend: str,
                 raise ValueError(_compression_help(backend, compressions))
         except ValueError as exc:
             raise InvalidOption(f"option {key}={value[:40]!r}: {exc}") from None
+    if "from" in result and set(result) - WITH_FROM:
+        extra = ", ".join(sorted(set(result) - WITH_FROM))
+        raise InvalidOption(f"option(s) {extra} cannot be combined with from= (a clone keeps "
+                            "its source's data, owner and mode; only size may be given)")
     return result
 
 

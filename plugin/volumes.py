@@ -18,12 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, names, options
-from .backends.base import Backend, VolumeInfo
-from .errors import BackendError, BackendUnavailable, VolumeExists, VolumeInUse, VolumeNotFound
+from .backends.base import Backend, SnapshotInfo, VolumeInfo
+from .errors import (BackendError, BackendUnavailable, Conflict, InvalidName, InvalidOption,
+                     InvalidRequest, SnapshotNotFound, VolumeExists, VolumeInUse, VolumeNotFound)
 from .locks import VolumeLocks
 from .mounts import MountTable
 
 log = logging.getLogger(__name__)
+
+AUTO_PREFIX = "auto-"    # reserved for the scheduler's snapshots, the only ones ever pruned
+
+
+def _stamp() -> str:
+    """20261129T101500Z: sorts by time, no ':' (awkward in paths and -v specs)."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
 @dataclass(frozen=True)
@@ -77,16 +85,95 @@ class VolumeService:
         """
         name = names.volume_name(name)
         opts = options.validate(raw_options, self._backend.kind, self._backend.compressions)
-        with self._locks.hold(name):
+        origin = opts.get("from", "").partition("@")[0]
+        with self._locks.hold(name, *([origin] if origin else [])):
             try:
                 existing = self._backend.volume(name)
             except VolumeNotFound:
-                self._backend.create_volume(name, opts)
+                if origin:
+                    self._clone(name, opts)
+                else:
+                    self._backend.create_volume(name, opts)
                 return
             if dict(existing.options) != opts:
                 raise VolumeExists(f"volume {name} already exists with other options "
                                    f"({_describe(existing.options)}); remove it first or "
                                    "choose another name")
+
+    def _clone(self, name: str, opts: dict[str, str]) -> None:
+        """from=VOL clones a snapshot taken now (kept, named after the clone); from=VOL@SNAP
+        an existing one. Caller holds both volumes' locks."""
+        origin, _, snapshot = opts["from"].partition("@")
+        if origin == name:
+            raise InvalidOption(f"option from={opts['from']}: a volume cannot be a clone of itself")
+        if not snapshot:
+            snapshot = f"clone-{name}-{_stamp()}"
+            self._backend.create_snapshot(origin, snapshot)
+        self._backend.clone(origin, snapshot, name, opts)
+
+    # ------------------------------------------------------------------ snapshots (CLI)
+
+    def snapshot(self, volumes: object, name: object = None) -> list[SnapshotInfo]:
+        """Snapshot one or more volumes under one name, all or none.
+
+        :raises InvalidName: a bad volume or snapshot name, or one with the reserved prefix.
+        :raises VolumeNotFound: a volume does not exist (nothing is taken).
+        :raises SnapshotExists: a volume already has a snapshot of that name.
+        """
+        if not isinstance(volumes, list) or not volumes:
+            raise InvalidRequest("give one or more volume names")
+        targets = sorted({names.volume_name(v) for v in volumes})
+        snap = names.snapshot_name(name) if name is not None else f"manual-{_stamp()}"
+        if snap.startswith(AUTO_PREFIX):
+            raise InvalidName(f"snapshot names starting with {AUTO_PREFIX!r} are reserved for "
+                              "scheduled snapshots")
+        with self._locks.hold(*targets):
+            for volume in targets:
+                self._backend.volume(volume)
+            taken: list[SnapshotInfo] = []
+            try:
+                for volume in targets:
+                    taken.append(self._backend.create_snapshot(volume, snap))
+            except BaseException:
+                for info in taken:   # all or none
+                    self._backend.destroy_snapshot(info.volume, info.name)
+                raise
+        return taken
+
+    def snapshots(self, volume: object) -> list[SnapshotInfo]:
+        """The volume's snapshots, oldest first (no lock)."""
+        return self._backend.snapshots(names.volume_name(volume))
+
+    def remove_snapshot(self, volume: object, snapshot: object) -> None:
+        volume = names.volume_name(volume)
+        snapshot = names.snapshot_name(snapshot)
+        with self._locks.hold(volume):
+            self._backend.destroy_snapshot(volume, snapshot)
+
+    def rollback(self, volume: object, snapshot: object, *, destroy_newer: bool = False) -> None:
+        """Make *volume* identical to *snapshot*.
+
+        :raises VolumeInUse: containers use the volume (a running container would keep
+            seeing the old content on Btrfs, where rollback replaces the subvolume).
+        :raises Conflict: newer snapshots exist, the backend would destroy them, and
+            *destroy_newer* was not given.
+        """
+        volume = names.volume_name(volume)
+        snapshot = names.snapshot_name(snapshot)
+        with self._locks.hold(volume):
+            users = self._mounts.users(volume)
+            if users:
+                raise VolumeInUse(f"volume {volume} is in use by {len(users)} container "
+                                  "mount(s); stop those containers before a rollback")
+            snaps = [s.name for s in self._backend.snapshots(volume)]
+            if snapshot not in snaps:
+                raise SnapshotNotFound(volume, snapshot)
+            newer = snaps[snaps.index(snapshot) + 1:]
+            if newer and not self._backend.rollback_keeps_newer and not destroy_newer:
+                raise Conflict(f"rolling {volume} back to {snapshot} destroys the newer "
+                               f"snapshot(s) {', '.join(newer)} on {self._backend.kind}; "
+                               "pass --destroy-newer to do it")
+            self._backend.rollback(volume, snapshot)
 
     def remove(self, name: object) -> None:
         """Destroy a volume that no container uses.
@@ -200,9 +287,12 @@ class VolumeService:
             mounts = len(self._mounts.users(info.name))
         else:
             mounts = in_use.get(info.name, 0)
+        snapshots = [{"name": s.name, "created": rfc3339(s.created),
+                      "automatic": s.name.startswith(AUTO_PREFIX)}
+                     for s in self._backend.snapshots(info.name)]
         return {"backend": self._backend.kind, "options": dict(info.options),
                 "used_bytes": usage.used_bytes, "quota_bytes": usage.quota_bytes,
-                "mounts": mounts}
+                "mounts": mounts, "snapshots": snapshots}
 
 
 def rfc3339(moment: datetime) -> str:

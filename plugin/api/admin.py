@@ -5,7 +5,15 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from .volume_driver import service
-from .wire import docker_request, reply
+
+from ..errors import InvalidRequest
+from ..volumes import SnapshotInfo, rfc3339
+from .wire import docker_request, reply, required
+
+
+def _snapshot(info: SnapshotInfo) -> dict[str, object]:
+    return {"volume": info.volume, "name": info.name, "created": rfc3339(info.created),
+            "identity": info.identity}
 
 bp = Blueprint("admin", __name__)
 
@@ -20,3 +28,33 @@ def status() -> Response:
 def volumes() -> Response:
     docker_request()
     return reply(Volumes=service().describe_volumes())
+
+
+@bp.post("/Snapvol.SnapshotCreate")
+def snapshot_create() -> Response:
+    body = docker_request()
+    taken = service().snapshot(required(body, "Volumes"), body.get("Name"))
+    return reply(Snapshots=[_snapshot(s) for s in taken])
+
+
+@bp.post("/Snapvol.SnapshotList")
+def snapshot_list() -> Response:
+    return reply(Snapshots=[_snapshot(s) for s in service().snapshots(required(docker_request(), "Volume"))])
+
+
+@bp.post("/Snapvol.SnapshotRemove")
+def snapshot_remove() -> Response:
+    body = docker_request()
+    service().remove_snapshot(required(body, "Volume"), required(body, "Snapshot"))
+    return reply()
+
+
+@bp.post("/Snapvol.Rollback")
+def rollback() -> Response:
+    body = docker_request()
+    destroy_newer = body.get("DestroyNewer", False)
+    if not isinstance(destroy_newer, bool):
+        raise InvalidRequest("DestroyNewer must be true or false")
+    service().rollback(required(body, "Volume"), required(body, "Snapshot"),
+                       destroy_newer=destroy_newer)
+    return reply()

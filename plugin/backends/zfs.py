@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .. import names, process
-from ..errors import (BackendError, BackendUnavailable, CommandFailed, InvalidOption,
+from ..errors import (BackendError, BackendUnavailable, CommandFailed, Conflict, InvalidOption,
                       SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound)
 from ..mountinfo import mounted_filesystem
 from ..units import parse_size
@@ -306,7 +306,17 @@ class ZfsBackend:
         """``zfs rollback -r``: snapshots newer than *snapshot* are destroyed (the caller
         agreed, see ``rollback_keeps_newer``)."""
         full = self._owned_snapshot(volume, snapshot)
-        process.run(["zfs", "rollback", "-r", full], timeout=_TIMEOUT)
+        try:
+            process.run(["zfs", "rollback", "-r", full], timeout=_TIMEOUT)
+        except CommandFailed as exc:
+            if "clones of previous snapshots exist" not in exc.stderr:
+                raise
+            prefix = self.root + "/"
+            clones = [line.strip().removeprefix(prefix) for line in exc.stderr.splitlines()
+                      if line.strip().startswith(prefix)]
+            raise Conflict(f"cannot roll {volume} back to {snapshot}: volume(s) "
+                           f"{', '.join(clones) or '?'} were cloned from a newer snapshot of it; "
+                           "remove them first (ZFS keeps a clone's origin)") from None
         log.info("rolled volume %s back to snapshot %s", volume, snapshot)
 
     def _snapshots(self, dataset: str, volume: str) -> dict[str, SnapshotInfo]:

@@ -55,7 +55,7 @@ def test_create_with_null_opts_then_get_and_list(client, backend):
     assert volume["Mountpoint"] == str(backend.volume("v1").mountpoint)
     assert RFC3339.fullmatch(volume["CreatedAt"])
     assert volume["Status"] == {"backend": "btrfs", "options": {}, "used_bytes": 0,
-                                "quota_bytes": None, "mounts": 0}
+                                "quota_bytes": None, "mounts": 0, "snapshots": []}
     status, reply = call(client, "VolumeDriver.List", {})
     assert [v["Name"] for v in reply["Volumes"]] == ["v1"]
     assert "Status" not in reply["Volumes"][0]
@@ -81,7 +81,7 @@ def test_unknown_option_names_the_option_and_the_accepted_ones(client, backend):
     status, reply = call(client, "VolumeDriver.Create", {"Name": "v1", "Opts": {"bogus": "1"}})
     assert status == 400
     assert reply["Err"] == ("unknown option(s): 'bogus'; btrfs volumes accept: size, uid, "
-                            "gid, mode, compression, nocow")
+                            "gid, mode, compression, nocow, from")
     assert backend.volumes() == []
 
 
@@ -180,3 +180,55 @@ def test_get_answers_when_storage_is_unavailable(client, backend, monkeypatch):
     assert status == 200
     assert reply["Volume"] == {"Name": "v1", "Status": {
         "state": "unavailable", "error": "btrfs root /x is not usable: gone"}}
+
+
+def test_snapshot_clone_rollback_through_the_api(client, backend):
+    call(client, "VolumeDriver.Create", {"Name": "v1"})
+    (backend.volume("v1").mountpoint / "f").write_text("one")
+    status, reply = call(client, "Snapvol.SnapshotCreate", {"Volumes": ["v1"], "Name": "s1"})
+    assert status == 200 and [s["name"] for s in reply["Snapshots"]] == ["s1"]
+    (backend.volume("v1").mountpoint / "f").write_text("two")
+    assert call(client, "VolumeDriver.Create", {"Name": "c1", "Opts": {"from": "v1@s1"}})[1] == {"Err": ""}
+    assert (backend.volume("c1").mountpoint / "f").read_text() == "one"
+    assert call(client, "VolumeDriver.Create", {"Name": "c2", "Opts": {"from": "v1"}})[1] == {"Err": ""}
+    assert (backend.volume("c2").mountpoint / "f").read_text() == "two"
+    names = [s["name"] for s in call(client, "Snapvol.SnapshotList", {"Volume": "v1"})[1]["Snapshots"]]
+    assert names[0] == "s1" and names[1].startswith("clone-c2-")
+    status, reply = call(client, "VolumeDriver.Get", {"Name": "v1"})
+    assert [s["name"] for s in reply["Volume"]["Status"]["snapshots"]] == names
+    call(client, "VolumeDriver.Mount", {"Name": "v1", "ID": "m1"})
+    status, reply = call(client, "Snapvol.Rollback", {"Volume": "v1", "Snapshot": "s1"})
+    assert (status, reply["Err"]) == (409, "volume v1 is in use by 1 container mount(s); stop "
+                                           "those containers before a rollback")
+    call(client, "VolumeDriver.Unmount", {"Name": "v1", "ID": "m1"})
+    assert call(client, "Snapvol.Rollback", {"Volume": "v1", "Snapshot": "s1"}) == (200, {"Err": ""})
+    assert (backend.volume("v1").mountpoint / "f").read_text() == "one"
+    assert call(client, "Snapvol.SnapshotRemove", {"Volume": "v1", "Snapshot": "s1"}) == (200, {"Err": ""})
+
+
+@pytest.mark.parametrize("endpoint, body, status, message", [
+    ("Snapvol.SnapshotCreate", {"Volumes": ["v1"], "Name": "auto-x"}, 400,
+     "snapshot names starting with 'auto-' are reserved for scheduled snapshots"),
+    ("Snapvol.SnapshotCreate", {"Volumes": ["v1", "ghost"], "Name": "s"}, 404, "no such volume: ghost"),
+    ("Snapvol.SnapshotCreate", {"Volumes": [], "Name": "s"}, 400, "give one or more volume names"),
+    ("Snapvol.SnapshotCreate", {"Volumes": ["v1"], "Name": "../x"}, 400, "invalid snapshot name '../x'"),
+    ("Snapvol.SnapshotRemove", {"Volume": "v1", "Snapshot": "nope"}, 404, "no such snapshot: v1@nope"),
+    ("Snapvol.Rollback", {"Volume": "v1", "Snapshot": "nope"}, 404, "no such snapshot: v1@nope"),
+    ("Snapvol.Rollback", {"Volume": "v1", "Snapshot": "s", "DestroyNewer": "yes"}, 400,
+     "DestroyNewer must be true or false"),
+    ("VolumeDriver.Create", {"Name": "c", "Opts": {"from": "ghost"}}, 404, "no such volume: ghost"),
+    ("VolumeDriver.Create", {"Name": "c", "Opts": {"from": "v1@nope"}}, 404, "no such snapshot: v1@nope"),
+    ("VolumeDriver.Create", {"Name": "c", "Opts": {"from": "v1", "mode": "700"}}, 400,
+     "option(s) mode cannot be combined with from="),
+    ("VolumeDriver.Create", {"Name": "c", "Opts": {"from": "../etc"}}, 400,
+     "option from='../etc': expected VOLUME or VOLUME@SNAPSHOT"),
+    ("VolumeDriver.Create", {"Name": "v1x", "Opts": {"from": "v1x"}}, 400,
+     "option from=v1x: a volume cannot be a clone of itself"),
+])
+def test_snapshot_errors(client, backend, endpoint, body, status, message):
+    call(client, "VolumeDriver.Create", {"Name": "v1"})
+    before = sorted(v.name for v in backend.volumes())
+    got_status, reply = call(client, endpoint, body)
+    assert got_status == status and reply["Err"].startswith(message), reply
+    assert sorted(v.name for v in backend.volumes()) == before
+    assert backend.snapshots("v1") == []

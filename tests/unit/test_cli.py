@@ -13,10 +13,10 @@ from plugin.client import find_socket
 class FakeClient:
     def __init__(self, replies: dict[str, tuple[int, dict[str, Any]]]) -> None:
         self.replies = replies
-        self.calls: list[str] = []
+        self.calls: list[tuple[str, Any]] = []
 
     def call(self, endpoint: str, body=None):
-        self.calls.append(endpoint)
+        self.calls.append((endpoint, body))
         return self.replies[endpoint]
 
 
@@ -26,12 +26,42 @@ VOLUMES = {"Volumes": [{"name": "db", "used_bytes": 1536, "quota_bytes": 1 << 30
                         "created": "2026-11-29T07:33:24Z", "options": {}}], "Err": ""}
 
 
-def run(argv, replies, environ=None):
+def run(argv, replies, environ=None, calls=None):
     out, err = io.StringIO(), io.StringIO()
     client = FakeClient(replies)
     code = main(argv, stdout=out, stderr=err, environ=environ or {"SNAPVOL_SOCKET": "/s"},
                 connect=lambda path: client)
+    if calls is not None:
+        calls.extend(client.calls)
     return code, out.getvalue(), err.getvalue()
+
+
+SNAPS = {"Snapshots": [{"volume": "db", "name": "s1", "created": "2026-11-29T07:33:23Z",
+                        "identity": "ab"}], "Err": ""}
+
+
+@pytest.mark.parametrize("argv, endpoint, body", [
+    (["snapshot", "create", "db", "web", "--name", "s1"], "Snapvol.SnapshotCreate",
+     {"Volumes": ["db", "web"], "Name": "s1"}),
+    (["snapshot", "create", "db"], "Snapvol.SnapshotCreate", {"Volumes": ["db"], "Name": None}),
+    (["snapshot", "ls", "db"], "Snapvol.SnapshotList", {"Volume": "db"}),
+    (["snapshot", "rm", "db", "s1"], "Snapvol.SnapshotRemove", {"Volume": "db", "Snapshot": "s1"}),
+    (["rollback", "db", "s1"], "Snapvol.Rollback",
+     {"Volume": "db", "Snapshot": "s1", "DestroyNewer": False}),
+    (["rollback", "db", "s1", "--destroy-newer"], "Snapvol.Rollback",
+     {"Volume": "db", "Snapshot": "s1", "DestroyNewer": True}),
+])
+def test_snapshot_commands_send_the_right_request(argv, endpoint, body):
+    calls: list = []
+    code, out, err = run(argv, {endpoint: (200, SNAPS)}, calls=calls)
+    assert code == Exit.OK and err == "" and calls == [(endpoint, body)]
+
+
+def test_snapshot_ls_table_and_json():
+    code, out, _ = run(["snapshot", "ls", "db"], {"Snapvol.SnapshotList": (200, SNAPS)})
+    assert out.splitlines() == ["VOLUME  SNAPSHOT  CREATED", "db      s1        2026-11-29T07:33:23Z"]
+    code, out, _ = run(["snapshot", "ls", "db", "--json"], {"Snapvol.SnapshotList": (200, SNAPS)})
+    assert json.loads(out) == SNAPS
 
 
 def test_ls_table():
