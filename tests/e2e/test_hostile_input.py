@@ -65,6 +65,11 @@ OPTIONS = {
     "opts-list": ["size=1G"],
     "opts-string": "size=1G",
     "option-name-10k": {"x" * 10240: "1"},
+    "from-traversal": {"from": "../../etc"},
+    "from-shell": {"from": "$(touch /tmp/snapvol-hostile-marker)"},
+    "from-missing-snapshot": {"from": "hostile-mounted@nope"},
+    "from-snapshot-traversal": {"from": "hostile-mounted@../../x"},
+    "from-with-mode": {"from": "hostile-mounted", "mode": "777"},
 }
 for label, opts in OPTIONS.items():
     CASES.append((f"Create-opts-{label}", "/VolumeDriver.Create",
@@ -78,6 +83,21 @@ for label, body in {"id-missing": {"Name": "hostile-mounted"},
                     "id-number": {"Name": "hostile-mounted", "ID": 7}}.items():
     for endpoint in ("Mount", "Unmount"):
         CASES.append((f"{endpoint}-{label}", f"/VolumeDriver.{endpoint}", json.dumps(body).encode()))
+ADMIN = {
+    "snapshot-create-traversal": ("/Snapvol.SnapshotCreate", {"Volumes": ["../x"], "Name": "s"}),
+    "snapshot-create-shell-name": ("/Snapvol.SnapshotCreate",
+                                   {"Volumes": ["hostile-mounted"], "Name": "$(touch /tmp/snapvol-hostile-marker)"}),
+    "snapshot-create-reserved": ("/Snapvol.SnapshotCreate", {"Volumes": ["hostile-mounted"], "Name": "auto-x"}),
+    "snapshot-create-not-a-list": ("/Snapvol.SnapshotCreate", {"Volumes": "hostile-mounted", "Name": "s"}),
+    "snapshot-create-missing-volume": ("/Snapvol.SnapshotCreate", {"Volumes": ["hostile-mounted", "ghost"], "Name": "s"}),
+    "snapshot-list-traversal": ("/Snapvol.SnapshotList", {"Volume": "../.."}),
+    "snapshot-rm-traversal": ("/Snapvol.SnapshotRemove", {"Volume": "hostile-mounted", "Snapshot": "../../volumes/x"}),
+    "snapshot-rm-missing": ("/Snapvol.SnapshotRemove", {"Volume": "hostile-mounted", "Snapshot": "nope"}),
+    "rollback-in-use": ("/Snapvol.Rollback", {"Volume": "hostile-mounted", "Snapshot": "nope"}),
+    "rollback-bad-flag": ("/Snapvol.Rollback", {"Volume": "hostile-mounted", "Snapshot": "s", "DestroyNewer": "yes"}),
+}
+for label, (path, body) in ADMIN.items():
+    CASES.append((label, path, json.dumps(body).encode()))
 CASES.append(("unknown-endpoint", "/VolumeDriver.Explode", b"{}"))
 CASES.append(("unknown-subsystem", "/NetworkDriver.CreateNetwork", b"{}"))
 CASES.append(("path-traversal-url", "/../../etc/passwd", b"{}"))
