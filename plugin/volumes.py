@@ -2,8 +2,10 @@
 
 :class:`VolumeService` owns the rules the backend does not know: names and options are
 validated here, every mutation happens under the volume's lock, Mount/Unmount are counted by
-Docker mount ID and persisted, Remove refuses a volume in use. Read-only calls (Get, List,
-Path) take no lock, so they stay fast while a slow operation holds a volume.
+Docker mount ID and persisted, Remove refuses a volume in use, snapshots of several volumes
+are all or none, and rollback is refused while a container uses the volume or when it would
+silently destroy newer snapshots. Read-only calls (Get, List, Path, snapshot listing) take no
+lock, so they stay fast while a slow operation holds a volume.
 """
 
 from __future__ import annotations
