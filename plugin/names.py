@@ -8,6 +8,8 @@ is what people type. The length cap keeps ``<root>/volumes/<name>`` and a future
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from pathlib import Path
 
@@ -69,7 +71,14 @@ def under(root: Path, *parts: str) -> Path:
     :raises InvalidName: the path resolves to *root* itself or outside it.
     """
     path = root.joinpath(*parts)
-    real_root, real = root.resolve(), path.resolve()
+    real_root, real = _real_root(root), Path(os.path.realpath(path))
     if real == real_root or not real.is_relative_to(real_root):
         raise InvalidName(f"{path} resolves outside {root}")
     return path
+
+
+@functools.lru_cache(maxsize=32)
+def _real_root(root: Path) -> Path:
+    """The real path of a configured root. Roots are fixed directories, so resolving each
+    once saves a walk of lstat calls on every Docker call; what lies below is always walked."""
+    return Path(os.path.realpath(root))
