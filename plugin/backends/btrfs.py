@@ -27,7 +27,8 @@ import logging
 import os
 import secrets
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
@@ -173,19 +174,12 @@ class BtrfsBackend:
         if os.path.lexists(target):
             owner = "snapvol" if self._is_ours(target) else "something else (not snapvol)"
             raise VolumeExists(f"volume {name} already exists (made by {owner})")
-        work = names.under(self.staging_dir, f"create.{name}.{secrets.token_hex(4)}")
-        try:
+        with self._staged(f"create.{name}", f"cannot create volume {name}") as work:
             btrfsutil.create_subvolume(work)
             # Mark it ours first: if we crash below, start-up cleanup recognises and removes it.
             self._write_owner(work, options)
             self._apply_options(work, options)
             os.rename(work, target)
-        except BaseException as exc:
-            if self._is_ours(work):
-                self._delete_subvolume(work)
-            if isinstance(exc, OSError):
-                raise BackendError(f"cannot create volume {name}: {exc}") from None
-            raise
         log.info("created volume %s (options: %s)", name, ", ".join(sorted(options)) or "none")
         return self._info(name, target)
 
@@ -243,8 +237,7 @@ class BtrfsBackend:
         target = self._path(new_volume)
         if os.path.lexists(target):
             raise VolumeExists(f"volume {new_volume} already exists")
-        work = names.under(self.staging_dir, f"clone.{new_volume}.{secrets.token_hex(4)}")
-        try:
+        with self._staged(f"clone.{new_volume}", f"cannot clone {volume}@{snapshot}") as work:
             btrfsutil.create_snapshot(origin, work)           # writable, O(1)
             self._write_owner(work, options)
             if "size" in options:
@@ -252,12 +245,6 @@ class BtrfsBackend:
                 process.run(["btrfs", "qgroup", "limit", str(parse_size(options["size"])), work],
                             timeout=_CLI_TIMEOUT)
             os.rename(work, target)
-        except BaseException as exc:
-            if self._is_ours(work):
-                self._delete_subvolume(work)
-            if isinstance(exc, OSError):
-                raise BackendError(f"cannot clone {volume}@{snapshot}: {exc}") from None
-            raise
         log.info("cloned %s@%s as %s", volume, snapshot, new_volume)
         return self._info(new_volume, target)
 
@@ -289,6 +276,20 @@ class BtrfsBackend:
             raise
         self._delete_subvolume(replaced)
         log.info("rolled volume %s back to snapshot %s", volume, snapshot)
+
+    @contextmanager
+    def _staged(self, label: str, failure: str) -> Iterator[Path]:
+        """A fresh path in staging for building a subvolume; if the block fails, whatever
+        was built there is deleted and an OSError becomes a BackendError saying *failure*."""
+        work = names.under(self.staging_dir, f"{label}.{secrets.token_hex(4)}")
+        try:
+            yield work
+        except BaseException as exc:
+            if self._is_ours(work):
+                self._delete_subvolume(work)
+            if isinstance(exc, OSError):
+                raise BackendError(f"{failure}: {exc}") from None
+            raise
 
     def _snapshot_path(self, volume: str, snapshot: str) -> Path:
         return names.under(self.snapshots_dir, names.volume_name(volume),
