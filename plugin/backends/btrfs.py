@@ -211,8 +211,10 @@ class BtrfsBackend:
         for entry in (os.scandir(directory) if directory.is_dir() else ()):
             path = Path(entry.path)
             if entry.is_dir(follow_symlinks=False) and self._is_ours(path):
-                found.append(self._snapshot_info(volume, entry.name, path))
-        return sorted(found, key=lambda s: (s.created, s.name))
+                # otime has whole seconds; the creating transaction orders within a second
+                transid = btrfsutil.subvolume_info(path).otransid
+                found.append((transid, self._snapshot_info(volume, entry.name, path)))
+        return [info for _, info in sorted(found, key=lambda pair: (pair[1].created, pair[0]))]
 
     def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
         source = self._owned_path(volume)

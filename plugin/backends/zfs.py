@@ -239,8 +239,10 @@ class ZfsBackend:
     # ------------------------------------------------------------------ snapshots
 
     def snapshots(self, volume: str) -> list[SnapshotInfo]:
+        # `zfs get -r` lists snapshots in creation order; creation has whole seconds, so the
+        # stable sort keeps that order within a second
         return sorted(self._snapshots(self._owned(volume), volume).values(),
-                      key=lambda s: (s.created, s.name))
+                      key=lambda s: s.created)
 
     def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
         dataset = self._owned(volume)

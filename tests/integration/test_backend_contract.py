@@ -78,6 +78,13 @@ def write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def test_snapshots_in_the_same_second_keep_their_order(backend):
+    backend.create_volume("v1", {})
+    for name in ("zz", "aa", "mm"):        # names sort otherwise than creation
+        backend.create_snapshot("v1", name)
+    assert [s.name for s in backend.snapshots("v1")] == ["zz", "aa", "mm"]
+
+
 def test_snapshots_listed_oldest_first_and_destroyed(backend):
     backend.create_volume("v1", {})
     first = backend.create_snapshot("v1", "s1")
