@@ -6,15 +6,17 @@ FROM ${BASE}
 
 # Debian's packages only: btrfsutil is Debian's python3-btrfsutil (PyPI's does not build
 # against bookworm's libbtrfsutil). util-linux: mount, losetup; e2fsprogs: chattr.
+# python3-docker: the Docker Engine API client that pauses containers for quiesce.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 python3-flask gunicorn python3-btrfsutil btrfs-progs util-linux mount e2fsprogs \
+      python3 python3-flask gunicorn python3-btrfsutil python3-docker btrfs-progs util-linux \
+      mount e2fsprogs \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/* \
       /usr/share/info/* /usr/share/locale/* /var/log/*
 
 COPY plugin /opt/snapvol/plugin
-RUN mkdir -p /run/docker/plugins /mnt/volumes /mnt/host /run/snapvol \
+RUN mkdir -p /run/docker/plugins /mnt/volumes /mnt/host /mnt/docker-run /run/snapvol \
  && python3 -m compileall -q /opt/snapvol/plugin
 
 WORKDIR /opt/snapvol

@@ -1,6 +1,7 @@
 """The Flask application factory; gunicorn serves ``plugin.app:wsgi()``.
 
-``create_app`` wires settings -> backend -> service -> blueprints and starts no threads;
+``create_app`` wires settings -> backend -> service -> blueprints and starts no threads (the
+scheduler is started by gunicorn's ``post_worker_init`` hook, see ``gunicorn_conf``);
 tests pass their own ``service`` (a fake backend behind the real :class:`VolumeService`).
 """
 
@@ -20,9 +21,12 @@ from .backends.btrfs import BtrfsBackend
 from .backends.zfs import ZfsBackend, load_libzfs_core
 from .config import Settings
 from .errors import PluginError
+from .history import AutoHistory
 from .locks import VolumeLocks
 from .mounts import MountTable
 from .pool import prepare_root
+from .quiesce import DockerQuiescer
+from .scheduler import Scheduler
 from .volumes import VolumeService
 
 log = logging.getLogger(__name__)
@@ -34,15 +38,18 @@ def build_service(settings: Settings) -> VolumeService:
     :raises BackendUnavailable: the storage cannot be prepared or checked.
     """
     settings.mount_table.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     mounts, locks = MountTable(settings.mount_table), VolumeLocks(settings.lock_timeout)
+    extras = {"history": AutoHistory(settings.state_dir / "schedule.json"),
+              "quiescer": DockerQuiescer(settings.docker_host, hook_timeout=settings.hook_timeout)}
     if settings.backend == "zfs":
-        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # ZFS volumes are re-mounted one by one on Mount (ZfsBackend.attach): nothing to recover
         backend: Backend = ZfsBackend(settings.zfs_root, settings.zfs_mounts, load_libzfs_core())
-        service = VolumeService(backend, mounts, locks)
+        service = VolumeService(backend, mounts, locks, **extras)
     else:
         backend = BtrfsBackend(prepare_root(settings))
-        service = VolumeService(backend, mounts, locks, recover=lambda: prepare_root(settings))
+        service = VolumeService(backend, mounts, locks, recover=lambda: prepare_root(settings),
+                                **extras)
     service.open()
     return service
 
@@ -54,6 +61,7 @@ def create_app(service: VolumeService | None = None,
         service = build_service(Settings.from_env(os.environ if environ is None else environ))
     app = Flask(__name__)
     app.extensions["snapvol.service"] = service
+    app.extensions["snapvol.scheduler"] = Scheduler(service)   # started by gunicorn's hooks
     app.register_blueprint(volume_driver.bp)
     app.register_blueprint(admin.bp)
 

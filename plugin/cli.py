@@ -87,6 +87,19 @@ def render_snapshots(reply: dict[str, Any]) -> str:
     return _table(rows)
 
 
+def render_prune(reply: dict[str, Any]) -> str:
+    decisions = reply.get("Decisions", [])
+    if not decisions:
+        return "no automatic snapshots to consider"
+    rows = [["VOLUME", "SNAPSHOT", "CREATED", "DECISION", "REASON"]]
+    verb = "would delete" if reply.get("DryRun") else "deleted"
+    for d in decisions:
+        decision = "keep" if d["keep"] else ("FAILED" if d.get("error") else verb)
+        reason = ", ".join(d["reasons"]) if d["keep"] else (d.get("error") or "no rule keeps it")
+        rows.append([d["volume"], d["snapshot"], d["created"], decision, reason])
+    return _table(rows)
+
+
 def render_done(reply: dict[str, Any]) -> str:
     return "done"
 
@@ -111,8 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="snapshot one or more volumes (one name, all or none)")
     create.add_argument("volumes", nargs="+", metavar="VOLUME")
     create.add_argument("--name", help="snapshot name (default: manual-<UTC time>)")
+    create.add_argument("--quiesce", choices=("none", "pause"), default="none",
+                        help="pause: pause the volumes' containers (running their "
+                        "snapvol.pre/post-snapshot hooks) while the snapshot is taken")
     create.set_defaults(endpoint="Snapvol.SnapshotCreate", render=render_snapshots,
-                        body=lambda a: {"Volumes": a.volumes, "Name": a.name})
+                        body=lambda a: {"Volumes": a.volumes, "Name": a.name,
+                                        "Quiesce": a.quiesce})
     ls_snap = snap_sub.add_parser("ls", parents=[common], help="list a volume's snapshots")
     ls_snap.add_argument("volume", metavar="VOLUME")
     ls_snap.set_defaults(endpoint="Snapvol.SnapshotList", render=render_snapshots,
@@ -131,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.set_defaults(endpoint="Snapvol.Rollback", render=render_done,
                           body=lambda a: {"Volume": a.volume, "Snapshot": a.snapshot,
                                           "DestroyNewer": a.destroy_newer})
+    prune = sub.add_parser("prune", parents=[common],
+                           help="apply the retention (keep=) of scheduled volumes to their "
+                           "automatic snapshots, printing each decision and its reason")
+    prune.add_argument("volume", nargs="?", metavar="VOLUME", help="only this volume")
+    prune.add_argument("--dry-run", action="store_true", help="decide and print, delete nothing")
+    prune.set_defaults(endpoint="Snapvol.Prune", render=render_prune,
+                       body=lambda a: {"Volume": a.volume, "DryRun": a.dry_run})
     return parser
 
 

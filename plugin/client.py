@@ -35,7 +35,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 class PluginClient:
     """Calls the plugin's endpoints over its socket."""
 
-    def __init__(self, socket_path: str, timeout: float = 60.0) -> None:
+    def __init__(self, socket_path: str, timeout: float = 300.0) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
 

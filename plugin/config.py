@@ -30,6 +30,12 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _docker_host(raw: str) -> str:
+    if not raw.startswith(("unix:///", "tcp://")):
+        raise ValueError("must be unix:///path/to/docker.sock or tcp://host:port")
+    return raw
+
+
 def _threads(raw: str) -> int:
     value = int(raw)
     if not 1 <= value <= 64:
@@ -77,6 +83,8 @@ class Settings:
     lock_timeout: float
     threads: int
     log_level: str
+    docker_host: str
+    hook_timeout: float
 
     # field -> (environment variable, default, parser, help)
     SPEC: ClassVar[dict[str, tuple[str, str, Callable[[str], object], str]]] = {
@@ -108,6 +116,12 @@ class Settings:
         "threads": ("SNAPVOL_THREADS", "8", _threads, "request threads of the server"),
         "log_level": ("SNAPVOL_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"),
                       "log verbosity"),
+        "docker_host": ("SNAPVOL_DOCKER_HOST", "unix:///var/run/docker.sock", _docker_host,
+                        "Docker Engine API used to pause containers for consistent snapshots "
+                        "(quiesce) and to name the containers of a volume"),
+        "hook_timeout": ("SNAPVOL_HOOK_TIMEOUT", "60", _seconds,
+                         "longest run of a container's snapvol.pre-snapshot or "
+                         "snapvol.post-snapshot hook"),
     }
 
     @classmethod

@@ -63,3 +63,18 @@ def on_starting(server) -> None:
         raise SystemExit(f"snapvol: another process already serves {_settings.socket}; "
                          "stop it or set SNAPVOL_SOCKET")
     _settings.socket.parent.mkdir(parents=True, exist_ok=True)   # a stale file is replaced
+
+
+def post_worker_init(worker) -> None:
+    """Start the scheduler of the app this worker loaded (``create_app`` starts no thread)."""
+    scheduler = worker.wsgi.extensions.get("snapvol.scheduler")
+    if scheduler is not None:
+        scheduler.start()
+
+
+def worker_exit(server, worker) -> None:
+    """Stop the scheduler before the worker ends (a run in progress finishes first)."""
+    app = getattr(worker, "wsgi", None)
+    scheduler = app.extensions.get("snapvol.scheduler") if app is not None else None
+    if scheduler is not None:
+        scheduler.stop(timeout=graceful_timeout - 2)

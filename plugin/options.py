@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 from .errors import InvalidName, InvalidOption
 from .names import snapshot_name, volume_name
-from .units import parse_size
+from .retention import Policy
+from .units import parse_duration, parse_size
 
+DEFAULT_KEEP = "24h,7d,4w,12m"   # retention of a schedule given without keep=
 MAX_ID = 2**32 - 2          # (uid_t)-1 means "unchanged" to chown(2)
 MIN_SIZE = 1 << 20
 MAX_SIZE = 1 << 60          # 1 EiB: far beyond any disk, far below u64 overflow in btrfs/zfs
@@ -66,6 +68,20 @@ def _origin(value: str) -> str:
     return value
 
 
+MAX_SCHEDULE = 365 * 86400
+
+
+def _schedule(value: str) -> str:
+    seconds = parse_duration(value)
+    if not 1 <= seconds <= MAX_SCHEDULE:
+        raise ValueError("must be from 1s to 1y, e.g. 15m, 1h or 1d")
+    return value.strip()
+
+
+def _keep(value: str) -> str:
+    return str(Policy.parse(value))
+
+
 def _boolean(value: str) -> str:
     lowered = value.lower()
     if lowered in ("true", "yes", "on", "1"):
@@ -97,11 +113,19 @@ SPECS: dict[str, OptionSpec] = {spec.name: spec for spec in (
                "clone of VOLUME (a snapshot taken now) or of VOLUME@SNAPSHOT"),
     OptionSpec("recordsize", _recordsize, frozenset({"zfs"}), "ZFS record size, e.g. 16K"),
     OptionSpec("atime", _one_of("on", "off"), frozenset({"zfs"}), "ZFS access-time updates"),
+    OptionSpec("schedule", _schedule, _BOTH,
+               "take an automatic snapshot every interval: s, m, h, d, w or y, e.g. 1h"),
+    OptionSpec("keep", _keep, _BOTH, "retention of automatic snapshots, e.g. 24h,7d,4w,12m "
+               f"(default {DEFAULT_KEEP}); grammar: last=N, within=DUR, Nh Nd Nw Nm Ny"),
+    OptionSpec("quiesce", _one_of("none", "pause"), _BOTH,
+               "pause: pause the volume's containers (and run their hooks) for automatic snapshots"),
 )}
 # In the product contract (DESIGN.md 2.1) but not in this release: refused with a clear word.
-PLANNED = ("schedule", "keep", "quiesce", "replicate")
+PLANNED = ("replicate",)
 # A clone keeps its source's data, owner and mode; only these may go with from=.
-WITH_FROM = frozenset({"from", "size"})
+WITH_FROM = frozenset({"from", "size", "schedule", "keep", "quiesce"})
+# Only meaningful for automatic snapshots.
+NEED_SCHEDULE = ("keep", "quiesce")
 
 
 def accepted(backend: str) -> list[str]:
@@ -155,7 +179,12 @@ def validate(raw: object, backend: str,
     if "from" in result and set(result) - WITH_FROM:
         extra = ", ".join(sorted(set(result) - WITH_FROM))
         raise InvalidOption(f"option(s) {extra} cannot be combined with from= (a clone keeps "
-                            "its source's data, owner and mode; only size may be given)")
+                            "its source's data, owner and mode; only size, schedule, keep and "
+                            "quiesce may be given)")
+    for key in NEED_SCHEDULE:
+        if key in result and "schedule" not in result:
+            raise InvalidOption(f"option {key} applies to automatic snapshots; give schedule= "
+                                "too (e.g. -o schedule=1h)")
     return result
 
 

@@ -30,3 +30,18 @@ def format_size(size: int) -> str:
             return f"{value:.0f}{unit}" if unit == "B" or value >= 100 else f"{value:.1f}{unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+_DURATION = re.compile(r"(\d+)([smhdwy])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in *text*: a whole number and a unit s, m, h, d, w or y (``90s``, ``1h``, ``7d``).
+
+    :raises ValueError: not of that form.
+    """
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        raise ValueError("expected a whole number and a unit s, m, h, d, w or y, like 15m or 1h")
+    return int(match.group(1)) * _SECONDS[match.group(2)]

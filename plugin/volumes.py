@@ -13,27 +13,50 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from . import __version__, names, options
+from . import __version__, names, options, retention
 from .backends.base import Backend, SnapshotInfo, VolumeInfo
 from .errors import (BackendError, BackendUnavailable, Conflict, InvalidName, InvalidOption,
-                     InvalidRequest, SnapshotNotFound, VolumeExists, VolumeInUse, VolumeNotFound)
+                     InvalidRequest, PluginError, SnapshotNotFound, VolumeExists, VolumeInUse,
+                     VolumeNotFound)
+from .history import AutoHistory, AutoRun
 from .locks import VolumeLocks
 from .mounts import MountTable
+from .quiesce import DockerQuiescer, QuiesceFailed
+from .units import parse_duration
 
 log = logging.getLogger(__name__)
 
 AUTO_PREFIX = "auto-"    # reserved for the scheduler's snapshots, the only ones ever pruned
 
 
-def _stamp() -> str:
+def _stamp(now: datetime | None = None) -> str:
     """20261129T101500Z: sorts by time, no ':' (awkward in paths and -v specs)."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A volume's automatic snapshots: every *interval*, pruned by *policy*."""
+
+    volume: str
+    interval: timedelta
+    policy: retention.Policy
+    quiesce: str
+    created: datetime
+    last: AutoRun | None
+
+    @property
+    def next_run(self) -> datetime:
+        """One interval after the last run (or after creation): a restart neither skips a
+        run nor fires the missed ones; after a long stop, one run at once."""
+        return (self.last.at if self.last else self.created) + self.interval
 
 
 @dataclass(frozen=True)
@@ -50,14 +73,29 @@ class VolumeService:
     """Docker's volume operations, made safe: validated, locked, counted, persisted."""
 
     def __init__(self, backend: Backend, mounts: MountTable, locks: VolumeLocks,
-                 recover: Callable[[], object] | None = None) -> None:
+                 recover: Callable[[], object] | None = None, *,
+                 history: AutoHistory | None = None,
+                 quiescer: DockerQuiescer | None = None) -> None:
         """*recover* makes the storage reachable again (re-mounts it); Mount calls it when the
-        backend reports the storage unavailable, e.g. after ``docker plugin disable -f``."""
+        backend reports the storage unavailable, e.g. after ``docker plugin disable -f``.
+        *history* keeps the scheduler's last runs; *quiescer* reaches Docker to pause
+        containers (without one, ``quiesce=pause`` is refused)."""
         self._backend = backend
         self._mounts = mounts
         self._locks = locks
         self._recover = recover
+        self._history = history
+        self._quiescer = quiescer
         self._started = time.time()
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call *listener* after a volume is created or removed (the scheduler re-plans)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def open(self) -> None:
         """Check the backend and reconcile the mount table with the volumes that exist.
@@ -96,6 +134,8 @@ class VolumeService:
                     self._clone(name, opts)
                 else:
                     self._backend.create_volume(name, opts)
+                if "schedule" in opts:
+                    self._changed()
                 return
             if dict(existing.options) != opts:
                 raise VolumeExists(f"volume {name} already exists with other options "
@@ -115,12 +155,15 @@ class VolumeService:
 
     # ------------------------------------------------------------------ snapshots (CLI)
 
-    def snapshot(self, volumes: object, name: object = None) -> list[SnapshotInfo]:
-        """Snapshot one or more volumes under one name, all or none.
+    def snapshot(self, volumes: object, name: object = None,
+                 quiesce: object = "none") -> list[SnapshotInfo]:
+        """Snapshot one or more volumes under one name: all or none, one point in time where
+        the backend can (ZFS, one pool), with their containers paused for ``quiesce="pause"``.
 
         :raises InvalidName: a bad volume or snapshot name, or one with the reserved prefix.
         :raises VolumeNotFound: a volume does not exist (nothing is taken).
         :raises SnapshotExists: a volume already has a snapshot of that name.
+        :raises QuiesceFailed: the containers could not be paused or a hook failed.
         """
         if not isinstance(volumes, list) or not volumes:
             raise InvalidRequest("give one or more volume names")
@@ -129,18 +172,25 @@ class VolumeService:
         if snap.startswith(AUTO_PREFIX):
             raise InvalidName(f"snapshot names starting with {AUTO_PREFIX!r} are reserved for "
                               "scheduled snapshots")
-        with self._locks.hold(*targets):
-            for volume in targets:
+        if quiesce not in ("none", "pause"):
+            raise InvalidRequest("quiesce must be none or pause")
+        for volume in targets:
+            self._backend.volume(volume)   # before pausing anything
+        return self._take(targets, snap, str(quiesce))
+
+    def _take(self, volumes: list[str], snapshot: str, quiesce: str) -> list[SnapshotInfo]:
+        with self._quiesced(volumes, quiesce), self._locks.hold(*volumes):
+            for volume in volumes:
                 self._backend.volume(volume)
-            taken: list[SnapshotInfo] = []
-            try:
-                for volume in targets:
-                    taken.append(self._backend.create_snapshot(volume, snap))
-            except BaseException:
-                for info in taken:   # all or none
-                    self._backend.destroy_snapshot(info.volume, info.name)
-                raise
-        return taken
+            return self._backend.create_snapshots(volumes, snapshot)
+
+    def _quiesced(self, volumes: list[str], quiesce: str):
+        if quiesce == "none":
+            return nullcontext()
+        if self._quiescer is None:
+            raise QuiesceFailed("quiesce=pause needs the Docker API, which this plugin "
+                                "instance was started without")
+        return self._quiescer.quiesced(volumes)
 
     def snapshots(self, volume: object) -> list[SnapshotInfo]:
         """The volume's snapshots, oldest first (no lock)."""
@@ -165,8 +215,8 @@ class VolumeService:
         with self._locks.hold(volume):
             users = self._mounts.users(volume)
             if users:
-                raise VolumeInUse(f"volume {volume} is in use by {len(users)} container "
-                                  "mount(s); stop those containers before a rollback")
+                raise VolumeInUse(f"volume {volume} is in use by {self._users_text(volume, users)}"
+                                  "; stop those containers before a rollback")
             snaps = [s.name for s in self._backend.snapshots(volume)]
             if snapshot not in snaps:
                 raise SnapshotNotFound(volume, snapshot)
@@ -192,6 +242,9 @@ class VolumeService:
                                   "mount(s); stop or remove those containers first")
             self._backend.destroy_volume(name)
             self._mounts.forget(name)
+        if self._history is not None:
+            self._history.forget(name)
+        self._changed()
 
     def mount(self, name: object, mount_id: object) -> Path:
         """Record one more user of the volume and return the directory Docker bind-mounts.
@@ -258,6 +311,100 @@ class VolumeService:
         """Every volume, cheaply (one bulk backend pass, no usage figures)."""
         return [VolumeView(v.name, v.mountpoint, v.created) for v in self._backend.volumes()]
 
+    # ------------------------------------------------------------------ schedules
+
+    def schedules(self) -> list[Schedule]:
+        """Every volume with a ``schedule`` option and its last automatic run (no lock)."""
+        found = []
+        for info in self._backend.volumes():
+            schedule = _schedule_of(info)
+            if schedule is not None:
+                last = self._history.last(info.name) if self._history else None
+                found.append(Schedule(info.name, *schedule, info.created, last))
+        return found
+
+    def run_automatic(self, volume: str, now: datetime) -> AutoRun:
+        """Take *volume*'s automatic snapshot for *now* (quiesced as its options say), prune
+        by its policy, and record the run, failed or not.
+
+        :raises PluginError: the snapshot failed (recorded first); a pruning failure is
+            recorded and logged but does not fail the run.
+        """
+        info = self._backend.volume(volume)
+        interval, policy, quiesce = _schedule_of(info) or (None, None, "none")
+        snapshot = AUTO_PREFIX + _stamp(now)
+        try:
+            self._take([volume], snapshot, quiesce)
+        except PluginError as exc:
+            self._record(volume, AutoRun(now, None, str(exc)))
+            raise
+        log.info("automatic snapshot %s@%s taken", volume, snapshot)
+        pruned, error = 0, None
+        try:
+            pruned = sum(1 for d in self.prune(volume, now=now) if not d["keep"])
+        except PluginError as exc:
+            log.error("pruning %s failed: %s", volume, exc)
+            error = f"snapshot taken, pruning failed: {exc}"
+        self._record(volume, AutoRun(now, snapshot, error, pruned))
+        return AutoRun(now, snapshot, error, pruned)
+
+    def _record(self, volume: str, run: AutoRun) -> None:
+        if self._history is not None:
+            self._history.record(volume, run)
+
+    def prune(self, volume: object = None, *, now: datetime | None = None,
+              dry_run: bool = False) -> list[dict[str, Any]]:
+        """Apply each scheduled volume's retention to its automatic snapshots (or only to
+        *volume*'s); manual snapshots and clone origins are never touched.
+
+        Returns one decision per automatic snapshot: volume, snapshot, created, keep, reasons
+        (and ``error`` where a deletion failed). Each deletion holds the volume's lock only
+        for itself, so Docker's calls are never held up by a long prune.
+
+        :raises VolumeNotFound: *volume* does not exist.
+        """
+        now = now or datetime.now(timezone.utc)
+        every = {v.name: v for v in self._backend.volumes()}
+        if volume is None:
+            targets = [every[n] for n in sorted(every)]
+        else:
+            wanted = names.volume_name(volume)
+            targets = [every.get(wanted) or self._backend.volume(wanted)]
+        origins = _clone_origins(every.values())
+        decisions = []
+        for info in targets:
+            schedule = _schedule_of(info)
+            if schedule is None:
+                continue
+            autos = [s for s in self._backend.snapshots(info.name) if s.name.startswith(AUTO_PREFIX)]
+            plan = retention.plan(autos, schedule[1], now=now,
+                                  protected=frozenset(origins.get(info.name, ())))
+            for d in plan:
+                row = {"volume": info.name, "snapshot": d.snapshot.name,
+                       "created": rfc3339(d.snapshot.created), "keep": d.keep,
+                       "reasons": list(d.reasons)}
+                if not d.keep and not dry_run:
+                    try:
+                        with self._locks.hold(info.name):
+                            self._backend.destroy_snapshot(info.name, d.snapshot.name)
+                        log.info("pruned %s@%s", info.name, d.snapshot.name)
+                    except PluginError as exc:
+                        row["error"] = str(exc)
+                decisions.append(row)
+        return decisions
+
+    def _users_text(self, volume: str, mount_ids: list[str]) -> str:
+        """"container(s) db, web" when Docker can tell, else a count of mounts."""
+        if self._quiescer is not None:
+            try:
+                found = [c.name for c in self._quiescer.containers([volume])
+                         if c.state in ("running", "paused", "restarting")]
+                if found:
+                    return "container(s) " + ", ".join(found)
+            except QuiesceFailed as exc:
+                log.warning("cannot name the containers of %s: %s", volume, exc)
+        return f"{len(mount_ids)} container mount(s)"
+
     # ------------------------------------------------------------------ admin (CLI)
 
     def describe_volumes(self) -> list[dict[str, Any]]:
@@ -292,9 +439,39 @@ class VolumeService:
         snapshots = [{"name": s.name, "created": rfc3339(s.created),
                       "automatic": s.name.startswith(AUTO_PREFIX)}
                      for s in self._backend.snapshots(info.name)]
-        return {"backend": self._backend.kind, "options": dict(info.options),
-                "used_bytes": usage.used_bytes, "quota_bytes": usage.quota_bytes,
-                "mounts": mounts, "snapshots": snapshots}
+        status = {"backend": self._backend.kind, "options": dict(info.options),
+                  "used_bytes": usage.used_bytes, "quota_bytes": usage.quota_bytes,
+                  "mounts": mounts, "snapshots": snapshots}
+        schedule = _schedule_of(info)
+        if schedule is not None:
+            last = self._history.last(info.name) if self._history else None
+            plan = Schedule(info.name, *schedule, info.created, last)
+            status["schedule"] = {
+                "every": info.options["schedule"], "keep": str(schedule[1]),
+                "quiesce": schedule[2], "next": rfc3339(plan.next_run),
+                "last": None if last is None else {
+                    "at": rfc3339(last.at), "snapshot": last.snapshot, "result": last.result,
+                    "error": last.error, "pruned": last.pruned}}
+        return status
+
+
+def _schedule_of(info: VolumeInfo) -> tuple[timedelta, retention.Policy, str] | None:
+    """(interval, retention, quiesce) of a volume with a ``schedule`` option, else None."""
+    if "schedule" not in info.options:
+        return None
+    return (timedelta(seconds=parse_duration(info.options["schedule"])),
+            retention.Policy.parse(info.options.get("keep", options.DEFAULT_KEEP)),
+            info.options.get("quiesce", "none"))
+
+
+def _clone_origins(volumes: Iterable[VolumeInfo]) -> dict[str, set[str]]:
+    """volume -> names of its snapshots that other volumes were cloned from (``from=V@S``)."""
+    origins: dict[str, set[str]] = {}
+    for info in volumes:
+        volume, _, snapshot = info.options.get("from", "").partition("@")
+        if snapshot:
+            origins.setdefault(volume, set()).add(snapshot)
+    return origins
 
 
 def rfc3339(moment: datetime) -> str:

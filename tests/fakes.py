@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from plugin import names
-from plugin.backends.base import SnapshotInfo, Usage, VolumeInfo
+from plugin.backends.base import SnapshotInfo, Usage, VolumeInfo, snapshot_each
 from plugin.errors import SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound
 
 
@@ -23,6 +23,7 @@ class FakeBackend:
     kind: ClassVar[str] = "btrfs"     # accepts the Btrfs options
     compressions = frozenset({"zstd", "lzo", "zlib", "none"})
     rollback_keeps_newer: ClassVar[bool] = True
+    atomic_snapshots: ClassVar[bool] = False
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -30,6 +31,7 @@ class FakeBackend:
         self.attached: set[str] = set()
         self.calls: list[tuple[str, str]] = []
         self._snapshots: dict[str, dict[str, SnapshotInfo]] = {}
+        self.clock = lambda: datetime.now(timezone.utc)   # the scheduler tests move time
 
     def check(self) -> None:
         (self.root / "volumes").mkdir(parents=True, exist_ok=True)
@@ -56,7 +58,7 @@ class FakeBackend:
         path = names.under(self.root / "volumes", name)
         path.mkdir()
         path.chmod(int(options.get("mode", "755"), 8))
-        info = VolumeInfo(name, path, datetime.now(timezone.utc).replace(microsecond=0),
+        info = VolumeInfo(name, path, self.clock().replace(microsecond=0),
                           dict(options))
         self._volumes[name] = info
         self.calls.append(("create", name))
@@ -90,8 +92,11 @@ class FakeBackend:
         if snapshot in taken:
             raise SnapshotExists(f"snapshot {volume}@{snapshot} already exists")
         shutil.copytree(source, self.root / "snapshots" / volume / snapshot)
-        taken[snapshot] = SnapshotInfo(volume, snapshot, datetime.now(timezone.utc), uuid.uuid4().hex)
+        taken[snapshot] = SnapshotInfo(volume, snapshot, self.clock(), uuid.uuid4().hex)
         return taken[snapshot]
+
+    def create_snapshots(self, volumes: list[str], snapshot: str) -> list[SnapshotInfo]:
+        return snapshot_each(self, volumes, snapshot)
 
     def destroy_snapshot(self, volume: str, snapshot: str) -> None:
         self._snapshot(volume, snapshot)

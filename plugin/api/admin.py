@@ -33,7 +33,8 @@ def volumes() -> Response:
 @bp.post("/Snapvol.SnapshotCreate")
 def snapshot_create() -> Response:
     body = docker_request()
-    taken = service().snapshot(required(body, "Volumes"), body.get("Name"))
+    taken = service().snapshot(required(body, "Volumes"), body.get("Name"),
+                               body.get("Quiesce") or "none")
     return reply(Snapshots=[_snapshot(s) for s in taken])
 
 
@@ -58,3 +59,13 @@ def rollback() -> Response:
     service().rollback(required(body, "Volume"), required(body, "Snapshot"),
                        destroy_newer=destroy_newer)
     return reply()
+
+
+@bp.post("/Snapvol.Prune")
+def prune() -> Response:
+    body = docker_request()
+    dry_run = body.get("DryRun", False)
+    if not isinstance(dry_run, bool):
+        raise InvalidRequest("DryRun must be true or false")
+    decisions = service().prune(body.get("Volume"), dry_run=dry_run)
+    return reply(Decisions=decisions, DryRun=dry_run)

@@ -54,6 +54,7 @@ class Backend(Protocol):
     kind: ClassVar[str]                      # "btrfs" | "zfs"
     compressions: frozenset[str]             # values the ``compression`` option accepts
     rollback_keeps_newer: ClassVar[bool]     # btrfs: True; zfs rollback destroys newer ones
+    atomic_snapshots: bool                   # several volumes in one atomic call (OpenZFS)
 
     def check(self) -> None:
         """Verify the storage root at start and finish interrupted work (crash leftovers)."""
@@ -94,6 +95,13 @@ class Backend(Protocol):
         :raises SnapshotExists: the volume already has a snapshot of that name.
         """
 
+    def create_snapshots(self, volumes: list[str], snapshot: str) -> list[SnapshotInfo]:
+        """Snapshot several volumes under one name, all or none; one point in time where the
+        filesystem can do it (``atomic_snapshots``).
+
+        :raises SnapshotExists: a volume already has a snapshot of that name (none taken).
+        """
+
     def destroy_snapshot(self, volume: str, snapshot: str) -> None:
         """:raises SnapshotNotFound: no such snapshot."""
 
@@ -108,3 +116,17 @@ class Backend(Protocol):
     def rollback(self, volume: str, snapshot: str) -> None:
         """Make the volume's content that of the snapshot (caller: the volume is unmounted,
         and on backends that destroy newer snapshots, the caller agreed to that)."""
+
+
+def snapshot_each(backend: Backend, volumes: list[str], snapshot: str) -> list[SnapshotInfo]:
+    """:meth:`Backend.create_snapshots` for filesystems without an atomic multi-snapshot:
+    one after another (the caller pauses writers for one point in time), undone on failure."""
+    taken: list[SnapshotInfo] = []
+    try:
+        for volume in volumes:
+            taken.append(backend.create_snapshot(volume, snapshot))
+    except BaseException:
+        for info in taken:
+            backend.destroy_snapshot(info.volume, info.name)
+        raise
+    return taken

@@ -39,7 +39,7 @@ from .. import names, process
 from ..errors import (BackendError, BackendUnavailable, InvalidOption, SnapshotExists,
                       SnapshotNotFound, VolumeExists, VolumeNotFound)
 from ..units import parse_size
-from .base import SnapshotInfo, Usage, VolumeInfo
+from .base import SnapshotInfo, Usage, VolumeInfo, snapshot_each
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class BtrfsBackend:
 
     kind: ClassVar[str] = "btrfs"
     rollback_keeps_newer: ClassVar[bool] = True
+    atomic_snapshots: ClassVar[bool] = False   # one ioctl per subvolume: pause writers instead
     compressions: frozenset[str] = frozenset({"zstd", "lzo", "zlib", "none"})
 
     def __init__(self, root: Path) -> None:
@@ -228,6 +229,9 @@ class BtrfsBackend:
             raise BackendError(f"cannot snapshot {volume}: {exc}") from None
         log.info("took snapshot %s@%s", volume, snapshot)
         return self._snapshot_info(volume, snapshot, target)
+
+    def create_snapshots(self, volumes: list[str], snapshot: str) -> list[SnapshotInfo]:
+        return snapshot_each(self, volumes, snapshot)
 
     def destroy_snapshot(self, volume: str, snapshot: str) -> None:
         self._delete_subvolume(self._owned_snapshot(volume, snapshot))

@@ -35,7 +35,7 @@ from ..errors import (BackendError, BackendUnavailable, CommandFailed, Conflict,
                       SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound)
 from ..mountinfo import mounted_filesystem
 from ..units import parse_size
-from .base import SnapshotInfo, Usage, VolumeInfo
+from .base import SnapshotInfo, Usage, VolumeInfo, snapshot_each
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class ZfsBackend:
         self.pool = root.split("/", 1)[0]
         self.mount_base = mount_base
         self._lzc = lzc
+        self.atomic_snapshots = lzc is not None     # lzc_snapshot takes a list; zfs-fuse's CLI one name
         self.compressions: frozenset[str] = frozenset()
         self._facts: dict[str, Any] = {}
 
@@ -231,10 +232,31 @@ class ZfsBackend:
         return self.volume(name)
 
     def destroy_volume(self, name: str) -> None:
+        """Destroy the dataset and its snapshots; volumes cloned from one of them are
+        promoted first (they take over the snapshots they need), so they keep working."""
         dataset = self._owned(name)
+        self._promote_clones(dataset)
         self._set(dataset, OWNER, "removing")           # invisible from here on
         self._destroy(dataset, mounted=True)
         log.info("removed volume %s", name)
+
+    def _promote_clones(self, dataset: str) -> None:
+        for _ in range(1000):   # each promote moves at least one snapshot away from dataset
+            out = process.run(["zfs", "get", "-H", "-p", "-r", "-d", "1", "-o",
+                               "name,property,value", f"origin,{OWNER}", self.root],
+                              timeout=_TIMEOUT).stdout
+            props: dict[str, dict[str, str]] = {}
+            for line in out.splitlines():
+                name, prop, value = line.split("\t", 2)
+                props.setdefault(name, {})[prop] = value
+            clones = sorted(child for child, p in props.items()
+                            if p.get("origin", "").startswith(dataset + "@")
+                            and p.get(OWNER) == "snapvol")
+            if not clones:
+                return
+            process.run(["zfs", "promote", clones[0]], timeout=_TIMEOUT)
+            log.info("promoted %s: it no longer depends on %s, which is being removed",
+                     clones[0], dataset)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -258,6 +280,25 @@ class ZfsBackend:
             process.run(["zfs", "snapshot", full], timeout=_TIMEOUT)
         log.info("took snapshot %s@%s", volume, snapshot)
         return self._snapshots(dataset, volume)[snapshot]
+
+    def create_snapshots(self, volumes: list[str], snapshot: str) -> list[SnapshotInfo]:
+        """libzfs_core: one ``lzc_snapshot`` call, atomic (one transaction group) across the
+        datasets of a pool. zfs-fuse's ``zfs snapshot`` takes one name per call, so there
+        they are taken one after another (all or none)."""
+        if self._lzc is None or len(volumes) < 2:
+            return snapshot_each(self, volumes, snapshot)
+        fulls = []
+        for volume in volumes:
+            dataset = self._owned(volume)
+            if snapshot in self._snapshots(dataset, volume):
+                raise SnapshotExists(f"snapshot {volume}@{snapshot} already exists")
+            fulls.append(f"{dataset}@{names.snapshot_name(snapshot)}")
+        try:
+            self._lzc.lzc_snapshot([f.encode() for f in fulls])
+        except Exception as exc:
+            raise BackendError(f"cannot snapshot {', '.join(volumes)}: {exc}") from None
+        log.info("took snapshot %s of %s in one transaction", snapshot, ", ".join(volumes))
+        return [self._snapshots(self._dataset(v), v)[snapshot] for v in volumes]
 
     def destroy_snapshot(self, volume: str, snapshot: str) -> None:
         full = self._owned_snapshot(volume, snapshot)

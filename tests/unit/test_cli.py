@@ -42,8 +42,11 @@ SNAPS = {"Snapshots": [{"volume": "db", "name": "s1", "created": "2026-11-29T07:
 
 @pytest.mark.parametrize("argv, endpoint, body", [
     (["snapshot", "create", "db", "web", "--name", "s1"], "Snapvol.SnapshotCreate",
-     {"Volumes": ["db", "web"], "Name": "s1"}),
-    (["snapshot", "create", "db"], "Snapvol.SnapshotCreate", {"Volumes": ["db"], "Name": None}),
+     {"Volumes": ["db", "web"], "Name": "s1", "Quiesce": "none"}),
+    (["snapshot", "create", "db", "--quiesce", "pause"], "Snapvol.SnapshotCreate",
+     {"Volumes": ["db"], "Name": None, "Quiesce": "pause"}),
+    (["prune"], "Snapvol.Prune", {"Volume": None, "DryRun": False}),
+    (["prune", "db", "--dry-run", "--json"], "Snapvol.Prune", {"Volume": "db", "DryRun": True}),
     (["snapshot", "ls", "db"], "Snapvol.SnapshotList", {"Volume": "db"}),
     (["snapshot", "rm", "db", "s1"], "Snapvol.SnapshotRemove", {"Volume": "db", "Snapshot": "s1"}),
     (["rollback", "db", "s1"], "Snapvol.Rollback",

@@ -11,7 +11,8 @@ from plugin.config import Settings
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = json.loads((REPO / "config.json").read_text())
 ENV = {e["name"]: e for e in MANIFEST["env"]}
-FIXED = {"SNAPVOL_STATE_DIR", "SNAPVOL_PUBLISH_DIR", "SNAPVOL_SOCKET", "SNAPVOL_RUN_DIR"}
+FIXED = {"SNAPVOL_STATE_DIR", "SNAPVOL_PUBLISH_DIR", "SNAPVOL_SOCKET", "SNAPVOL_RUN_DIR",
+         "SNAPVOL_DOCKER_HOST"}
 
 
 def test_every_setting_is_in_the_manifest_and_nothing_else():
@@ -35,6 +36,9 @@ def test_fixed_settings_match_the_layout():
     data = next(m for m in MANIFEST["mounts"] if m["name"] == "data")
     assert ENV["SNAPVOL_STATE_DIR"]["value"].startswith(data["destination"] + "/")
     assert data["settable"] == ["source"]
+    docker = next(m for m in MANIFEST["mounts"] if m["name"] == "docker")
+    assert ENV["SNAPVOL_DOCKER_HOST"]["value"] == f"unix://{docker['destination']}/docker.sock"
+    assert docker["settable"] == ["source"]
     settings = Settings.from_env({k: e["value"] for k, e in ENV.items()})
     assert str(settings.pool_mountpoint).startswith(MANIFEST["propagatedMount"] + "/")
 

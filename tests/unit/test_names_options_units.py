@@ -52,6 +52,12 @@ def test_format_size():
     assert [format_size(n) for n in (0, 1536, 10 << 20, 300 << 30)] == ["0B", "1.5K", "10.0M", "300G"]
 
 
+def test_schedule_options_are_normalised():
+    assert options.validate({"schedule": "1h", "keep": " 24h 7d, last=3 within=2d",
+                             "quiesce": "pause", "from": "db@s1"}, "zfs") == {
+        "schedule": "1h", "keep": "last=3,within=2d,24h,7d", "quiesce": "pause", "from": "db@s1"}
+
+
 def test_validate_normalises():
     assert options.validate({"mode": "0750", "uid": "0042", "nocow": "YES", "size": "1G",
                              "compression": "zstd"}, "btrfs") == {
@@ -70,7 +76,18 @@ def test_validate_normalises():
     ({"compression": "lz4"}, "option compression='lz4': must be one of lzo, none, zlib, zstd"),
     ({"nocow": "maybe"}, "option nocow='maybe': must be true or false"),
     ({"atime": "off"}, "option atime is for zfs volumes only"),
-    ({"schedule": "1h"}, "option schedule is not available in this version of snapvol"),
+    ({"replicate": "ssh://h"}, "option replicate is not available in this version of snapvol"),
+    ({"schedule": "0s"}, "option schedule='0s': must be from 1s to 1y"),
+    ({"schedule": "2y"}, "option schedule='2y': must be from 1s to 1y"),
+    ({"schedule": "hourly"}, "option schedule='hourly': expected a whole number and a unit"),
+    ({"schedule": "1h", "keep": "7x"}, "option keep='7x': bad token '7x'; use last=N, within="),
+    ({"schedule": "1h", "keep": "7d,8d"}, "option keep='7d,8d': '8d' repeats 'd'"),
+    ({"schedule": "1h", "keep": "last=0"}, "option keep='last=0': bad token 'last=0'"),
+    ({"schedule": "1h", "keep": " , "}, "option keep=' , ': empty policy"),
+    ({"schedule": "1h", "quiesce": "freeze"}, "option quiesce='freeze': must be one of none, pause"),
+    ({"keep": "7d"}, "option keep applies to automatic snapshots; give schedule= too"),
+    ({"quiesce": "pause"}, "option quiesce applies to automatic snapshots"),
+    ({"from": "a", "uid": "1"}, "option(s) uid cannot be combined with from="),
     ({"x" * 5000: "1"}, "unknown option(s): 'xxxx"),
     ({"size": None}, "option size: the value must be a string"),
     (["size=1G"], "Opts must be a map"),

@@ -1,0 +1,63 @@
+"""What the scheduler did last for each volume, persisted so a restart keeps the cadence.
+
+One small JSON file in the state directory, replaced atomically after every run. It holds
+only what the filesystem cannot tell: when the last automatic run happened and how it ended
+(the snapshots themselves are always read from the filesystem).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+from .statefile import read_json, write_json_atomically
+
+
+@dataclass(frozen=True)
+class AutoRun:
+    """One automatic run on one volume: the snapshot it took (or its error) and the pruning."""
+
+    at: datetime
+    snapshot: str | None
+    error: str | None = None
+    pruned: int = 0
+
+    @property
+    def result(self) -> str:
+        return "failed" if self.error else "ok"
+
+
+class AutoHistory:
+    """The last :class:`AutoRun` of every scheduled volume (thread-safe)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._guard = threading.Lock()
+        raw = read_json(path, {})
+        self._runs: dict[str, AutoRun] = {}
+        for name, entry in raw.items() if isinstance(raw, dict) else ():
+            try:
+                self._runs[name] = AutoRun(datetime.fromisoformat(entry["at"]), entry.get("snapshot"),
+                                           entry.get("error"), int(entry.get("pruned", 0)))
+            except (KeyError, TypeError, ValueError):
+                continue   # a hand-edited or foreign entry: the volume starts a fresh cadence
+
+    def last(self, volume: str) -> AutoRun | None:
+        return self._runs.get(volume)
+
+    def record(self, volume: str, run: AutoRun) -> None:
+        with self._guard:
+            self._runs[volume] = run
+            self._save()
+
+    def forget(self, volume: str) -> None:
+        with self._guard:
+            if self._runs.pop(volume, None) is not None:
+                self._save()
+
+    def _save(self) -> None:
+        # Not fsynced: after a power loss the worst case is one extra automatic snapshot.
+        data = {name: {**asdict(run), "at": run.at.isoformat()} for name, run in self._runs.items()}
+        write_json_atomically(self._path, data, durable=False)

@@ -1,0 +1,99 @@
+"""Automatic snapshots: one thread in the plugin process, started and stopped by gunicorn.
+
+``create_app`` builds the :class:`Scheduler` but starts no thread; gunicorn's
+``post_worker_init`` hook starts it and ``worker_exit`` stops it. The loop sleeps on an
+``Event`` until the next volume is due (at most a minute, or until a volume with a schedule
+is created), calls :meth:`Scheduler.run_once` — the unit-tested core — and survives any
+exception. Jobs call :class:`VolumeService` directly, so they take the same per-volume locks
+as Docker's calls. When a run happens is decided by :attr:`Schedule.next_run` from the
+persisted last run, so a restart neither skips a run nor fires the missed ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from .errors import PluginError
+from .history import AutoRun
+from .volumes import VolumeService
+
+log = logging.getLogger(__name__)
+
+MAX_SLEEP = 60.0
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Scheduler:
+    """Takes each scheduled volume's automatic snapshot when it is due, then prunes it."""
+
+    def __init__(self, service: VolumeService, *, clock: Callable[[], datetime] = utc_now) -> None:
+        self._service = service
+        self._clock = clock
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        service.on_change(self._wake.set)
+
+    def run_once(self, now: datetime) -> dict[str, AutoRun | Exception]:
+        """Run every volume that is due at *now*; one failing volume never stops the others.
+
+        Returns what happened per volume run: its :class:`AutoRun`, or the error.
+        """
+        done: dict[str, AutoRun | Exception] = {}
+        try:
+            schedules = self._service.schedules()
+        except PluginError as exc:
+            log.error("scheduler: cannot list volumes: %s", exc)
+            return done
+        for schedule in sorted(schedules, key=lambda s: s.next_run):
+            if schedule.next_run > now or self._stop.is_set():
+                continue
+            try:
+                done[schedule.volume] = self._service.run_automatic(schedule.volume, now)
+            except Exception as exc:    # the run is recorded; the other volumes still run
+                log.error("scheduler: automatic snapshot of %s failed: %s", schedule.volume, exc)
+                done[schedule.volume] = exc
+        return done
+
+    def seconds_to_next(self, now: datetime) -> float:
+        """How long the loop may sleep: until the next volume is due, at most a minute."""
+        try:
+            due = [s.next_run for s in self._service.schedules()]
+        except PluginError:
+            return MAX_SLEEP
+        if not due:
+            return MAX_SLEEP
+        return max(0.05, min(MAX_SLEEP, (min(due) - now).total_seconds()))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="snapvol-scheduler", daemon=True)
+        self._thread.start()
+        log.info("scheduler started")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        log.info("scheduler stopped")
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.run_once(self._clock())
+                pause = self.seconds_to_next(self._clock())
+            except Exception:   # a bug must not end automatic snapshots for good
+                log.exception("scheduler: unexpected error; retrying in a minute")
+                pause = MAX_SLEEP
+            self._wake.wait(pause)
