@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -184,7 +184,7 @@ class VolumeService:
                 self._backend.volume(volume)
             return self._backend.create_snapshots(volumes, snapshot)
 
-    def _quiesced(self, volumes: list[str], quiesce: str):
+    def _quiesced(self, volumes: list[str], quiesce: str) -> AbstractContextManager[object]:
         if quiesce == "none":
             return nullcontext()
         if self._quiescer is None:
@@ -427,6 +427,7 @@ class VolumeService:
         return {"version": __version__, "pid": os.getpid(),
                 "uptime_seconds": round(time.time() - self._started),
                 "backend": self._backend.kind, "storage": self._backend.describe(),
+                "atomic_multi_volume_snapshots": self._backend.atomic_snapshots,
                 "volumes": len(volumes), "volumes_in_use": len(in_use),
                 "mounts": sum(in_use.values()), "options": options.accepted(self._backend.kind)}
 

@@ -121,7 +121,7 @@ def latency_rows(target: Target, count: int, repeat: int) -> dict[str, str]:
 
 @contextmanager
 def buttervolume(binary: str, base: Path) -> Iterator[Target]:
-    mnt = make_btrfs(base / "bv", size=8 << 30) if (base / "bv").mkdir() is None else None
+    mnt = make_btrfs(base / "bv", size=12 << 30) if (base / "bv").mkdir() is None else None
     socket = base / "bv.sock"
     env = {"PATH": os.environ["PATH"], "BUTTERVOLUME_SOCKET": str(socket),
            "BUTTERVOLUME_VOLUMES_PATH": f"{mnt}/volumes/", "BUTTERVOLUME_SNAPSHOTS_PATH": f"{mnt}/snapshots/",
@@ -171,6 +171,61 @@ def zfs_plugin(base: Path) -> Iterator[Target]:
             os.kill(started, signal.SIGTERM)
 
 
+def fill(directory: str, size: int) -> None:
+    """*size* bytes of incompressible data in 64 MiB files, flushed to disk."""
+    chunk = 64 << 20
+    with open("/dev/urandom", "rb") as rnd:
+        block = rnd.read(min(size, chunk))
+    for index in range(max(1, size // chunk)):
+        with open(f"{directory}/data{index:04d}", "wb") as f:
+            f.write(block[: min(size - index * chunk, chunk)] if size < chunk else block)
+            # distinct content per file, so no filesystem could share or skip it
+            f.write(index.to_bytes(8, "big"))
+    subprocess.run(["sync", "-f", directory], check=True, timeout=600)
+
+
+def snapshot_rows(snapvol: Target, zfs: Target | None, bv: Target, base: Path,
+                  sizes_mb: list[int], zfs_max_mb: int, repeat: int) -> list[str]:
+    """Snapshot time against data size: snapvol (btrfs, zfs), buttervolume's snapshot, and
+    a tar backup of the same data (what a container-job backup does)."""
+    rows = ["| data | snapvol snapshot | snapvol-zfs snapshot | buttervolume snapshot | tar of the volume |",
+            "|---|---|---|---|---|"]
+    for mb in sizes_mb:
+        size = mb << 20
+        cells = []
+        for target in (snapvol, zfs, bv):
+            if target is None or (target is zfs and mb > zfs_max_mb):
+                cells.append("-")
+                continue
+            name = f"snap{secrets.token_hex(3)}"
+            target.call("VolumeDriver.Create", {"Name": name})
+            path = target.call("VolumeDriver.Mount", {"Name": name, "ID": "bench"})["Mountpoint"]
+            print(f"bench: {target.label}: writing {mb} MiB...", file=sys.stderr)
+            fill(path, size)
+            samples = []
+            for i in range(repeat):
+                if target is bv:   # buttervolume's own endpoint: a read-only btrfs snapshot
+                    samples.append(timed(lambda: target.call("VolumeDriver.Snapshot", {"Name": name})))
+                else:
+                    samples.append(timed(lambda: target.call(
+                        "Snapvol.SnapshotCreate", {"Volumes": [name], "Name": f"s{i}"})))
+            cells.append(summary(samples))
+            if target is snapvol:
+                archive = base / "backup.tar"
+                tar = [timed(lambda: subprocess.run(["tar", "-cf", str(archive), "-C", path, "."],
+                                                    check=True, timeout=3600))
+                       for _ in range(min(repeat, 3))]
+                archive.unlink()
+                tar_cell = summary(tar)
+            target.call("VolumeDriver.Unmount", {"Name": name, "ID": "bench"})
+            if target is not bv:   # buttervolume keeps its snapshots; its pool goes anyway
+                for i in range(repeat):
+                    target.call("Snapvol.SnapshotRemove", {"Volume": name, "Snapshot": f"s{i}"})
+                target.call("VolumeDriver.Remove", {"Name": name})
+        rows.append(f"| {mb} MiB | " + " | ".join(cells) + f" | {tar_cell} |")
+    return rows
+
+
 def docker_round_trip(docker: DockerDaemon, image: str, driver: str, repeat: int) -> str:
     samples = []
     for _ in range(repeat):
@@ -198,7 +253,14 @@ def main() -> None:
     # stalls; measure ZFS rows up to 100 by default (raise it on OpenZFS)
     parser.add_argument("--zfs-max", type=int, default=100,
                         help="largest volume count for the ZFS rows")
+    parser.add_argument("--sections", default="latency,roundtrip,snapshots",
+                        help="which tables to produce, comma-separated")
+    parser.add_argument("--snapshot-sizes", default="10,1024,4096", help="MiB of data")
+    # zfs-fuse writes through FUSE at a few tens of MB/s; 4 GiB would take minutes to fill
+    parser.add_argument("--zfs-snapshot-max", type=int, default=1024,
+                        help="largest data size (MiB) for the ZFS snapshot column")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     sizes = [int(s) for s in args.sizes.split(",")]
     base = Path(tempfile.mkdtemp(prefix="snapvol-bench-", dir="/tmp"))
     out: list[str] = []
@@ -209,7 +271,7 @@ def main() -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "snapvol-bench", str(run_dir)],
                    check=True)
     plugin = PluginProcess(f"snapvolbench{secrets.token_hex(3)}", base / "state",
-                           {"SNAPVOL_POOL_SIZE": "8G", "SNAPVOL_LOG_LEVEL": "warning",
+                           {"SNAPVOL_POOL_SIZE": "12G", "SNAPVOL_LOG_LEVEL": "warning",
                             "SNAPVOL_RUN_DIR": str(run_dir)})
     plugin.start()
     snapvol = Target("snapvol", plugin.socket,
@@ -220,7 +282,14 @@ def main() -> None:
     try:
         results: dict[tuple[str, int], dict[str, str]] = {}
         with buttervolume(args.buttervolume, base) as bv, zfs_plugin(base) as zfs:
-            for n in sizes:
+            if "snapshots" in sections:
+                out.append("Snapshot time against data size, ms, median / p95 of 5 (tar: of 3), "
+                           "same run, data freshly written and synced:\n")
+                out += snapshot_rows(snapvol, zfs, bv, base,
+                                     [int(m) for m in args.snapshot_sizes.split(",")],
+                                     args.zfs_snapshot_max, repeat=5)
+                out.append("")
+            for n in sizes if "latency" in sections else ():
                 for target in (snapvol, zfs, bv):
                     if target is zfs and n > args.zfs_max:
                         continue
@@ -228,32 +297,35 @@ def main() -> None:
                     results[(target.label, n)] = latency_rows(target, n, args.repeat)
             bv_memory = memory_mib(bv.pids())
         loaded = memory_mib(snapvol.pids())
+        if "latency" not in sections:
+            sizes = []
         endpoints = ["Get", "Path", "Mount", "Unmount", "List", "Create", "Remove"]
-        out.append("Docker protocol latency over the raw socket, ms, median / p95 "
-                   f"({args.repeat} calls; List and Create/Remove fewer):\n")
         labels = ("snapvol", "snapvol-zfs", "buttervolume")
         columns = [(label, n) for n in sizes for label in labels if (label, n) in results]
-        out.append("| endpoint | " + " | ".join(f"{label} {n}" for label, n in columns) + " |")
-        out.append("|" + "---|" * (1 + len(columns)))
-        for ep in endpoints:
-            out.append(f"| {ep} | " + " | ".join(results[c][ep] for c in columns) + " |")
-        out.append("")
-        out.append(f"Memory (RSS / PSS, MiB, all processes): snapvol idle {idle[0]:.1f} / {idle[1]:.1f}; "
-                   f"snapvol with {max(sizes)} volumes {loaded[0]:.1f} / {loaded[1]:.1f}; "
-                   f"buttervolume with {max(sizes)} volumes {bv_memory[0]:.1f} / {bv_memory[1]:.1f}\n")
-
-        print("bench: Docker CLI round trips...", file=sys.stderr)
-        docker = DockerDaemon(base / "docker")
-        docker.base.mkdir()
-        docker.start()
-        image = docker.import_busybox()
-        local = docker_round_trip(docker, image, "local", args.trips)
-        ours = docker_round_trip(docker, image, plugin.driver, args.trips)
-        ratio = float(ours.split()[0]) / float(local.split()[0])
-        out.append("`docker volume create` + `docker run --rm -v` + `docker volume rm`, ms, "
-                   f"median / p95 of {args.trips}:\n")
-        out += ["| driver | round trip |", "|---|---|", f"| local (Docker's own) | {local} |",
-                f"| snapvol | {ours} |", f"| ratio snapvol / local (median) | {ratio:.2f} |"]
+        if sizes:
+            out.append("Docker protocol latency over the raw socket, ms, median / p95 "
+                       f"({args.repeat} calls; List and Create/Remove fewer):\n")
+            out.append("| endpoint | " + " | ".join(f"{label} {n}" for label, n in columns) + " |")
+            out.append("|" + "---|" * (1 + len(columns)))
+            for ep in endpoints:
+                out.append(f"| {ep} | " + " | ".join(results[c][ep] for c in columns) + " |")
+            out.append("")
+            out.append(f"Memory (RSS / PSS, MiB, all processes): snapvol idle {idle[0]:.1f} / {idle[1]:.1f}; "
+                       f"snapvol with {max(sizes)} volumes {loaded[0]:.1f} / {loaded[1]:.1f}; "
+                       f"buttervolume with {max(sizes)} volumes {bv_memory[0]:.1f} / {bv_memory[1]:.1f}\n")
+        if "roundtrip" in sections:
+            print("bench: Docker CLI round trips...", file=sys.stderr)
+            docker = DockerDaemon(base / "docker")
+            docker.base.mkdir()
+            docker.start()
+            image = docker.import_busybox()
+            local = docker_round_trip(docker, image, "local", args.trips)
+            ours = docker_round_trip(docker, image, plugin.driver, args.trips)
+            ratio = float(ours.split()[0]) / float(local.split()[0])
+            out.append("`docker volume create` + `docker run --rm -v` + `docker volume rm`, ms, "
+                       f"median / p95 of {args.trips}:\n")
+            out += ["| driver | round trip |", "|---|---|", f"| local (Docker's own) | {local} |",
+                    f"| snapvol | {ours} |", f"| ratio snapvol / local (median) | {ratio:.2f} |"]
     finally:
         if docker is not None:
             docker.stop()

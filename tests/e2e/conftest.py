@@ -39,10 +39,16 @@ def e2e_base() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+def docker_socket(e2e_base: Path) -> Path:
+    """The private dockerd's API socket (plugins start before it, so they get the path)."""
+    return e2e_base / "docker" / "docker.sock"
+
+
 @pytest.fixture(scope="session")
 def plugin(e2e_base: Path) -> Iterator[PluginProcess]:
     """snapvol on its embedded pool (the default a user gets), unique driver name."""
-    process = PluginProcess(f"snapvole2e{secrets.token_hex(4)}", e2e_base / "state")
+    process = PluginProcess(f"snapvole2e{secrets.token_hex(4)}", e2e_base / "state",
+                            {"SNAPVOL_DOCKER_HOST": f"unix://{docker_socket(e2e_base)}"})
     process.start()
     yield process
     process.stop()
@@ -56,7 +62,8 @@ def zfs_plugin(e2e_base: Path, zfs_service: None) -> Iterator[PluginProcess]:
     """snapvol with SNAPVOL_BACKEND=zfs on a pool of its own (zfs-fuse where no kernel ZFS)."""
     pool = make_pool(e2e_base, size=2 << 30)
     process = PluginProcess(f"snapvolzfs{secrets.token_hex(4)}", e2e_base / "zstate",
-                            {"SNAPVOL_BACKEND": "zfs", "SNAPVOL_ZFS_ROOT": f"{pool}/snapvol"})
+                            {"SNAPVOL_BACKEND": "zfs", "SNAPVOL_ZFS_ROOT": f"{pool}/snapvol",
+                             "SNAPVOL_DOCKER_HOST": f"unix://{docker_socket(e2e_base)}"})
     process.pool = pool  # type: ignore[attr-defined]
     process.start()
     yield process
@@ -69,6 +76,7 @@ def docker(plugin: PluginProcess, zfs_plugin: PluginProcess, e2e_base: Path) -> 
     daemon = DockerDaemon(e2e_base / "docker")
     daemon.base.mkdir()
     daemon.start()
+    assert daemon.socket == docker_socket(e2e_base)
     yield daemon
     daemon.stop()
 
@@ -105,11 +113,11 @@ def managed(docker: DockerDaemon, plugin_references: list[str], e2e_base: Path):
     /var/lib/snapvol, on this host's root filesystem (ext4 here, so the plugin makes its pool
     image). Where /var/lib/snapvol already exists (someone's snapvol), we must not touch it:
     the data source moves to a directory of the test's own."""
-    settings = []
+    settings = [f"docker.source={docker.socket.parent}"]   # where quiesce finds dockerd
     ours = not DEFAULT_DATA.exists()
     if not ours:
         (e2e_base / "host").mkdir()
-        settings = [f"data.source={e2e_base / 'host'}"]
+        settings.append(f"data.source={e2e_base / 'host'}")
     alias = f"snapvolmgd{secrets.token_hex(3)}:latest"
     docker("plugin", "install", "--grant-all-permissions", "--alias", alias,
            plugin_references[0], *settings, timeout=300)

@@ -327,3 +327,17 @@ def build_plugin(docker: DockerDaemon, reference: str) -> None:
                           capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise CommandError(f"build-plugin {reference} failed: {proc.stderr[-3000:]}")
+
+
+def build_test_image(docker: DockerDaemon, tag: str, context: Path) -> str:
+    """``docker build`` of a test image on the Debian base scripts/build-plugin uses (made with
+    debootstrap and cached where no registry is reachable); apt reaches the mirror through
+    ``--network host``. Returns *tag*."""
+    if docker.result("image", "inspect", tag).returncode == 0:
+        return tag
+    base = "snapvol-build/debian:bookworm"
+    subprocess.run(["bash", "-c", '. "$1/scripts/lib.sh" && ensure_debian_base "$2"', "_",
+                    str(REPO), base], env=docker.env, check=True, timeout=900)
+    docker("build", "-q", "--network", "host", "--build-arg", f"BASE={base}", "-t", tag,
+           str(context), timeout=900)
+    return tag

@@ -34,7 +34,8 @@ def life(docker, plugin_references, tmp_path: Path) -> Iterator[ManagedPlugin]:
     data.mkdir()
     alias = f"snapvollife{secrets.token_hex(3)}:latest"
     docker("plugin", "install", "--grant-all-permissions", "--alias", alias,
-           plugin_references[0], f"data.source={data}", "SNAPVOL_POOL_SIZE=2G", timeout=300)
+           plugin_references[0], f"data.source={data}", f"docker.source={docker.socket.parent}",
+           "SNAPVOL_POOL_SIZE=2G", timeout=300)
     plugin = ManagedPlugin(docker, alias)
     plugin.wait_answering()
     yield plugin

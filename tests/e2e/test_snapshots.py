@@ -53,7 +53,7 @@ def test_snapshot_write_clone_rollback(docker, driver, busybox):
     docker("run", "-d", "--name", holder, "--network", "none", "-v", f"{vol}:/data", busybox,
            "sleep", "300")
     code, _, err = cli(driver, "rollback", vol, "s1")
-    assert code == 4 and f"volume {vol} is in use by 1 container mount(s)" in err
+    assert code == 4 and f"volume {vol} is in use by container(s) {holder}; stop" in err, err
     docker("rm", "-f", holder)
     if driver.backend == "zfs":
         # the newer snapshot rollback -r would destroy is the origin of the clone `live`
@@ -71,6 +71,10 @@ def test_snapshot_write_clone_rollback(docker, driver, busybox):
     code, _, err = cli(driver, "snapshot", "rm", vol, "nope")
     assert code == 3 and f"no such snapshot: {vol}@nope" in err
 
-    for name in (at_snap, live, vol):      # clones first: on ZFS a clone depends on its origin
+    # removing the source keeps the clone made from its snapshot (ZFS: promoted first)
+    docker("volume", "rm", vol)
+    assert md5(docker, busybox, at_snap).startswith("clone")
+
+    for name in (at_snap, live):
         if name in docker("volume", "ls", "-q").split():
             docker("volume", "rm", name)

@@ -150,3 +150,41 @@ def test_destroy_volume_takes_its_snapshots(backend):
     backend.destroy_volume("v1")
     backend.create_volume("v1", {})
     assert backend.snapshots("v1") == []
+
+
+def test_snapshot_of_several_volumes_is_all_or_none(backend):
+    for name in ("v1", "v2"):
+        write(backend.attach(backend.create_volume(name, {}).name) / "f", name)
+    backend.create_snapshot("v2", "s1")
+    with pytest.raises(SnapshotExists, match="v2@s1"):
+        backend.create_snapshots(["v1", "v2"], "s1")
+    assert backend.snapshots("v1") == []
+    taken = backend.create_snapshots(["v1", "v2"], "s2")
+    assert [(s.volume, s.name) for s in taken] == [("v1", "s2"), ("v2", "s2")]
+    for name in ("v1", "v2"):
+        clone = backend.clone(name, "s2", f"c-{name}", {})
+        assert (backend.attach(clone.name) / "f").read_text() == name
+    if os.environ.get("SNAPVOL_REQUIRE_LIBZFS_CORE") and backend.kind == "zfs":
+        assert backend.atomic_snapshots                 # one lzc_snapshot call on OpenZFS
+
+
+@pytest.mark.parametrize("order", [("c1", "c2"), ("c2", "c1")])
+def test_removing_a_volume_never_breaks_its_clones(backend, order):
+    path = backend.attach(backend.create_volume("v1", {}).name)
+    write(path / "f", "one")
+    backend.create_snapshot("v1", "s1")
+    write(path / "f", "two")
+    backend.create_snapshot("v1", "s2")
+    backend.create_snapshot("v1", "s3")
+    backend.clone("v1", "s1", "c1", {})
+    backend.clone("v1", "s2", "c2", {})
+    backend.detach("v1")
+    backend.destroy_volume("v1")               # ZFS: the clones are promoted first
+    assert sorted(v.name for v in backend.volumes()) == ["c1", "c2"]
+    assert (backend.attach("c1") / "f").read_text() == "one"
+    assert (backend.attach("c2") / "f").read_text() == "two"
+    write(backend.attach("c1") / "g", "still writable")
+    for name in order:
+        backend.detach(name)
+        backend.destroy_volume(name)
+    assert backend.volumes() == []

@@ -25,3 +25,9 @@ def test_every_btrfs_option_is_documented(name):
 
 def test_both_setup_commands_are_in_the_readme():
     assert "./scripts/run\n" in README and "./scripts/test\n" in README
+
+
+def test_the_production_compose_example_is_the_tested_file():
+    tested = (Path(__file__).resolve().parents[1] / "e2e" / "compose" / "production"
+              / "docker-compose.yml").read_text()
+    assert f"```yaml\n{tested}```" in README
