@@ -59,7 +59,14 @@ OPTIONS = {
     "compression-injection": {"compression": "zstd; touch /tmp/snapvol-hostile-marker"},
     "nocow-bad": {"nocow": "maybe"},
     "other-backend-only": {"nocow": "true", "recordsize": "128K"},   # one is foreign to each
-    "not-yet": {"schedule": "1h"},
+    "not-yet": {"replicate": "ssh://backup@standby"},
+    "schedule-zero": {"schedule": "0s"},
+    "schedule-shell": {"schedule": "$(touch /tmp/snapvol-hostile-marker)"},
+    "schedule-huge-number": {"schedule": "9" * 400 + "s"},
+    "keep-shell": {"schedule": "1h", "keep": "7d;touch /tmp/snapvol-hostile-marker"},
+    "keep-10k": {"schedule": "1h", "keep": "1d," * 3000},
+    "keep-without-schedule": {"keep": "7d"},
+    "quiesce-unknown": {"schedule": "1h", "quiesce": "freeze"},
     "value-number": {"size": 5},
     "value-null": {"size": None},
     "opts-list": ["size=1G"],
@@ -95,6 +102,11 @@ ADMIN = {
     "snapshot-rm-missing": ("/Snapvol.SnapshotRemove", {"Volume": "hostile-mounted", "Snapshot": "nope"}),
     "rollback-in-use": ("/Snapvol.Rollback", {"Volume": "hostile-mounted", "Snapshot": "nope"}),
     "rollback-bad-flag": ("/Snapvol.Rollback", {"Volume": "hostile-mounted", "Snapshot": "s", "DestroyNewer": "yes"}),
+    "snapshot-create-bad-quiesce": ("/Snapvol.SnapshotCreate",
+                                    {"Volumes": ["hostile-mounted"], "Name": "s", "Quiesce": "$(reboot)"}),
+    "prune-traversal": ("/Snapvol.Prune", {"Volume": "../x"}),
+    "prune-missing": ("/Snapvol.Prune", {"Volume": "ghost"}),
+    "prune-bad-flag": ("/Snapvol.Prune", {"Volume": "hostile-mounted", "DryRun": "yes"}),
 }
 for label, (path, body) in ADMIN.items():
     CASES.append((label, path, json.dumps(body).encode()))
