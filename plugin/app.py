@@ -21,11 +21,12 @@ from .backends.btrfs import BtrfsBackend
 from .backends.zfs import ZfsBackend, load_libzfs_core
 from .config import Settings
 from .errors import PluginError
-from .history import AutoHistory
+from .history import AutoHistory, ReplicationLog
 from .locks import VolumeLocks
 from .mounts import MountTable
 from .pool import prepare_root
 from .quiesce import DockerQuiescer
+from .replication import Replicator
 from .scheduler import Scheduler
 from .volumes import VolumeService
 
@@ -41,7 +42,9 @@ def build_service(settings: Settings) -> VolumeService:
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     mounts, locks = MountTable(settings.mount_table), VolumeLocks(settings.lock_timeout)
     extras = {"history": AutoHistory(settings.state_dir / "schedule.json"),
-              "quiescer": DockerQuiescer(settings.docker_host, hook_timeout=settings.hook_timeout)}
+              "quiescer": DockerQuiescer(settings.docker_host, hook_timeout=settings.hook_timeout),
+              "replications": ReplicationLog(settings.state_dir / "replication.json"),
+              "transfers": settings.transfers}
     if settings.backend == "zfs":
         # ZFS volumes are re-mounted one by one on Mount (ZfsBackend.attach): nothing to recover
         backend: Backend = ZfsBackend(settings.zfs_root, settings.zfs_mounts, load_libzfs_core())
@@ -54,14 +57,25 @@ def build_service(settings: Settings) -> VolumeService:
     return service
 
 
+def build_replicator(service: VolumeService, settings: Settings) -> Replicator:
+    assert service.replications is not None
+    return Replicator(service, service.replications, ssh_key=settings.ssh_key,
+                      known_hosts=settings.ssh_known_hosts, remote_snapvol=settings.remote_snapvol,
+                      timeout=settings.transfer_timeout, workers=settings.transfers)
+
+
 def create_app(service: VolumeService | None = None,
                environ: Mapping[str, str] | None = None) -> Flask:
     """The WSGI application serving Docker's protocol and the CLI's endpoints."""
+    settings = Settings.from_env(os.environ if environ is None else environ)
     if service is None:
-        service = build_service(Settings.from_env(os.environ if environ is None else environ))
+        service = build_service(settings)
+    replicator = build_replicator(service, settings) if service.replications is not None else None
     app = Flask(__name__)
     app.extensions["snapvol.service"] = service
-    app.extensions["snapvol.scheduler"] = Scheduler(service)   # started by gunicorn's hooks
+    app.extensions["snapvol.replicator"] = replicator
+    # started by gunicorn's hooks
+    app.extensions["snapvol.scheduler"] = Scheduler(service, replicator=replicator)
     app.register_blueprint(volume_driver.bp)
     app.register_blueprint(admin.bp)
 

@@ -11,11 +11,12 @@ import enum
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
+from urllib.parse import quote
 
-from . import __version__
-from .client import PluginClient, find_socket
+from . import __version__, stream
+from .client import PluginClient, UnixHTTPConnection, find_socket
 from .units import format_size
 
 
@@ -155,7 +156,188 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true", help="decide and print, delete nothing")
     prune.set_defaults(endpoint="Snapvol.Prune", render=render_prune,
                        body=lambda a: {"Volume": a.volume, "DryRun": a.dry_run})
+    send = sub.add_parser("send", parents=[common],
+                          help="write a volume's snapshot as a stream (full, or incremental "
+                          "with --since) to stdout or a file")
+    send.add_argument("source", metavar="VOLUME[@SNAPSHOT]",
+                      help="without @SNAPSHOT, a snapshot is taken now")
+    send.add_argument("--since", metavar="SNAPSHOT", help="incremental from this snapshot")
+    send.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    send.set_defaults(run=run_send)
+    recv = sub.add_parser("receive", parents=[common],
+                          help="make a volume from a full stream, or update a replica with an "
+                          "incremental one")
+    recv.add_argument("volume", metavar="VOLUME")
+    recv.add_argument("-i", "--input", metavar="FILE", help="read here instead of stdin")
+    recv.set_defaults(run=run_receive)
+    repl = sub.add_parser("replicate", parents=[common],
+                          help="bring another snapvol's copy of a volume up to date "
+                          "(incremental from the newest common snapshot)")
+    repl.add_argument("volume", metavar="VOLUME")
+    repl.add_argument("target", metavar="TARGET",
+                      help="ssh://[user@]host[:port][/remote/plugin.sock] or unix:///path/plugin.sock")
+    repl.add_argument("--snapshot", help="send this snapshot (default: one taken now)")
+    repl.add_argument("--as", dest="remote_name", metavar="NAME",
+                      help="the volume's name on the target (default: the same name)")
+    repl.set_defaults(run=run_replicate)
     return parser
+
+
+class Progress:
+    """Bytes, rate and ETA on stderr when it is a terminal (tqdm), silent otherwise."""
+
+    def __init__(self, stderr: TextIO, label: str, total: int | None = None) -> None:
+        self._bar = None
+        if stderr.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc=label, file=stderr, leave=True)
+        self.done = 0
+
+    def to(self, done: int) -> None:
+        if self._bar is not None and done > self.done:
+            self._bar.update(done - self.done)
+        self.done = max(done, self.done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class _Tee:
+    """A binary reader that copies what is read to *out* and reports progress."""
+
+    def __init__(self, source: Any, out: Any, progress: Progress) -> None:
+        self._source, self._out, self._progress, self.count = source, out, progress, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        self._out.write(data)
+        self.count += len(data)
+        self._progress.to(self.count)
+        return data
+
+
+def _error_reply(response: Any) -> tuple[int, str]:
+    raw = response.read(1 << 20)
+    try:
+        return response.status, json.loads(raw).get("Err") or f"HTTP {response.status}"
+    except ValueError:
+        return response.status, f"HTTP {response.status}: {raw[:200]!r}"
+
+
+def run_send(args: argparse.Namespace, socket_path: str, stdout: TextIO, stderr: TextIO) -> int:
+    volume, at, snapshot = args.source.partition("@")
+    body = {"Volume": volume, "Snapshot": snapshot if at else None, "Since": args.since}
+    conn = UnixHTTPConnection(socket_path, timeout=300)
+    conn.request("POST", "/Snapvol.Send", body=json.dumps(body))
+    response = conn.getresponse()
+    if response.status != 200 or response.getheader("Content-Type", "").startswith("application/vnd.docker"):
+        status, message = _error_reply(response)
+        print(f"snapvol: {message}", file=stderr)
+        return exit_for(status) or Exit.ERROR
+    sent = response.getheader("X-Snapvol-Snapshot", "?")
+    out = open(args.output, "wb") if args.output else getattr(stdout, "buffer", stdout)
+    progress = Progress(stderr, f"send {volume}@{sent}")
+    reader = stream.Reader(_Tee(response, out, progress))
+    try:
+        reader.header()
+        for _ in reader.data(hold_last=False):
+            pass
+    except (stream.StreamError, OSError) as exc:
+        progress.close()
+        if args.output:
+            out.close()
+            os.unlink(args.output)          # never leave a partial stream that looks whole
+        print(f"snapvol: the stream of {volume}@{sent} is incomplete: {exc}", file=stderr)
+        return Exit.ERROR
+    finally:
+        conn.close()
+    progress.close()
+    if args.output:
+        out.close()
+    else:
+        out.flush()
+    base = response.getheader("X-Snapvol-Base")
+    print(f"sent {volume}@{sent}" + (f" (incremental from {base})" if base else " (full)")
+          + f": {reader.wire_bytes} bytes", file=stderr)
+    return Exit.OK
+
+
+def _chunks(source: Any, progress: Progress) -> Iterator[bytes]:
+    done = 0
+    while block := source.read(stream.FRAME):
+        done += len(block)
+        progress.to(done)
+        yield block
+
+
+def run_receive(args: argparse.Namespace, socket_path: str, stdout: TextIO, stderr: TextIO) -> int:
+    source = open(args.input, "rb") if args.input else sys.stdin.buffer
+    total = os.fstat(source.fileno()).st_size if args.input else None
+    progress = Progress(stderr, f"receive {args.volume}", total)
+    conn = UnixHTTPConnection(socket_path, timeout=600)
+    try:
+        conn.request("POST", f"/Snapvol.Receive?Volume={quote(args.volume, safe='')}",
+                     body=_chunks(source, progress), encode_chunked=True,
+                     headers={"Content-Type": "application/vnd.snapvol.stream"})
+        response = conn.getresponse()
+        status, raw = response.status, response.read()
+    finally:
+        progress.close()
+        conn.close()
+        if args.input:
+            source.close()
+    reply = json.loads(raw) if raw.strip() else {}
+    if status >= 400 or reply.get("Err"):
+        print(f"snapvol: {reply.get('Err') or f'HTTP {status}'}", file=stderr)
+        return exit_for(status) or Exit.ERROR
+    if args.json:
+        print(json.dumps(reply, indent=2), file=stdout)
+    else:
+        base = reply.get("Base")
+        print(f"received {args.volume}@{reply.get('Snapshot')}"
+              + (f" (incremental from {base})" if base else " (full)")
+              + f": {reply.get('Bytes')} bytes", file=stdout)
+    return Exit.OK
+
+
+def run_replicate(args: argparse.Namespace, socket_path: str, stdout: TextIO, stderr: TextIO) -> int:
+    body = {"Volume": args.volume, "Target": args.target, "Snapshot": args.snapshot,
+            "As": args.remote_name}
+    conn = UnixHTTPConnection(socket_path, timeout=3600)
+    progress = Progress(stderr, f"replicate {args.volume}")
+    try:
+        conn.request("POST", "/Snapvol.Replicate", body=json.dumps(body))
+        response = conn.getresponse()
+        if response.status != 200:
+            status, message = _error_reply(response)
+            print(f"snapvol: {message}", file=stderr)
+            return exit_for(status) or Exit.ERROR
+        final: dict[str, Any] = {}
+        for line in response:
+            event = json.loads(line)
+            if "Err" in event:
+                final = event
+                break
+            progress.to(int(event.get("Bytes", 0)))
+    finally:
+        progress.close()
+        conn.close()
+    if not final:
+        print("snapvol: the plugin ended the replication without a result; see its log", file=stderr)
+        return Exit.ERROR
+    if final["Err"]:
+        print(f"snapvol: {final['Err']}", file=stderr)
+        return exit_for(int(final.get("Status", 500))) or Exit.ERROR
+    run = final["Replication"]
+    if args.json:
+        print(json.dumps(final, indent=2), file=stdout)
+    else:
+        kind = f"incremental from {run['base']}" if run["base"] else "full"
+        print(f"replicated {args.volume}@{run['snapshot']} to {run['target']} ({kind}): "
+              f"{run['bytes']} bytes, {run['attempts']} attempt(s)", file=stdout)
+    return Exit.OK
 
 
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
@@ -173,6 +355,12 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     except LookupError as exc:
         print(f"snapvol: {exc}", file=stderr)
         return Exit.UNREACHABLE
+    if hasattr(args, "run"):
+        try:
+            return args.run(args, socket_path, stdout, stderr)
+        except OSError as exc:
+            print(f"snapvol: {exc.strerror or exc}", file=stderr)
+            return Exit.UNREACHABLE if isinstance(exc, ConnectionError) or exc.errno == 2 else Exit.ERROR
     try:
         body = args.body(args) if hasattr(args, "body") else {}
         status, reply = connect(socket_path).call(args.endpoint, body)

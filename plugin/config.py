@@ -36,6 +36,22 @@ def _docker_host(raw: str) -> str:
     return raw
 
 
+def _transfers(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 16:
+        raise ValueError("must be a number from 1 to 16")
+    return int(raw)
+
+
+def _text(raw: str) -> str:
+    if not raw or not re.fullmatch(r"[A-Za-z0-9_./-]+", raw) or raw.startswith("-"):
+        raise ValueError("must be a command name or path (letters, digits, _ . / -)")
+    return raw
+
+
+def _optional_text(raw: str) -> str:
+    return _text(raw) if raw else ""
+
+
 def _threads(raw: str) -> int:
     value = int(raw)
     if not 1 <= value <= 64:
@@ -85,6 +101,11 @@ class Settings:
     log_level: str
     docker_host: str
     hook_timeout: float
+    transfers: int
+    transfer_timeout: float
+    ssh_key: str
+    ssh_known_hosts: str
+    remote_snapvol: str
 
     # field -> (environment variable, default, parser, help)
     SPEC: ClassVar[dict[str, tuple[str, str, Callable[[str], object], str]]] = {
@@ -122,6 +143,17 @@ class Settings:
         "hook_timeout": ("SNAPVOL_HOOK_TIMEOUT", "60", _seconds,
                          "longest run of a container's snapvol.pre-snapshot or "
                          "snapvol.post-snapshot hook"),
+        "transfers": ("SNAPVOL_TRANSFERS", "4", _transfers,
+                      "send, receive and replication streams that may run at once (the rest "
+                      "of the request threads stay free for Docker)"),
+        "transfer_timeout": ("SNAPVOL_TRANSFER_TIMEOUT", "120", _seconds,
+                             "a replication whose target makes no progress for this long fails"),
+        "ssh_key": ("SNAPVOL_SSH_KEY", "", _optional_text,
+                    "private key for ssh:// replication targets; empty: ssh's defaults"),
+        "ssh_known_hosts": ("SNAPVOL_SSH_KNOWN_HOSTS", "/root/.ssh/known_hosts", _text,
+                            "known_hosts file for ssh:// targets (host keys are always checked)"),
+        "remote_snapvol": ("SNAPVOL_REMOTE_SNAPVOL", "snapvol", _text,
+                           "the snapvol command on ssh:// targets (a name on their PATH or a path)"),
     }
 
     @classmethod

@@ -115,3 +115,9 @@ class CommandTimeout(BackendError):
     def __init__(self, argv: Sequence[str], timeout: float) -> None:
         self.argv = tuple(argv)
         super().__init__(f"{shlex.join(self.argv)} timed out after {timeout:g} s and was killed")
+
+
+class TransferFailed(PluginError):
+    """A replication could not be completed (the target failed, hung or refused)."""
+
+    http_status = 502

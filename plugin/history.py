@@ -61,3 +61,69 @@ class AutoHistory:
         # Not fsynced: after a power loss the worst case is one extra automatic snapshot.
         data = {name: {**asdict(run), "at": run.at.isoformat()} for name, run in self._runs.items()}
         write_json_atomically(self._path, data, durable=False)
+
+
+@dataclass(frozen=True)
+class Replication:
+    """One replication of a volume to a target: what was sent, from which base, how it ended."""
+
+    target: str
+    at: datetime
+    snapshot: str | None
+    base: str | None = None
+    bytes: int = 0
+    error: str | None = None
+    attempts: int = 1
+
+    @property
+    def result(self) -> str:
+        return "failed" if self.error else "ok"
+
+
+class ReplicationLog:
+    """Per volume and target: the last replication, and the last one that succeeded (its
+    snapshot is the common base of the next incremental stream, protected from pruning)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._guard = threading.Lock()
+        raw = read_json(path, {})
+        self._entries: dict[str, dict[str, dict[str, Replication]]] = {}
+        for volume, targets in raw.items() if isinstance(raw, dict) else ():
+            for target, kinds in targets.items() if isinstance(targets, dict) else ():
+                for kind, entry in kinds.items() if isinstance(kinds, dict) else ():
+                    try:
+                        entry = {**entry, "at": datetime.fromisoformat(entry["at"])}
+                        self._entries.setdefault(volume, {}).setdefault(target, {})[kind] = \
+                            Replication(**entry)
+                    except (KeyError, TypeError, ValueError):
+                        continue
+
+    def record(self, volume: str, run: Replication) -> None:
+        with self._guard:
+            kinds = self._entries.setdefault(volume, {}).setdefault(run.target, {})
+            kinds["last"] = run
+            if run.error is None:
+                kinds["ok"] = run
+            self._save()
+
+    def last(self, volume: str) -> Replication | None:
+        runs = [k["last"] for k in self._entries.get(volume, {}).values() if "last" in k]
+        return max(runs, key=lambda r: r.at) if runs else None
+
+    def bases(self, volume: str) -> set[str]:
+        """Snapshots of *volume* that a target holds as its newest replica: never prune them."""
+        return {k["ok"].snapshot for k in self._entries.get(volume, {}).values()
+                if "ok" in k and k["ok"].snapshot}
+
+    def forget(self, volume: str) -> None:
+        with self._guard:
+            if self._entries.pop(volume, None) is not None:
+                self._save()
+
+    def _save(self) -> None:
+        data = {volume: {target: {kind: {**asdict(run), "at": run.at.isoformat()}
+                                  for kind, run in kinds.items()}
+                         for target, kinds in targets.items()}
+                for volume, targets in self._entries.items()}
+        write_json_atomically(self._path, data, durable=True)

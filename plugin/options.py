@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from . import targets
 from .errors import InvalidName, InvalidOption
 from .names import snapshot_name, volume_name
 from .retention import Policy
@@ -82,6 +83,10 @@ def _keep(value: str) -> str:
     return str(Policy.parse(value))
 
 
+def _target(value: str) -> str:
+    return str(targets.Target.parse(value))
+
+
 def _boolean(value: str) -> str:
     lowered = value.lower()
     if lowered in ("true", "yes", "on", "1"):
@@ -119,13 +124,16 @@ SPECS: dict[str, OptionSpec] = {spec.name: spec for spec in (
                f"(default {DEFAULT_KEEP}); grammar: last=N, within=DUR, Nh Nd Nw Nm Ny"),
     OptionSpec("quiesce", _one_of("none", "pause"), _BOTH,
                "pause: pause the volume's containers (and run their hooks) for automatic snapshots"),
+    OptionSpec("replicate", _target, _BOTH,
+               "send each automatic snapshot to another snapvol: " + targets.GRAMMAR),
 )}
-# In the product contract (DESIGN.md 2.1) but not in this release: refused with a clear word.
-PLANNED = ("replicate",)
 # A clone keeps its source's data, owner and mode; only these may go with from=.
-WITH_FROM = frozenset({"from", "size", "schedule", "keep", "quiesce"})
+WITH_FROM = frozenset({"from", "size", "schedule", "keep", "quiesce", "replicate"})
+# What a received volume keeps of its source's options: storage only (a replica takes no
+# snapshots of its own, which would break the next incremental stream, and has no origin).
+REPLICA_OPTIONS = ("size", "uid", "gid", "mode", "compression", "nocow", "recordsize", "atime")
 # Only meaningful for automatic snapshots.
-NEED_SCHEDULE = ("keep", "quiesce")
+NEED_SCHEDULE = ("keep", "quiesce", "replicate")
 
 
 def accepted(backend: str) -> list[str]:
@@ -152,7 +160,7 @@ def validate(raw: object, backend: str,
         return {}
     if not isinstance(raw, dict):
         raise InvalidOption("Opts must be a map of option names to string values")
-    unknown = sorted(k for k in raw if k not in SPECS and k not in PLANNED)
+    unknown = sorted(k for k in raw if k not in SPECS)
     if unknown:
         shown = ", ".join(repr(k) if not isinstance(k, str) or len(k) < 40 else repr(k[:40] + "...")
                           for k in unknown[:5])
@@ -160,9 +168,6 @@ def validate(raw: object, backend: str,
                             f"{', '.join(accepted(backend))}")
     result = {}
     for key, value in sorted(raw.items()):
-        if key in PLANNED:
-            raise InvalidOption(f"option {key} is not available in this version of snapvol "
-                                f"(accepted: {', '.join(accepted(backend))})")
         spec = SPECS[key]
         if backend not in spec.backends:
             only = "/".join(sorted(spec.backends))
@@ -179,8 +184,8 @@ def validate(raw: object, backend: str,
     if "from" in result and set(result) - WITH_FROM:
         extra = ", ".join(sorted(set(result) - WITH_FROM))
         raise InvalidOption(f"option(s) {extra} cannot be combined with from= (a clone keeps "
-                            "its source's data, owner and mode; only size, schedule, keep and "
-                            "quiesce may be given)")
+                            "its source's data, owner and mode; only size, schedule, keep, "
+                            "quiesce and replicate may be given)")
     for key in NEED_SCHEDULE:
         if key in result and "schedule" not in result:
             raise InvalidOption(f"option {key} applies to automatic snapshots; give schedule= "

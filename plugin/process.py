@@ -60,3 +60,72 @@ def run(argv: Sequence[str | os.PathLike[str]], *, stdin: bytes | None = None,
     if proc.returncode not in ok_codes:
         raise CommandFailed(args, proc.returncode, err)
     return Result(args, proc.returncode, out, err)
+
+
+class Streaming:
+    """A child whose stdin or stdout is a pipe we stream through (send, receive, ssh).
+
+    stderr goes to a temporary file so a chatty child can never block on it; :meth:`finish`
+    waits and raises with its tail. Used as a context manager, the child is killed and reaped
+    if the block fails, so no stream process outlives its transfer.
+    """
+
+    def __init__(self, argv: Sequence[str | os.PathLike[str]], *, feed: bool,
+                 stdin: int | None = None) -> None:
+        """*feed*: we write its stdin; otherwise we read its stdout (stdin: *stdin* or null)."""
+        import tempfile
+
+        self.argv = _argv(argv)
+        self._stderr = tempfile.TemporaryFile()
+        log.debug("stream: %s", shlex.join(self.argv))
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, env=CHILD_ENV, stderr=self._stderr,
+                stdin=subprocess.PIPE if feed else (stdin if stdin is not None else subprocess.DEVNULL),
+                stdout=subprocess.DEVNULL if feed else subprocess.PIPE)
+        except FileNotFoundError:
+            self._stderr.close()
+            raise BackendError(f"{self.argv[0]}: command not found; install it on the plugin host") from None
+
+    def stderr_tail(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read()[-4000:].decode("utf-8", "replace")
+
+    def finish(self, timeout: float = 120.0) -> None:
+        """Close our end, wait for the child, and check its status.
+
+        :raises CommandFailed: non-zero exit (the message has its stderr tail).
+        :raises CommandTimeout: still running after *timeout* seconds (then killed).
+        """
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:   # the child is gone; its status tells why
+                    pass
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise CommandTimeout(self.argv, timeout) from None
+        if code != 0:
+            raise CommandFailed(self.argv, code, self.stderr_tail())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+
+    def __enter__(self) -> Streaming:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None or self.proc.poll() is None:
+            self.kill()
+        self._stderr.close()

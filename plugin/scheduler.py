@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 
 from .errors import PluginError
 from .history import AutoRun
+from .replication import Replicator
 from .volumes import VolumeService
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,12 @@ def utc_now() -> datetime:
 class Scheduler:
     """Takes each scheduled volume's automatic snapshot when it is due, then prunes it."""
 
-    def __init__(self, service: VolumeService, *, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(self, service: VolumeService, *, clock: Callable[[], datetime] = utc_now,
+                 replicator: Replicator | None = None) -> None:
+        """*replicator* sends each automatic snapshot of a volume with ``replicate=TARGET``
+        there, in its own bounded pool (a slow target never delays other schedules)."""
         self._service = service
+        self._replicator = replicator
         self._clock = clock
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -55,10 +60,13 @@ class Scheduler:
             if schedule.next_run > now or self._stop.is_set():
                 continue
             try:
-                done[schedule.volume] = self._service.run_automatic(schedule.volume, now)
+                run = done[schedule.volume] = self._service.run_automatic(schedule.volume, now)
             except Exception as exc:    # the run is recorded; the other volumes still run
                 log.error("scheduler: automatic snapshot of %s failed: %s", schedule.volume, exc)
                 done[schedule.volume] = exc
+                continue
+            if schedule.replicate and self._replicator is not None and run.snapshot:
+                self._replicator.submit(schedule.volume, schedule.replicate, run.snapshot)
         return done
 
     def seconds_to_next(self, now: datetime) -> float:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -23,11 +26,13 @@ from typing import Any
 from . import __version__, names, options, retention
 from .backends.base import Backend, SnapshotInfo, VolumeInfo
 from .errors import (BackendError, BackendUnavailable, Conflict, InvalidName, InvalidOption,
-                     InvalidRequest, PluginError, SnapshotNotFound, VolumeExists, VolumeInUse,
-                     VolumeNotFound)
-from .history import AutoHistory, AutoRun
+                     InvalidRequest, PluginError, SnapshotNotFound, VolumeBusy, VolumeExists,
+                     VolumeInUse, VolumeNotFound)
+from . import stream
+from .history import AutoHistory, AutoRun, ReplicationLog
 from .locks import VolumeLocks
 from .mounts import MountTable
+from .process import Streaming
 from .quiesce import DockerQuiescer, QuiesceFailed
 from .units import parse_duration
 
@@ -36,9 +41,14 @@ log = logging.getLogger(__name__)
 AUTO_PREFIX = "auto-"    # reserved for the scheduler's snapshots, the only ones ever pruned
 
 
-def _stamp(now: datetime | None = None) -> str:
+def utc_stamp(now: datetime | None = None) -> str:
     """20261129T101500Z: sorts by time, no ':' (awkward in paths and -v specs)."""
     return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def unique_name(prefix: str) -> str:
+    """prefix + UTC time + 4 hex digits: sorts by time, never collides within a second."""
+    return f"{prefix}{utc_stamp()}-{secrets.token_hex(2)}"
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class Schedule:
     quiesce: str
     created: datetime
     last: AutoRun | None
+    replicate: str | None = None
 
     @property
     def next_run(self) -> datetime:
@@ -75,11 +86,14 @@ class VolumeService:
     def __init__(self, backend: Backend, mounts: MountTable, locks: VolumeLocks,
                  recover: Callable[[], object] | None = None, *,
                  history: AutoHistory | None = None,
-                 quiescer: DockerQuiescer | None = None) -> None:
+                 quiescer: DockerQuiescer | None = None,
+                 replications: ReplicationLog | None = None, transfers: int = 4) -> None:
         """*recover* makes the storage reachable again (re-mounts it); Mount calls it when the
         backend reports the storage unavailable, e.g. after ``docker plugin disable -f``.
         *history* keeps the scheduler's last runs; *quiescer* reaches Docker to pause
-        containers (without one, ``quiesce=pause`` is refused)."""
+        containers (without one, ``quiesce=pause`` is refused); *replications* records
+        replications (their bases are never pruned); at most *transfers* streams run at once,
+        so threads are always left for Docker's calls."""
         self._backend = backend
         self._mounts = mounts
         self._locks = locks
@@ -88,6 +102,12 @@ class VolumeService:
         self._quiescer = quiescer
         self._started = time.time()
         self._listeners: list[Callable[[], None]] = []
+        self.replications = replications
+        self._transfers = threading.BoundedSemaphore(transfers)
+        self._transfer_limit = transfers
+        self._guard = threading.Lock()
+        self._pins: Counter[tuple[str, str]] = Counter()   # snapshots being sent
+        self._receiving: set[str] = set()                   # volumes being received
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call *listener* after a volume is created or removed (the scheduler re-plans)."""
@@ -149,7 +169,7 @@ class VolumeService:
         if origin == name:
             raise InvalidOption(f"option from={opts['from']}: a volume cannot be a clone of itself")
         if not snapshot:
-            snapshot = f"clone-{name}-{_stamp()}"
+            snapshot = f"clone-{name}-{utc_stamp()}"
             self._backend.create_snapshot(origin, snapshot)
         self._backend.clone(origin, snapshot, name, opts)
 
@@ -168,7 +188,7 @@ class VolumeService:
         if not isinstance(volumes, list) or not volumes:
             raise InvalidRequest("give one or more volume names")
         targets = sorted({names.volume_name(v) for v in volumes})
-        snap = names.snapshot_name(name) if name is not None else f"manual-{_stamp()}"
+        snap = names.snapshot_name(name) if name is not None else f"manual-{utc_stamp()}"
         if snap.startswith(AUTO_PREFIX):
             raise InvalidName(f"snapshot names starting with {AUTO_PREFIX!r} are reserved for "
                               "scheduled snapshots")
@@ -213,6 +233,7 @@ class VolumeService:
         volume = names.volume_name(volume)
         snapshot = names.snapshot_name(snapshot)
         with self._locks.hold(volume):
+            self._not_receiving(volume)
             users = self._mounts.users(volume)
             if users:
                 raise VolumeInUse(f"volume {volume} is in use by {self._users_text(volume, users)}"
@@ -235,6 +256,8 @@ class VolumeService:
         """
         name = names.volume_name(name)
         with self._locks.hold(name):
+            self._not_receiving(name)
+            self._not_sending(name)
             self._backend.volume(name)
             users = self._mounts.users(name)
             if users:
@@ -244,6 +267,8 @@ class VolumeService:
             self._mounts.forget(name)
         if self._history is not None:
             self._history.forget(name)
+        if self.replications is not None:
+            self.replications.forget(name)
         self._changed()
 
     def mount(self, name: object, mount_id: object) -> Path:
@@ -257,6 +282,7 @@ class VolumeService:
         name = names.volume_name(name)
         mount_id = names.mount_id(mount_id)
         with self._locks.hold(name):
+            self._not_receiving(name)
             try:
                 self._backend.volume(name)
             except BackendUnavailable as exc:
@@ -311,6 +337,155 @@ class VolumeService:
         """Every volume, cheaply (one bulk backend pass, no usage figures)."""
         return [VolumeView(v.name, v.mountpoint, v.created) for v in self._backend.volumes()]
 
+    # ------------------------------------------------------------------ send / receive
+
+    def send(self, volume: object, snapshot: object = None, since: object = None, *,
+             holding_slot: bool = False) -> Transfer:
+        """The framed stream of *volume*@*snapshot* (a snapshot taken now when None),
+        incremental from *since*, as a :class:`Transfer` to iterate (and close).
+
+        Only choosing the snapshots takes the volume's lock; while the stream runs, they are
+        pinned (retention skips them) and no lock is held, so Docker's calls go on.
+
+        :raises VolumeNotFound, SnapshotNotFound: as named.
+        :raises VolumeBusy: as many transfers as allowed are already running (unless the
+            caller holds a slot of :meth:`transfer_slot` already).
+        """
+        volume = names.volume_name(volume)
+        since = None if since is None else names.snapshot_name(since)
+        if snapshot is None:
+            snapshot = self.snapshot([volume], unique_name("send-"))[0].name
+        snapshot = names.snapshot_name(snapshot)
+        with self._locks.hold(volume):
+            info = self._backend.volume(volume)
+            by_name = {s.name: s for s in self._backend.snapshots(volume)}
+            for wanted in (snapshot, since):
+                if wanted is not None and wanted not in by_name:
+                    raise SnapshotNotFound(volume, wanted)
+            if since is not None and by_name[since].created > by_name[snapshot].created:
+                raise InvalidRequest(f"--since {since} is newer than {snapshot}")
+            argv = self._backend.send_argv(volume, snapshot, since)
+            if not holding_slot:
+                self._acquire_transfer()
+            pinned = [(volume, n) for n in (snapshot, since) if n is not None]
+            with self._guard:
+                self._pins.update(pinned)
+        header = {"backend": self._backend.kind, "volume": volume, "snapshot": snapshot,
+                  "identity": by_name[snapshot].identity, "created": rfc3339(by_name[snapshot].created),
+                  "base": since, "base_identity": by_name[since].identity if since else None,
+                  "options": dict(info.options)}
+        return Transfer(header, argv, lambda: self._release_transfer(pinned, not holding_slot))
+
+    @contextmanager
+    def transfer_slot(self) -> Iterator[None]:
+        """Hold one of the ``transfers`` slots for a whole replication (its target may hang
+        before any byte is sent; that must count against the bound too).
+
+        :raises VolumeBusy: all slots are taken.
+        """
+        self._acquire_transfer()
+        try:
+            yield
+        finally:
+            self._transfers.release()
+
+    def _acquire_transfer(self) -> None:
+        if not self._transfers.acquire(timeout=1.0):
+            raise VolumeBusy(f"{self._transfer_limit} transfers are running already; try again "
+                             "when one has finished")
+
+    def _release_transfer(self, pinned: list[tuple[str, str]], slot: bool) -> None:
+        with self._guard:
+            self._pins.subtract(pinned)
+            self._pins += Counter()          # drop zero counts
+        if slot:
+            self._transfers.release()
+
+    def receive(self, volume: object, source: Any) -> dict[str, Any]:
+        """Read a framed stream from *source* (a binary file) into *volume*: a new volume from
+        a full stream, the replica brought up to date by an incremental one.
+
+        The stream is checked before anything is published: a truncated, corrupted or
+        aborted stream, one for the other backend, or an incremental one whose base the
+        replica lacks is refused and leaves nothing behind.
+
+        :raises StreamRefused: the stream is bad or does not fit this replica.
+        :raises VolumeExists: a full stream for an existing volume.
+        :raises VolumeInUse: containers use the replica an incremental stream would change.
+        """
+        volume = names.volume_name(volume)
+        reader = stream.Reader(source)
+        try:
+            header = reader.header()
+        except stream.StreamError as exc:
+            raise StreamRefused(str(exc)) from None
+        if header.get("backend") != self._backend.kind:
+            raise StreamRefused(f"the stream is from a {header.get('backend')} volume; this "
+                                f"plugin stores volumes on {self._backend.kind}")
+        try:
+            snapshot = names.snapshot_name(header.get("snapshot"))
+            opts = options.validate({k: v for k, v in (header.get("options") or {}).items()
+                                     if k in options.REPLICA_OPTIONS},
+                                    self._backend.kind, self._backend.compressions)
+        except (InvalidName, InvalidOption) as exc:
+            raise StreamRefused(f"the stream's header is not acceptable: {exc}") from None
+        base = self._replica_base(volume, header)
+        with self._guard:
+            if volume in self._receiving:
+                raise VolumeBusy(f"volume {volume} is being received already")
+            self._receiving.add(volume)
+        self._acquire_transfer()
+        try:
+            try:
+                with self._backend.receiving(volume, snapshot, base, opts) as pipe:
+                    for chunk in reader.data(hold_last=True):
+                        pipe.write(chunk)
+            except stream.StreamError as exc:
+                raise StreamRefused(f"{exc}; nothing was kept") from None
+            except (BrokenPipeError, ConnectionError) as exc:
+                raise StreamRefused(f"the receiver stopped early ({exc}); nothing was kept") from None
+        finally:
+            self._transfers.release()
+            with self._guard:
+                self._receiving.discard(volume)
+        self._changed()
+        log.info("received %s@%s: %d bytes (%s)", volume, snapshot, reader.bytes,
+                 "incremental from " + base if base else "full")
+        return {"volume": volume, "snapshot": snapshot, "base": base, "bytes": reader.bytes}
+
+    def _replica_base(self, volume: str, header: dict[str, Any]) -> str | None:
+        """The replica's snapshot an incremental stream builds on (None for a full stream)."""
+        wanted = header.get("base_identity")
+        if not wanted:
+            return None
+        try:
+            have = self._backend.snapshots(volume)
+        except VolumeNotFound:
+            raise StreamRefused(f"the stream is incremental (from {header.get('base')}) but "
+                                f"there is no volume {volume} here to apply it to; send a full "
+                                "stream first") from None
+        users = self._mounts.users(volume)
+        if users:
+            raise VolumeInUse(f"volume {volume} is in use by {self._users_text(volume, users)}; "
+                              "a replica cannot be updated while containers use it")
+        for snap in reversed(have):
+            if snap.matches(str(wanted)):
+                return snap.name
+        raise StreamRefused(f"volume {volume} lacks the stream's base snapshot "
+                            f"{header.get('base')} (identity {str(wanted)[:12]}); send from a "
+                            "snapshot both sides have, or a full stream to a new volume")
+
+    def _not_receiving(self, name: str) -> None:
+        if name in self._receiving:
+            raise VolumeBusy(f"volume {name} is being received; try again when it is done")
+
+    def _not_sending(self, name: str) -> None:
+        with self._guard:
+            sending = sorted(snap for (vol, snap), count in self._pins.items() if vol == name and count)
+        if sending:
+            raise VolumeBusy(f"volume {name} is being sent ({', '.join(sending)}); try again "
+                             "when the transfer is done")
+
     # ------------------------------------------------------------------ schedules
 
     def schedules(self) -> list[Schedule]:
@@ -320,7 +495,8 @@ class VolumeService:
             schedule = _schedule_of(info)
             if schedule is not None:
                 last = self._history.last(info.name) if self._history else None
-                found.append(Schedule(info.name, *schedule, info.created, last))
+                found.append(Schedule(info.name, *schedule, info.created, last,
+                                      info.options.get("replicate")))
         return found
 
     def run_automatic(self, volume: str, now: datetime) -> AutoRun:
@@ -332,7 +508,7 @@ class VolumeService:
         """
         info = self._backend.volume(volume)
         interval, policy, quiesce = _schedule_of(info) or (None, None, "none")
-        snapshot = AUTO_PREFIX + _stamp(now)
+        snapshot = AUTO_PREFIX + utc_stamp(now)
         try:
             self._take([volume], snapshot, quiesce)
         except PluginError as exc:
@@ -378,7 +554,7 @@ class VolumeService:
                 continue
             autos = [s for s in self._backend.snapshots(info.name) if s.name.startswith(AUTO_PREFIX)]
             plan = retention.plan(autos, schedule[1], now=now,
-                                  protected=frozenset(origins.get(info.name, ())))
+                                  protected=frozenset(self._protected(info.name, origins)))
             for d in plan:
                 row = {"volume": info.name, "snapshot": d.snapshot.name,
                        "created": rfc3339(d.snapshot.created), "keep": d.keep,
@@ -392,6 +568,15 @@ class VolumeService:
                         row["error"] = str(exc)
                 decisions.append(row)
         return decisions
+
+    def _protected(self, volume: str, origins: dict[str, set[str]]) -> set[str]:
+        """Snapshots retention must keep: clone origins, replication bases, those being sent."""
+        protected = set(origins.get(volume, ()))
+        if self.replications is not None:
+            protected |= self.replications.bases(volume)
+        with self._guard:
+            protected |= {snap for (vol, snap), count in self._pins.items() if vol == volume and count}
+        return protected
 
     def _users_text(self, volume: str, mount_ids: list[str]) -> str:
         """"container(s) db, web" when Docker can tell, else a count of mounts."""
@@ -443,6 +628,12 @@ class VolumeService:
         status = {"backend": self._backend.kind, "options": dict(info.options),
                   "used_bytes": usage.used_bytes, "quota_bytes": usage.quota_bytes,
                   "mounts": mounts, "snapshots": snapshots}
+        replication = self.replications.last(info.name) if self.replications else None
+        if replication is not None:
+            status["replication"] = {
+                "target": replication.target, "snapshot": replication.snapshot,
+                "base": replication.base, "at": rfc3339(replication.at), "bytes": replication.bytes,
+                "result": replication.result, "error": replication.error}
         schedule = _schedule_of(info)
         if schedule is not None:
             last = self._history.last(info.name) if self._history else None
@@ -473,6 +664,47 @@ def _clone_origins(volumes: Iterable[VolumeInfo]) -> dict[str, set[str]]:
         if snapshot:
             origins.setdefault(volume, set()).add(snapshot)
     return origins
+
+
+class StreamRefused(InvalidRequest):
+    """A stream that cannot be received here (bad, for the other backend, missing its base)."""
+
+
+class Transfer:
+    """A running send: iterate it for the framed stream; :meth:`close` (also called by the
+    WSGI server when the client goes away) stops the native sender and frees its slot."""
+
+    CHUNK = stream.FRAME
+
+    def __init__(self, header: dict[str, Any], argv: list[str],
+                 release: Callable[[], None]) -> None:
+        self.header = header
+        self.bytes = 0
+        self._argv = argv
+        self._release: Callable[[], None] | None = release
+        self._child: Any = None
+
+    def _native(self) -> Iterator[bytes]:
+        self._child = Streaming(self._argv, feed=False)
+        with self._child:
+            out = self._child.proc.stdout
+            while chunk := out.read1(self.CHUNK) if hasattr(out, "read1") else out.read(self.CHUNK):
+                self.bytes += len(chunk)
+                yield chunk
+            self._child.finish()
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from stream.encode(self.header, self._native())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._child is not None and self._child.proc.poll() is None:
+            self._child.kill()
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 def rfc3339(moment: datetime) -> str:

@@ -161,9 +161,11 @@ def zfs_plugin(base: Path) -> Iterator[Target]:
                              "SNAPVOL_LOG_LEVEL": "warning", "SNAPVOL_RUN_DIR": str(base / "run" / "z")})
     try:
         process.start()
-        yield Target("snapvol-zfs", process.socket,
-                     lambda name: process.call("VolumeDriver.Create", {"Name": name}),
-                     lambda: [process.pid, *children(process.pid)])
+        target = Target("snapvol-zfs", process.socket,
+                        lambda name: process.call("VolumeDriver.Create", {"Name": name}),
+                        lambda: [process.pid, *children(process.pid)])
+        target.zfs_root = f"{pool}/snapvol"     # type: ignore[attr-defined]
+        yield target
     finally:
         process.stop()
         destroy_pool(pool)
@@ -226,6 +228,82 @@ def snapshot_rows(snapvol: Target, zfs: Target | None, bv: Target, base: Path,
     return rows
 
 
+def cli(socket: str, *argv: str, stdin=None, stdout=None) -> subprocess.Popen:
+    return subprocess.Popen([str(REPO / ".venv" / "bin" / "snapvol"), "--socket", socket, *argv],
+                            stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
+
+
+def pipe_time(first: list[str] | subprocess.Popen, second_argv: list[str]) -> float:
+    """Seconds for ``first | second`` (argv lists; no shell)."""
+    started = time.perf_counter()
+    left = first if isinstance(first, subprocess.Popen) else subprocess.Popen(first, stdout=subprocess.PIPE)
+    right = subprocess.Popen(second_argv, stdin=left.stdout, stdout=subprocess.DEVNULL)
+    left.stdout.close()
+    if right.wait() != 0 or left.wait() != 0:
+        raise RuntimeError(f"pipe failed: {getattr(left, 'args', first)} | {second_argv}")
+    return time.perf_counter() - started
+
+
+def replication_rows(source: Target, replica: PluginProcess, size_mb: int, changed_mb: int,
+                     base: Path, kind: str) -> list[str]:
+    """Full send+receive through snapvol against the raw native pipe on the same snapshot,
+    an incremental stream against the bytes changed, and tar+gzip of the same volume."""
+    name = f"repl{secrets.token_hex(3)}"
+    source.call("VolumeDriver.Create", {"Name": name})
+    path = source.call("VolumeDriver.Mount", {"Name": name, "ID": "bench"})["Mountpoint"]
+    print(f"bench: {source.label}: writing {size_mb} MiB for replication...", file=sys.stderr)
+    fill(path, size_mb << 20)
+    source.call("Snapvol.SnapshotCreate", {"Volumes": [name], "Name": "s1"})
+    size = size_mb << 20
+    # raw native pipe, on the same snapshot, into the replica's storage
+    if kind == "btrfs":
+        snap = Path(path).parent.parent / "snapshots" / name / "s1"
+        scratch = replica.state_dir / "pool" / "bench-raw"
+        scratch.mkdir()
+        raw = pipe_time(["btrfs", "send", "-q", str(snap)], ["btrfs", "receive", "-q", str(scratch)])
+        btrfsutil.set_subvolume_read_only(str(scratch / "s1"), False)
+        btrfsutil.delete_subvolume(str(scratch / "s1"))
+        scratch.rmdir()
+    else:
+        dataset = f"{source.zfs_root}/{name}@s1"
+        target = f"{replica.env['SNAPVOL_ZFS_ROOT']}/benchraw"
+        raw = pipe_time(["zfs", "send", dataset], ["zfs", "receive", "-u", target])
+        subprocess.run(["zfs", "destroy", "-r", target], check=True)
+    sender = cli(source.socket, "send", f"{name}@s1", stdout=subprocess.PIPE)
+    ours = pipe_time(sender, [str(REPO / ".venv" / "bin" / "snapvol"), "--socket", str(replica.socket),
+                              "receive", name])
+    # incremental: a new file of changed_mb
+    with open(f"{path}/changed", "wb") as f:
+        f.write(os.urandom(changed_mb << 20))
+    subprocess.run(["sync", "-f", path], check=True)
+    source.call("Snapvol.SnapshotCreate", {"Volumes": [name], "Name": "s2"})
+    inc_file = base / "inc.stream"
+    proc = cli(source.socket, "send", f"{name}@s2", "--since", "s1", "-o", str(inc_file))
+    if proc.wait() != 0:
+        raise RuntimeError(proc.stderr.read().decode())
+    inc = inc_file.stat().st_size
+    inc_file.unlink()
+    archive = base / "backup.tgz"
+    started = time.perf_counter()
+    subprocess.run(["tar", "-czf", str(archive), "-C", path, "."], check=True)
+    tgz = time.perf_counter() - started
+    tgz_size = archive.stat().st_size
+    archive.unlink()
+    source.call("VolumeDriver.Unmount", {"Name": name, "ID": "bench"})
+    for snap_name in ("s1", "s2"):
+        source.call("Snapvol.SnapshotRemove", {"Volume": name, "Snapshot": snap_name})
+    source.call("VolumeDriver.Remove", {"Name": name})
+    replica.call("VolumeDriver.Remove", {"Name": name})
+    mib = size / (1 << 20)
+    return [f"| {source.label}: full send + receive of {size_mb} MiB | {mib / ours:.0f} MiB/s "
+            f"({ours:.2f} s) | raw `{kind} send \\| {kind} receive`: {mib / raw:.0f} MiB/s ({raw:.2f} s) | "
+            f"{raw / ours * 100:.0f} % |",
+            f"| {source.label}: incremental stream after writing {changed_mb} MiB | "
+            f"{inc / (1 << 20):.1f} MiB | changed: {changed_mb} MiB | {inc / (changed_mb << 20):.2f}x |",
+            f"| {source.label}: `tar -cz` of the same volume | {mib / tgz:.0f} MiB/s ({tgz:.2f} s) | "
+            f"archive {tgz_size / (1 << 20):.0f} MiB | snapvol full is {tgz / ours:.1f}x faster |"]
+
+
 def docker_round_trip(docker: DockerDaemon, image: str, driver: str, repeat: int) -> str:
     samples = []
     for _ in range(repeat):
@@ -253,9 +331,11 @@ def main() -> None:
     # stalls; measure ZFS rows up to 100 by default (raise it on OpenZFS)
     parser.add_argument("--zfs-max", type=int, default=100,
                         help="largest volume count for the ZFS rows")
-    parser.add_argument("--sections", default="latency,roundtrip,snapshots",
+    parser.add_argument("--sections", default="latency,roundtrip,snapshots,replication",
                         help="which tables to produce, comma-separated")
     parser.add_argument("--snapshot-sizes", default="10,1024,4096", help="MiB of data")
+    parser.add_argument("--replication-mb", type=int, default=1024, help="MiB sent (btrfs)")
+    parser.add_argument("--zfs-replication-mb", type=int, default=256, help="MiB sent (zfs-fuse)")
     # zfs-fuse writes through FUSE at a few tens of MB/s; 4 GiB would take minutes to fill
     parser.add_argument("--zfs-snapshot-max", type=int, default=1024,
                         help="largest data size (MiB) for the ZFS snapshot column")
@@ -282,6 +362,29 @@ def main() -> None:
     try:
         results: dict[tuple[str, int], dict[str, str]] = {}
         with buttervolume(args.buttervolume, base) as bv, zfs_plugin(base) as zfs:
+            if "replication" in sections:
+                replica = PluginProcess(f"snapvolbenchr{secrets.token_hex(3)}", base / "rstate",
+                                        {"SNAPVOL_POOL_SIZE": "8G", "SNAPVOL_LOG_LEVEL": "warning",
+                                         "SNAPVOL_RUN_DIR": str(base / "run" / "r")})
+                zreplica = None
+                try:
+                    replica.start()
+                    rows = ["| measure | snapvol | alternative | ratio |", "|---|---|---|---|"]
+                    rows += replication_rows(snapvol, replica, args.replication_mb, 10, base, "btrfs")
+                    zpool = make_pool(base, size=4 << 30)
+                    zreplica = PluginProcess(f"snapvolbenchzr{secrets.token_hex(3)}", base / "zrstate",
+                                             {"SNAPVOL_BACKEND": "zfs", "SNAPVOL_ZFS_ROOT": f"{zpool}/snapvol",
+                                              "SNAPVOL_LOG_LEVEL": "warning",
+                                              "SNAPVOL_RUN_DIR": str(base / "run" / "zr")})
+                    zreplica.start()
+                    rows += replication_rows(zfs, zreplica, args.zfs_replication_mb, 10, base, "zfs")
+                    out.append("Send and receive, same run, same data (random, incompressible):\n")
+                    out += rows + [""]
+                finally:
+                    replica.stop()
+                    if zreplica is not None:
+                        zreplica.stop()
+                        destroy_pool(zpool)
             if "snapshots" in sections:
                 out.append("Snapshot time against data size, ms, median / p95 of 5 (tar: of 3), "
                            "same run, data freshly written and synced:\n")

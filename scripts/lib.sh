@@ -31,7 +31,7 @@ ensure_command() {
 }
 
 # The packages the plugin needs at run time.
-RUNTIME_PACKAGES=(btrfs-progs python3-btrfsutil python3-venv python3-flask gunicorn python3-docker e2fsprogs
+RUNTIME_PACKAGES=(btrfs-progs python3-btrfsutil python3-venv python3-flask gunicorn python3-docker python3-tqdm e2fsprogs
   util-linux)
 
 # docker_answers [DOCKER_HOST]: true if a Docker engine answers.

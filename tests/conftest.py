@@ -99,11 +99,12 @@ def zfs_service() -> Iterator[None]:
 
 
 def make_pool(directory: Path, size: int = 512 << 20) -> str:
-    """A pool on a sparse file vdev with a random name (never one someone else could own)."""
-    vdev = directory / "zpool.img"
+    """A pool on a sparse file vdev with a random name (never one someone else could own);
+    the vdev is named after the pool, so several pools can live in one directory."""
+    name = f"snapvoltest-{uuid.uuid4().hex[:8]}"
+    vdev = directory / f"{name}.img"
     with vdev.open("wb") as f:
         f.truncate(size)
-    name = f"snapvoltest-{uuid.uuid4().hex[:8]}"
     subprocess.run(["zpool", "create", "-m", "none", name, str(vdev)], check=True,
                    capture_output=True)
     return name

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
-from plugin import names
+from plugin import names, process
 from plugin.backends.base import SnapshotInfo, Usage, VolumeInfo, snapshot_each
 from plugin.errors import SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound
 
@@ -127,3 +128,35 @@ class FakeBackend:
             return self._snapshots[volume][snapshot]
         except KeyError:
             raise SnapshotNotFound(volume, snapshot) from None
+
+    # Streams are tar archives of the snapshot directory here (the real ones: btrfs/zfs send).
+    def send_argv(self, volume: str, snapshot: str, base: str | None) -> list[str]:
+        self._snapshot(volume, snapshot)
+        if base is not None:
+            self._snapshot(volume, base)
+        return ["tar", "-cf", "-", "-C", str(self.root / "snapshots" / volume / snapshot), "."]
+
+    @contextmanager
+    def receiving(self, volume: str, snapshot: str, base: str | None,
+                  options: Mapping[str, str]) -> Iterator[BinaryIO]:
+        if base is None and volume in self._volumes:
+            raise VolumeExists(f"volume {volume} already exists")
+        if base is not None:
+            self._snapshot(volume, base)
+            if snapshot in self._snapshots.get(volume, {}):
+                raise SnapshotExists(f"snapshot {volume}@{snapshot} already exists")
+        inbox = self.root / f"inbox-{uuid.uuid4().hex}"
+        inbox.mkdir(parents=True)
+        try:
+            with process.Streaming(["tar", "-xf", "-", "-C", str(inbox)], feed=True) as child:
+                yield child.proc.stdin   # type: ignore[misc]
+                child.finish()
+            if base is None:
+                self.create_volume(volume, options)
+            self._snapshots.setdefault(volume, {})
+            shutil.copytree(inbox, self.root / "snapshots" / volume / snapshot)
+            self._snapshots[volume][snapshot] = SnapshotInfo(volume, snapshot, self.clock(),
+                                                             uuid.uuid4().hex, "received")
+            self.rollback(volume, snapshot)
+        finally:
+            shutil.rmtree(inbox)

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, current_app, request
 
 from .volume_driver import service
 
-from ..errors import InvalidRequest
+from .. import names
+from ..errors import InvalidRequest, PluginError, VolumeBusy
+from ..history import Replication
+from ..replication import Replicator
+from ..targets import Target
 from ..volumes import SnapshotInfo, rfc3339
 from .wire import docker_request, reply, required
+
+log = logging.getLogger(__name__)
+STREAM_TYPE = "application/vnd.snapvol.stream"
 
 
 def _snapshot(info: SnapshotInfo) -> dict[str, object]:
     return {"volume": info.volume, "name": info.name, "created": rfc3339(info.created),
-            "identity": info.identity}
+            "identity": info.identity, "received": info.received}
 
 bp = Blueprint("admin", __name__)
 
@@ -69,3 +83,75 @@ def prune() -> Response:
         raise InvalidRequest("DryRun must be true or false")
     decisions = service().prune(body.get("Volume"), dry_run=dry_run)
     return reply(Decisions=decisions, DryRun=dry_run)
+
+
+@bp.post("/Snapvol.Send")
+def send() -> Response:
+    """The framed stream of a snapshot as the (chunked) response body; errors found before
+    the stream starts are JSON replies, later ones end the stream with an abort frame."""
+    body = docker_request()
+    transfer = service().send(required(body, "Volume"), body.get("Snapshot"), body.get("Since"))
+    headers = {"X-Snapvol-Snapshot": transfer.header["snapshot"],
+               "X-Snapvol-Base": transfer.header["base"] or ""}
+    return Response(transfer, mimetype=STREAM_TYPE, headers=headers)
+
+
+@bp.post("/Snapvol.Receive")
+def receive() -> Response:
+    """The request body is a stream from ``/Snapvol.Send``; ``?Volume=`` names the volume."""
+    volume = request.args.get("Volume")
+    if volume is None:
+        raise InvalidRequest("missing query parameter Volume")
+    result = service().receive(volume, request.stream)
+    return reply(Snapshot=result["snapshot"], Base=result["base"], Bytes=result["bytes"])
+
+
+def _replication(run: Replication) -> dict[str, object]:
+    return {"target": run.target, "snapshot": run.snapshot, "base": run.base,
+            "bytes": run.bytes, "attempts": run.attempts, "at": rfc3339(run.at)}
+
+
+@bp.post("/Snapvol.Replicate")
+def replicate() -> Response:
+    """Checks the request, then streams progress as JSON lines (``{"Bytes": n}``) while the
+    replication runs, and ends with ``{"Err": "", "Replication": {...}}`` or ``{"Err": ...}``."""
+    body = docker_request()
+    replicator: Replicator | None = current_app.extensions.get("snapvol.replicator")
+    if replicator is None:
+        raise VolumeBusy("this plugin instance cannot replicate (no replication state)")
+    volume, target = required(body, "Volume"), required(body, "Target")
+    service().snapshots(volume)                     # a missing volume: 404 now, not mid-stream
+    if body.get("As") is not None:
+        names.volume_name(body["As"])
+    try:
+        Target.parse(target)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    events: queue.Queue[dict[str, object]] = queue.Queue()
+
+    def work() -> None:
+        try:
+            run = replicator.replicate(volume, target, body.get("Snapshot"),
+                                       progress=lambda n: events.put({"Bytes": n}),
+                                       remote_name=body.get("As"))
+            events.put({"Err": "", "Replication": _replication(run)})
+        except PluginError as exc:
+            events.put({"Err": str(exc), "Status": exc.http_status})
+        except Exception:   # our bug: the traceback stays in the log
+            log.exception("replication of %s failed", volume)
+            events.put({"Err": "internal error in snapvol; see the plugin log", "Status": 500})
+
+    threading.Thread(target=work, name="snapvol-replicate", daemon=True).start()
+
+    def lines() -> Iterator[bytes]:
+        shown = 0.0
+        while True:
+            event = events.get()
+            if "Err" in event:
+                yield json.dumps(event).encode() + b"\n"
+                return
+            if time.monotonic() - shown >= 0.5:
+                shown = time.monotonic()
+                yield json.dumps(event).encode() + b"\n"
+
+    return Response(lines(), mimetype="application/x-ndjson")

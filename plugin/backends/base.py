@@ -9,10 +9,11 @@ subclasses.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, BinaryIO, ClassVar, Protocol
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ class SnapshotInfo:
     name: str
     created: datetime                  # timezone-aware UTC, from the filesystem
     identity: str                      # btrfs subvolume UUID or ZFS guid, hex
+    received: str = ""                 # identity of the snapshot this one was received from
+                                       # (btrfs received UUID; ZFS: the guid, kept by receive)
+
+    def matches(self, other_identity: str) -> bool:
+        """Whether this snapshot is, or was received from, the one with *other_identity*."""
+        return other_identity in (self.identity, self.received)
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,26 @@ class Backend(Protocol):
 
         :raises VolumeExists: *new_volume* is taken.
         :raises SnapshotNotFound: no such snapshot.
+        """
+
+    def send_argv(self, volume: str, snapshot: str, base: str | None) -> list[str]:
+        """The command whose stdout is the native stream of *snapshot*, incremental from
+        *base* when given.
+
+        :raises SnapshotNotFound: either snapshot is missing.
+        """
+
+    def receiving(self, volume: str, snapshot: str, base: str | None,
+                  options: Mapping[str, str]) -> AbstractContextManager[BinaryIO]:
+        """A context whose value is a pipe for the native stream of *volume*@*snapshot*.
+
+        A full stream (*base* None) makes a new volume with *options*; an incremental one
+        adds the snapshot to the volume (which must hold *base*) and makes the volume's
+        content that of the snapshot. Only when the block ends normally is anything
+        published; if it raises, everything received is removed (nothing half-made).
+
+        :raises VolumeExists: a full stream for a volume that exists.
+        :raises SnapshotExists: the volume already has a snapshot of that name.
         """
 
     def rollback(self, volume: str, snapshot: str) -> None:

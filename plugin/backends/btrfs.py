@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import btrfsutil
 
@@ -50,6 +50,7 @@ SNAPSHOTS = "snapshots"
 STAGING = ".snapvol-staging"
 _BTRFS_IOC_FS_INFO = 0x8400941F       # _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args[1024])
 _CLI_TIMEOUT = 60.0
+_RECEIVE_TIMEOUT = 600.0          # to finish after the last byte of a stream
 
 
 def _filesystem_id(path: Path) -> str:
@@ -102,6 +103,10 @@ class BtrfsBackend:
         """Destroy what a crash left in staging: half-made or half-destroyed volumes of ours."""
         for entry in os.scandir(self.staging_dir):
             path = Path(entry.path)
+            if entry.name.startswith("recv.") and entry.is_dir(follow_symlinks=False):
+                log.info("removing the interrupted receive %s", path)
+                self._empty_inbox(path)
+                continue
             if not entry.is_dir(follow_symlinks=False) or not self._is_ours(path):
                 log.warning("leaving unknown entry %s in staging alone", path)
                 continue
@@ -283,6 +288,78 @@ class BtrfsBackend:
         self._delete_subvolume(replaced)
         log.info("rolled volume %s back to snapshot %s", volume, snapshot)
 
+    # ------------------------------------------------------------------ send / receive
+
+    def send_argv(self, volume: str, snapshot: str, base: str | None) -> list[str]:
+        argv = ["btrfs", "send", "-q"]
+        if base is not None:
+            argv += ["-p", str(self._owned_snapshot(volume, base))]
+        return [*argv, str(self._owned_snapshot(volume, snapshot))]
+
+    @contextmanager
+    def receiving(self, volume: str, snapshot: str, base: str | None,
+                  options: Mapping[str, str]) -> Iterator[BinaryIO]:
+        """``btrfs receive`` into a directory of staging (invisible to Docker); on success the
+        snapshot moves to snapshots/<volume>/ and the volume becomes a writable snapshot of
+        it (made, for a full stream; replaced, for an incremental one)."""
+        target = self._snapshot_path(volume, snapshot)
+        if base is None and os.path.lexists(self._path(volume)):
+            raise VolumeExists(f"volume {volume} already exists; a full stream makes a new "
+                               "volume (remove it, or send an incremental stream)")
+        if base is not None:
+            self._owned_snapshot(volume, base)
+        if os.path.lexists(target):
+            raise SnapshotExists(f"snapshot {volume}@{snapshot} already exists")
+        inbox = names.under(self.staging_dir, f"recv.{volume}.{secrets.token_hex(4)}")
+        inbox.mkdir(mode=0o700)
+        try:
+            with process.Streaming(["btrfs", "receive", str(inbox)], feed=True) as child:
+                yield child.proc.stdin   # type: ignore[misc]
+                child.finish(timeout=_RECEIVE_TIMEOUT)
+            received = inbox / snapshot
+            if not self._is_ours(received):
+                raise BackendError(f"the stream did not hold snapshot {snapshot} made by snapvol")
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            # a read-only subvolume cannot change its parent directory: flip it for the
+            # rename (the ioctl keeps its received UUID, which incremental streams rely on)
+            btrfsutil.set_subvolume_read_only(received, False)
+            os.rename(received, target)
+            btrfsutil.set_subvolume_read_only(target, True)
+        finally:
+            self._empty_inbox(inbox)
+        try:
+            if base is None:
+                with self._staged(f"create.{volume}", f"cannot create volume {volume}") as work:
+                    btrfsutil.create_snapshot(target, work)
+                    self._write_owner(work, options)
+                    if "size" in options:
+                        self._ensure_quotas()
+                        process.run(["btrfs", "qgroup", "limit", str(parse_size(options["size"])),
+                                     work], timeout=_CLI_TIMEOUT)
+                    os.rename(work, self._path(volume))
+            else:
+                self.rollback(volume, snapshot)
+        except BaseException:
+            if base is None:   # nothing half-made: the snapshot goes with the failed volume
+                self._delete_subvolume(target)
+            raise
+        log.info("received %s@%s (%s)", volume, snapshot, "incremental" if base else "full")
+
+    def _empty_inbox(self, inbox: Path) -> None:
+        for entry in os.scandir(inbox) if inbox.is_dir() else ():
+            try:
+                if btrfsutil.is_subvolume(entry.path):
+                    btrfsutil.set_subvolume_read_only(entry.path, False)
+                    btrfsutil.delete_subvolume(entry.path)
+                else:
+                    log.warning("leaving %s in %s", entry.name, inbox)
+            except OSError as exc:
+                log.error("cannot remove %s: %s", entry.path, exc)
+        try:
+            inbox.rmdir()
+        except OSError:
+            pass
+
     @contextmanager
     def _staged(self, label: str, failure: str) -> Iterator[Path]:
         """A fresh path in staging for building a subvolume; if the block fails, whatever
@@ -311,8 +388,9 @@ class BtrfsBackend:
     @staticmethod
     def _snapshot_info(volume: str, snapshot: str, path: Path) -> SnapshotInfo:
         sub = btrfsutil.subvolume_info(path)
+        received = sub.received_uuid.hex().strip("0") and sub.received_uuid.hex()
         return SnapshotInfo(volume, snapshot, datetime.fromtimestamp(sub.otime, tz=timezone.utc),
-                            sub.uuid.hex())
+                            sub.uuid.hex(), received)
 
     def attach(self, name: str) -> Path:
         path = self._owned_path(name)

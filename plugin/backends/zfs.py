@@ -25,10 +25,11 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 from .. import names, process
 from ..errors import (BackendError, BackendUnavailable, CommandFailed, Conflict, InvalidOption,
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 OWNER = "snapvol:owner"
 OPTIONS = "snapvol:options"
 _TIMEOUT = 120.0
+_RECEIVE_TIMEOUT = 600.0          # to finish after the last byte of a stream
 _BUSY_WAIT = 10.0
 _ZFS_FUSE_COMPRESSION = frozenset(["on", "off", "lzjb", "gzip", "zle"]
                                   + [f"gzip-{n}" for n in range(1, 10)])
@@ -362,6 +364,64 @@ class ZfsBackend:
                            "remove them first (ZFS keeps a clone's origin)") from None
         log.info("rolled volume %s back to snapshot %s", volume, snapshot)
 
+    # ------------------------------------------------------------------ send / receive
+
+    def send_argv(self, volume: str, snapshot: str, base: str | None) -> list[str]:
+        full = self._owned_snapshot(volume, snapshot)
+        if base is None:
+            return ["zfs", "send", full]
+        self._owned_snapshot(volume, base)
+        return ["zfs", "send", "-i", f"@{base}", full]
+
+    @contextmanager
+    def receiving(self, volume: str, snapshot: str, base: str | None,
+                  options: Mapping[str, str]) -> Iterator[BinaryIO]:
+        """``zfs receive -u``: a full stream makes the dataset, which is ours (owner
+        ``creating`` then ``snapvol``, properties and mountpoint set) only once complete; an
+        incremental one (``-F``: local changes since the last snapshot are discarded) is
+        applied by ZFS atomically at the end of the stream, or not at all."""
+        dataset = self._dataset(volume)
+        names.snapshot_name(snapshot)
+        if base is None:
+            if self._get(dataset, [OWNER], missing_ok=True) is not None:
+                raise VolumeExists(f"volume {volume} already exists; a full stream makes a new "
+                                   "volume (remove it, or send an incremental stream)")
+            argv = ["zfs", "receive", "-u", dataset]
+        else:
+            self._owned_snapshot(volume, base)
+            if snapshot in self._snapshots(dataset, volume):
+                raise SnapshotExists(f"snapshot {volume}@{snapshot} already exists")
+            argv = ["zfs", "receive", "-u", "-F", dataset]
+            # unmounted while it changes underneath (zfs-fuse would keep serving stale
+            # content); the caller made sure no container uses it
+            if self._is_mounted(self._mountpoint(volume)):
+                _run_while_busy(["zfs", "unmount", dataset])
+        try:
+            with process.Streaming(argv, feed=True) as child:
+                yield child.proc.stdin   # type: ignore[misc]
+                child.finish(timeout=_RECEIVE_TIMEOUT)
+        finally:
+            if base is not None:
+                self._mount(dataset, self._mountpoint(volume))
+        if base is not None:
+            log.info("received %s@%s (incremental)", volume, snapshot)
+            return
+        try:
+            self._set(dataset, OWNER, "creating")
+            for prop, value in self._properties(volume, options).items():
+                self._set(dataset, prop, value)
+            self._mount(dataset, self._mountpoint(volume))
+            self._set(dataset, OWNER, "snapvol")        # the commit point
+        except BaseException:
+            try:
+                if (self._get(dataset, [OWNER], missing_ok=True) or {}).get(OWNER) == "creating":
+                    self._destroy(dataset, mounted=True)
+            except BackendError as cleanup:
+                log.error("could not remove half-received %s (removed at next start): %s",
+                          dataset, cleanup)
+            raise
+        log.info("received %s@%s (full)", volume, snapshot)
+
     def _snapshots(self, dataset: str, volume: str) -> dict[str, SnapshotInfo]:
         out = process.run(["zfs", "get", "-H", "-p", "-r", "-d", "1", "-o", "name,property,value",
                            "creation,guid", dataset], timeout=_TIMEOUT).stdout
@@ -370,9 +430,10 @@ class ZfsBackend:
             name, prop, value = line.split("\t", 2)
             if name.startswith(dataset + "@"):
                 props.setdefault(name.split("@", 1)[1], {})[prop] = value
+        # a received snapshot keeps its guid: it is its own "received" identity
         return {snap: SnapshotInfo(volume, snap,
                                    datetime.fromtimestamp(int(p["creation"]), tz=timezone.utc),
-                                   format(int(p["guid"]), "x"))
+                                   format(int(p["guid"]), "x"), format(int(p["guid"]), "x"))
                 for snap, p in props.items()}
 
     def _owned_snapshot(self, volume: str, snapshot: str) -> str:

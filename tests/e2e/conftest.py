@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import destroy_pool, make_pool, need
 from tests.e2e.harness import (DockerDaemon, ManagedPlugin, PluginProcess, Registry,
-                               build_plugin, mounts_under)
+                               SshServer, build_plugin, mounts_under)
 
 DEFAULT_DATA = Path("/var/lib/snapvol")
 
@@ -45,10 +45,20 @@ def docker_socket(e2e_base: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def plugin(e2e_base: Path) -> Iterator[PluginProcess]:
+def sshd(e2e_base: Path) -> Iterator[SshServer]:
+    """An ssh server on loopback: the way replication reaches another host."""
+    need("sshd", "ssh", "ssh-keygen")
+    server = SshServer(e2e_base / "ssh")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def plugin(e2e_base: Path, sshd: SshServer) -> Iterator[PluginProcess]:
     """snapvol on its embedded pool (the default a user gets), unique driver name."""
     process = PluginProcess(f"snapvole2e{secrets.token_hex(4)}", e2e_base / "state",
-                            {"SNAPVOL_DOCKER_HOST": f"unix://{docker_socket(e2e_base)}"})
+                            {"SNAPVOL_DOCKER_HOST": f"unix://{docker_socket(e2e_base)}", **sshd.env()})
     process.start()
     yield process
     process.stop()
@@ -57,13 +67,11 @@ def plugin(e2e_base: Path) -> Iterator[PluginProcess]:
         subprocess.run(["umount", str(pool)], check=True)
 
 
-@pytest.fixture(scope="session")
-def zfs_plugin(e2e_base: Path, zfs_service: None) -> Iterator[PluginProcess]:
-    """snapvol with SNAPVOL_BACKEND=zfs on a pool of its own (zfs-fuse where no kernel ZFS)."""
+def _zfs_instance(e2e_base: Path, label: str, env: dict[str, str]) -> Iterator[PluginProcess]:
     pool = make_pool(e2e_base, size=2 << 30)
-    process = PluginProcess(f"snapvolzfs{secrets.token_hex(4)}", e2e_base / "zstate",
+    process = PluginProcess(f"{label}{secrets.token_hex(4)}", e2e_base / f"{label}-state",
                             {"SNAPVOL_BACKEND": "zfs", "SNAPVOL_ZFS_ROOT": f"{pool}/snapvol",
-                             "SNAPVOL_DOCKER_HOST": f"unix://{docker_socket(e2e_base)}"})
+                             "SNAPVOL_DOCKER_HOST": f"unix://{docker_socket(e2e_base)}", **env})
     process.pool = pool  # type: ignore[attr-defined]
     process.start()
     yield process
@@ -72,7 +80,32 @@ def zfs_plugin(e2e_base: Path, zfs_service: None) -> Iterator[PluginProcess]:
 
 
 @pytest.fixture(scope="session")
-def docker(plugin: PluginProcess, zfs_plugin: PluginProcess, e2e_base: Path) -> Iterator[DockerDaemon]:
+def zfs_plugin(e2e_base: Path, zfs_service: None, sshd: SshServer) -> Iterator[PluginProcess]:
+    """snapvol with SNAPVOL_BACKEND=zfs on a pool of its own (zfs-fuse where no kernel ZFS)."""
+    yield from _zfs_instance(e2e_base, "snapvolzfs", sshd.env())
+
+
+@pytest.fixture(scope="session")
+def replica(e2e_base: Path) -> Iterator[PluginProcess]:
+    """A second Btrfs instance with its own pool and socket: the replication target."""
+    process = PluginProcess(f"snapvolrep{secrets.token_hex(4)}", e2e_base / "replica-state")
+    process.start()
+    yield process
+    process.stop()
+    pool = e2e_base / "replica-state" / "pool"
+    if mounts_under(pool):
+        subprocess.run(["umount", str(pool)], check=True)
+
+
+@pytest.fixture(scope="session")
+def zfs_replica(e2e_base: Path, zfs_service: None) -> Iterator[PluginProcess]:
+    """A second ZFS instance on a pool of its own: the ZFS replication target."""
+    yield from _zfs_instance(e2e_base, "snapvolzrep", {})
+
+
+@pytest.fixture(scope="session")
+def docker(plugin: PluginProcess, zfs_plugin: PluginProcess, replica: PluginProcess,
+           zfs_replica: PluginProcess, e2e_base: Path) -> Iterator[DockerDaemon]:
     daemon = DockerDaemon(e2e_base / "docker")
     daemon.base.mkdir()
     daemon.start()
@@ -144,3 +177,11 @@ def driver(request):
 def host_plugin(request):
     """A host-process plugin of each backend (restart and hostile-input tests)."""
     return request.getfixturevalue("plugin" if request.param == "btrfs" else "zfs_plugin")
+
+
+@pytest.fixture(scope="session", params=["btrfs", "zfs"])
+def pair(request, docker):
+    """(source, replica): two host instances of one backend, each with its own pool."""
+    if request.param == "btrfs":
+        return request.getfixturevalue("plugin"), request.getfixturevalue("replica")
+    return request.getfixturevalue("zfs_plugin"), request.getfixturevalue("zfs_replica")

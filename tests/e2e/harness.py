@@ -341,3 +341,63 @@ def build_test_image(docker: DockerDaemon, tag: str, context: Path) -> str:
     docker("build", "-q", "--network", "host", "--build-arg", f"BASE={base}", "-t", tag,
            str(context), timeout=900)
     return tag
+
+
+class SshServer:
+    """sshd on 127.0.0.1 with keys of the test's own (host and client), root by key only."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.port = free_port()
+        self.client_key = base / "client_key"
+        self.known_hosts = base / "known_hosts"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        host_key = self.base / "host_key"
+        for key in (host_key, self.client_key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        (self.base / "authorized_keys").write_text((self.base / "client_key.pub").read_text())
+        public = (self.base / "host_key.pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {public[0]} {public[1]}\n")
+        config = self.base / "sshd_config"
+        config.write_text(f"""\
+Port {self.port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+AuthorizedKeysFile {self.base / 'authorized_keys'}
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile {self.base / 'sshd.pid'}
+""")
+        Path("/run/sshd").mkdir(exist_ok=True)   # sshd's privilege separation directory
+        with (self.base / "sshd.log").open("wb") as log:
+            self._proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+                                          stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            probe = subprocess.run(["ssh", *self.options(), "root@127.0.0.1", "true"],
+                                   capture_output=True, timeout=20)
+            if probe.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"sshd did not answer: {(self.base / 'sshd.log').read_text()[-2000:]}")
+
+    def options(self) -> list[str]:
+        return ["-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
+                "-i", str(self.client_key), "-p", str(self.port)]
+
+    def env(self) -> dict[str, str]:
+        """The settings a plugin needs to replicate to this server."""
+        return {"SNAPVOL_SSH_KEY": str(self.client_key), "SNAPVOL_SSH_KNOWN_HOSTS": str(self.known_hosts),
+                "SNAPVOL_REMOTE_SNAPVOL": str(REPO / ".venv" / "bin" / "snapvol")}
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(10)
+            self._proc = None

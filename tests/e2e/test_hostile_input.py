@@ -59,7 +59,8 @@ OPTIONS = {
     "compression-injection": {"compression": "zstd; touch /tmp/snapvol-hostile-marker"},
     "nocow-bad": {"nocow": "maybe"},
     "other-backend-only": {"nocow": "true", "recordsize": "128K"},   # one is foreign to each
-    "not-yet": {"replicate": "ssh://backup@standby"},
+    "replicate-option-injection": {"schedule": "1h", "replicate": "ssh://-oProxyCommand=touch /tmp/snapvol-hostile-marker"},
+    "replicate-shell-user": {"schedule": "1h", "replicate": "ssh://$(reboot)@host"},
     "schedule-zero": {"schedule": "0s"},
     "schedule-shell": {"schedule": "$(touch /tmp/snapvol-hostile-marker)"},
     "schedule-huge-number": {"schedule": "9" * 400 + "s"},

@@ -188,3 +188,68 @@ def test_removing_a_volume_never_breaks_its_clones(backend, order):
         backend.detach(name)
         backend.destroy_volume(name)
     assert backend.volumes() == []
+
+
+def transfer(backend, volume, snapshot, base, target, target_base, options=None, *, cut=None):
+    """The native stream of volume@snapshot into target (as the plugin does, minus framing);
+    with *cut*, the receiving side fails after that many bytes."""
+    from plugin import process
+    with process.Streaming(backend.send_argv(volume, snapshot, base), feed=False) as sender, \
+            backend.receiving(target, snapshot, target_base, options or {}) as pipe:
+        data = sender.proc.stdout.read()
+        sender.finish()
+        if cut is not None:
+            pipe.write(data[:cut])
+            raise RuntimeError("the connection dropped")
+        pipe.write(data)
+    return len(data)
+
+
+def test_send_and_receive_full_then_incremental(backend):
+    path = backend.attach(backend.create_volume("v1", {"mode": "750"}).name)
+    write(path / "f", "one")
+    write(path / "big", "x" * 2_000_000)
+    backend.create_snapshot("v1", "s1")
+    write(path / "f", "two")
+    backend.create_snapshot("v1", "s2")
+    full = transfer(backend, "v1", "s1", None, "r1", None, {"mode": "750"})
+    replica = backend.attach("r1")
+    assert (replica / "f").read_text() == "one" and (replica / "big").stat().st_size == 2_000_000
+    assert backend.volume("r1").options == {"mode": "750"}
+    assert [s.name for s in backend.snapshots("r1")] == ["s1"]
+    if backend.describe()["filesystem"] != "fake":
+        assert backend.snapshots("r1")[0].matches(backend.snapshots("v1")[0].identity)
+        incremental = transfer(backend, "v1", "s2", "s1", "r1", "s1")
+        assert incremental < full / 10                  # only what changed travels
+        assert (backend.attach("r1") / "f").read_text() == "two"
+        assert [s.name for s in backend.snapshots("r1")] == ["s1", "s2"]
+        assert backend.snapshots("r1")[1].matches(backend.snapshots("v1")[1].identity)
+
+
+def test_a_failed_receive_leaves_nothing(backend):
+    path = backend.attach(backend.create_volume("v1", {}).name)
+    write(path / "big", "y" * 3_000_000)
+    backend.create_snapshot("v1", "s1")
+    with pytest.raises(RuntimeError, match="dropped"):
+        transfer(backend, "v1", "s1", None, "r1", None, cut=1_000_000)
+    assert [v.name for v in backend.volumes()] == ["v1"]
+    with pytest.raises(VolumeNotFound):
+        backend.snapshots("r1")
+    transfer(backend, "v1", "s1", None, "r1", None)          # and a retry then works
+    assert (backend.attach("r1") / "big").stat().st_size == 3_000_000
+
+
+def test_receive_refuses_what_does_not_fit(backend):
+    backend.create_volume("v1", {})
+    backend.create_snapshot("v1", "s1")
+    with pytest.raises(VolumeExists):
+        with backend.receiving("v1", "s9", None, {}):
+            pass
+    with pytest.raises(SnapshotNotFound):
+        with backend.receiving("v1", "s9", "nope", {}):
+            pass
+    with pytest.raises(SnapshotExists):
+        with backend.receiving("v1", "s1", "s1", {}):
+            pass
+    with pytest.raises(SnapshotNotFound):
+        backend.send_argv("v1", "nope", None)

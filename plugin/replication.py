@@ -1,0 +1,259 @@
+"""Replication: keep a volume's copy on another snapvol up to date, incrementally.
+
+``Replicator.replicate`` finds the newest snapshot both sides hold (by identity: the Btrfs
+received UUID or the ZFS guid), sends an incremental stream from it (a full one the first
+time) to the target's ``receive``, and records the result; the snapshot the target now holds
+is the next base and is never pruned on the source (:class:`~plugin.history.ReplicationLog`).
+A failed transfer leaves nothing on the target (receive publishes only a whole, verified
+stream), so a retry simply starts again from the last common snapshot. Transfers hold no
+volume lock while streaming and run at most ``SNAPVOL_TRANSFERS`` at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote
+
+from . import names, process
+from .client import PluginClient, UnixHTTPConnection
+from .errors import (CommandFailed, Conflict, InvalidRequest, NotFound, PluginError,
+                     TransferFailed)
+from .history import Replication, ReplicationLog
+from .targets import Target
+from .volumes import VolumeService, unique_name
+
+log = logging.getLogger(__name__)
+
+REPL_PREFIX = "repl-"        # snapshots taken for a replication (replaced by the next one)
+
+
+class Replicator:
+    """Replicates volumes of *service* to other snapvol instances."""
+
+    def __init__(self, service: VolumeService, replications: ReplicationLog, *,
+                 ssh_key: str = "", known_hosts: str = "/root/.ssh/known_hosts",
+                 remote_snapvol: str = "snapvol", timeout: float = 120.0, retries: int = 2,
+                 workers: int = 4) -> None:
+        self._service = service
+        self._log = replications
+        self._ssh_key = ssh_key
+        self._known_hosts = known_hosts
+        self._remote_snapvol = remote_snapvol
+        self._timeout = timeout
+        self._retries = retries
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapvol-replicate")
+
+    # ------------------------------------------------------------------ the work
+
+    def replicate(self, volume: object, target: object, snapshot: object = None,
+                  progress: Callable[[int], None] | None = None,
+                  remote_name: object = None) -> Replication:
+        """Bring *target*'s copy of *volume* (named *remote_name* there, by default the same
+        name) up to *snapshot* (a snapshot taken now when None).
+
+        :raises InvalidRequest: a bad target; :raises NotFound: no such volume or snapshot;
+        :raises Conflict: the target has the volume but no snapshot in common with us;
+        :raises TransferFailed: the transfer failed after its retries (recorded, nothing
+            half-made on the target).
+        """
+        volume = names.volume_name(volume)
+        remote = names.volume_name(remote_name) if remote_name is not None else volume
+        try:
+            where = Target.parse(target)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        label = str(where) + (f" as {remote}" if remote != volume else "")
+        with self._service.transfer_slot():
+            if snapshot is None:
+                snapshot = self._service.snapshot([volume], unique_name(REPL_PREFIX))[0].name
+            snapshot = names.snapshot_name(snapshot)
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    run = self._attempt(volume, remote, where, label, snapshot, attempt, progress)
+                except (InvalidRequest, NotFound, Conflict) as exc:
+                    self._log.record(volume, Replication(label, _now(), snapshot, None, 0,
+                                                         str(exc), attempt))
+                    raise
+                except (PluginError, OSError) as exc:
+                    log.warning("replication of %s to %s, attempt %d: %s", volume, label, attempt, exc)
+                    if attempt > self._retries:
+                        message = (f"replication of {volume} to {label} failed after {attempt} "
+                                   f"attempt(s): {exc}")
+                        self._log.record(volume, Replication(label, _now(), snapshot, None, 0,
+                                                             message, attempt))
+                        raise TransferFailed(message) from None
+                    time.sleep(min(2.0 * attempt, 10.0))
+                    continue
+                self._log.record(volume, run)
+                self._drop_old_replication_snapshots(volume, snapshot)
+                return run
+
+    def _attempt(self, volume: str, remote_name: str, where: Target, label: str, snapshot: str,
+                 attempt: int, progress: Callable[[int], None] | None) -> Replication:
+        remote = self._remote_snapshots(where, remote_name)
+        local = {s.name: s for s in self._service.snapshots(volume)}
+        if snapshot not in local:
+            raise NotFound(f"no such snapshot: {volume}@{snapshot}")
+        base = None
+        if remote is not None:
+            held = {r.get("identity") for r in remote} | {r.get("received") for r in remote}
+            held.discard(None)
+            held.discard("")
+            if local[snapshot].identity in held:
+                log.info("%s@%s is already on %s", volume, snapshot, label)
+                return Replication(label, _now(), snapshot, None, 0, None, attempt)
+            common = [s for s in local.values()
+                      if s.identity in held and s.created <= local[snapshot].created]
+            if not common:
+                raise Conflict(f"{where} has a volume {remote_name} with no snapshot in common "
+                               f"with {volume}; remove it there to start over with a full stream")
+            base = max(common, key=lambda s: s.created).name
+        transfer = self._service.send(volume, snapshot, base, holding_slot=True)
+        try:
+            reply = self._send_to(where, remote_name, _counted(transfer, progress))
+        finally:
+            transfer.close()
+        log.info("replicated %s@%s to %s (%s, %d bytes): %s", volume, snapshot, label,
+                 f"incremental from {base}" if base else "full", transfer.bytes, reply)
+        return Replication(label, _now(), snapshot, base, transfer.bytes, None, attempt)
+
+    def _drop_old_replication_snapshots(self, volume: str, keep: str) -> None:
+        """Older ``repl-`` snapshots were bases of earlier runs; the new one replaces them
+        (unless another target still builds on one, or a clone was made from it)."""
+        protected = self._log.bases(volume) | {keep}
+        for snap in self._service.snapshots(volume):
+            if snap.name.startswith(REPL_PREFIX) and snap.name not in protected:
+                try:
+                    self._service.remove_snapshot(volume, snap.name)
+                except PluginError as exc:
+                    log.warning("keeping %s@%s: %s", volume, snap.name, exc)
+
+    # ------------------------------------------------------------------ targets
+
+    def _remote_snapshots(self, where: Target, volume: str) -> list[dict[str, Any]] | None:
+        """The target's snapshots of *volume* (identity, received), or None without a volume."""
+        if where.kind == "unix":
+            status, reply = PluginClient(str(where.socket), timeout=self._timeout).call(
+                "Snapvol.SnapshotList", {"Volume": volume})
+            if status == 404 and "no such volume" in reply.get("Err", ""):
+                return None
+            if status != 200:
+                raise TransferFailed(f"{where}: {reply.get('Err') or f'HTTP {status}'}")
+            return list(reply.get("Snapshots", []))
+        result = process.run(self._ssh(where, "snapshot", "ls", volume, "--json"),
+                             timeout=self._timeout, ok_codes=(0, 3))
+        if result.returncode == 3:
+            return None
+        try:
+            return list(json.loads(result.stdout)["Snapshots"])
+        except (ValueError, KeyError, TypeError):
+            raise TransferFailed(f"{where}: unexpected answer to snapshot ls: "
+                                 f"{result.stdout[:200]!r}") from None
+
+    def _send_to(self, where: Target, volume: str, chunks: Iterable[bytes]) -> str:
+        if where.kind == "unix":
+            conn = UnixHTTPConnection(str(where.socket), timeout=self._timeout)
+            try:
+                conn.request("POST", f"/Snapvol.Receive?Volume={quote(volume)}", body=chunks,
+                             encode_chunked=True,
+                             headers={"Content-Type": "application/octet-stream"})
+                response = conn.getresponse()
+                reply = json.loads(response.read() or b"{}")
+            finally:
+                conn.close()
+            if response.status != 200 or reply.get("Err"):
+                raise TransferFailed(f"{where}: {reply.get('Err') or f'HTTP {response.status}'}")
+            return f"received as {reply.get('Snapshot')}"
+        argv = self._ssh(where, "receive", volume)
+        with process.Streaming(argv, feed=True) as child, _Watchdog(child, self._timeout) as dog:
+            try:
+                for chunk in chunks:
+                    child.proc.stdin.write(chunk)
+                    dog.alive()
+            except BrokenPipeError:
+                pass   # the far side stopped reading; its exit status says why
+            try:
+                child.finish(timeout=self._timeout)
+            except CommandFailed as exc:
+                raise TransferFailed(f"{where}: {exc.stderr.strip()[-500:] or exc}") from None
+        return "received"
+
+    def _ssh(self, where: Target, *command: str) -> list[str]:
+        """ssh in batch mode with host keys checked against our known_hosts file; the remote
+        command is quoted word by word (ssh hands it to the remote shell as one string)."""
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                "-o", f"UserKnownHostsFile={self._known_hosts}", "-o", "ConnectTimeout=10",
+                "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        if self._ssh_key:
+            argv += ["-i", self._ssh_key, "-o", "IdentitiesOnly=yes"]
+        if where.port:
+            argv += ["-p", str(where.port)]
+        remote = [self._remote_snapvol, *(["--socket", where.socket] if where.socket else []), *command]
+        destination = f"{where.user}@{where.host}" if where.user else where.host
+        return [*argv, "--", destination, shlex.join(remote)]
+
+    # ------------------------------------------------------------------ scheduled
+
+    def submit(self, volume: str, target: str, snapshot: str) -> Future[Replication]:
+        """Replicate in the background (after an automatic snapshot); errors are recorded."""
+        def job() -> Replication:
+            try:
+                return self.replicate(volume, target, snapshot)
+            except PluginError as exc:
+                log.error("scheduled replication of %s: %s", volume, exc)
+                raise
+        return self._pool.submit(job)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Watchdog:
+    """Kills a streaming child that has made no progress for *timeout* seconds (a target
+    that accepts a connection and then never reads would block a write forever)."""
+
+    def __init__(self, child: process.Streaming, timeout: float) -> None:
+        self._child, self._timeout = child, timeout
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="snapvol-watchdog")
+
+    def alive(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._done.wait(1.0):
+            if time.monotonic() - self._last > self._timeout:
+                log.error("transfer stalled for %.0f s: stopping %s", self._timeout, self._child.argv[0])
+                self._child.kill()
+                return
+
+    def __enter__(self) -> _Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+
+
+def _counted(chunks: Iterable[bytes], progress: Callable[[int], None] | None) -> Iterator[bytes]:
+    sent = 0
+    for chunk in chunks:
+        sent += len(chunk)
+        if progress is not None:
+            progress(sent)
+        yield chunk
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,134 @@
+"""Send/receive through the HTTP layer (fake backend: tar streams), transfer slots, and the
+replication base that retention must keep. The real streams are tested in the integration
+(btrfs send/receive, zfs send/receive) and e2e tiers."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from plugin import stream
+from plugin.app import create_app
+from plugin.errors import VolumeBusy
+from plugin.history import AutoHistory, Replication, ReplicationLog
+from plugin.locks import VolumeLocks
+from plugin.mounts import MountTable
+from plugin.volumes import VolumeService
+from tests.fakes import FakeBackend
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> VolumeService:
+    backend = FakeBackend(tmp_path / "root")
+    svc = VolumeService(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(0.5),
+                        history=AutoHistory(tmp_path / "schedule.json"),
+                        replications=ReplicationLog(tmp_path / "replication.json"), transfers=1)
+    svc.open()
+    return svc
+
+
+@pytest.fixture
+def client(service):
+    return create_app(service=service).test_client()
+
+
+def sent(client, body: dict) -> bytes:
+    response = client.post("/Snapvol.Send", data=json.dumps(body).encode())
+    assert response.status_code == 200, response.data
+    assert response.headers["Content-Type"] == "application/vnd.snapvol.stream"
+    return response.data
+
+
+def reencoded(raw: bytes, **changes) -> bytes:
+    """*raw* as a well-formed stream whose header says something else."""
+    reader = stream.Reader(io.BytesIO(raw))
+    header = {k: v for k, v in reader.header().items() if k != "format"}
+    return b"".join(stream.encode({**header, **changes}, [b"".join(reader.data())]))
+
+
+def receive(client, volume: str, raw: bytes) -> tuple[int, dict]:
+    response = client.post(f"/Snapvol.Receive?Volume={volume}", data=raw)
+    return response.status_code, json.loads(response.data)
+
+
+def test_send_then_receive_makes_the_volume(client, service):
+    service.create("db", {"mode": "700", "schedule": "1h"})
+    (service.path("db") / "table").write_text("rows")
+    raw = sent(client, {"Volume": "db"})               # a snapshot is taken for it
+    name = service.snapshots("db")[0].name
+    assert name.startswith("send-")
+    status, reply = receive(client, "copy", raw)
+    assert status == 200 and reply["Snapshot"] == name and reply["Bytes"] > 0
+    assert (service.path("copy") / "table").read_text() == "rows"
+    assert service.get("copy").status["options"] == {"mode": "700"}   # storage options only
+
+
+@pytest.mark.parametrize("mangle, message", [
+    (lambda raw: b"", "the stream is empty"),
+    (lambda raw: raw[: len(raw) // 2], "truncated"),
+    (lambda raw: raw[:-30] + bytes([raw[-30] ^ 1]) + raw[-29:], "corrupted"),
+    (lambda raw: b"tar file, not ours", "not a snapvol stream"),
+    (lambda raw: reencoded(raw, backend="zfs"),
+     "the stream is from a zfs volume; this plugin stores volumes on btrfs"),
+    (lambda raw: reencoded(raw, snapshot="../x"), "header is not acceptable"),
+    (lambda raw: reencoded(raw, options={"mode": "99999"}), "header is not acceptable"),
+])
+def test_bad_streams_are_refused_and_leave_nothing(client, service, mangle, message):
+    service.create("db", {})
+    service.snapshot(["db"], "s1")
+    raw = sent(client, {"Volume": "db", "Snapshot": "s1"})
+    status, reply = receive(client, "copy", mangle(raw))
+    assert status == 400 and message in reply["Err"], reply
+    assert [v.name for v in service.list()] == ["db"]
+
+
+def test_incremental_stream_needs_the_base_on_the_replica(client, service):
+    service.create("db", {})
+    service.snapshot(["db"], "s1")
+    service.snapshot(["db"], "s2")
+    raw = sent(client, {"Volume": "db", "Snapshot": "s2", "Since": "s1"})
+    status, reply = receive(client, "nowhere", raw)
+    assert status == 400 and "there is no volume nowhere here" in reply["Err"]
+    service.create("other", {})
+    status, reply = receive(client, "other", raw)
+    assert status == 400 and "volume other lacks the stream's base snapshot s1" in reply["Err"]
+
+
+def test_send_errors_are_json_before_the_stream_starts(client, service):
+    service.create("db", {})
+    response = client.post("/Snapvol.Send", data=b'{"Volume": "db", "Snapshot": "nope"}')
+    assert response.status_code == 404 and json.loads(response.data)["Err"] == "no such snapshot: db@nope"
+    response = client.post("/Snapvol.Send", data=b'{"Volume": "../etc"}')
+    assert response.status_code == 400
+
+
+def test_transfer_slots_are_bounded_and_always_freed(service):
+    service.create("db", {})
+    service.snapshot(["db"], "s1")
+    first = service.send("db", "s1")
+    with pytest.raises(VolumeBusy, match="1 transfers are running already"):
+        service.send("db", "s1")
+    first.close()                                      # never iterated: still freed
+    second = service.send("db", "s1")
+    assert b"".join(second).startswith(stream.MAGIC)   # iterated to the end: freed
+    service.send("db", "s1").close()
+
+
+def test_retention_never_prunes_a_replication_base_or_a_snapshot_being_sent(service):
+    backend = service._backend
+    now = datetime(2026, 6, 1, tzinfo=timezone.utc)
+    service.create("db", {"schedule": "1h", "keep": "last=1"})
+    for hours in (3, 2, 1):
+        backend.clock = lambda h=hours: now - timedelta(hours=h)
+        backend.create_snapshot("db", f"auto-{hours}")
+    service.replications.record("db", Replication("ssh://standby", now, "auto-3"))
+    transfer = service.send("db", "auto-2")
+    kept = {d["snapshot"]: d["reasons"] for d in service.prune("db", now=now) if d["keep"]}
+    assert kept == {"auto-3": ["protected"], "auto-2": ["protected"], "auto-1": ["newest", "last"]}
+    transfer.close()
+    kept = {d["snapshot"] for d in service.prune("db", now=now) if d["keep"]}
+    assert kept == {"auto-3", "auto-1"}
