@@ -15,6 +15,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from .api import admin, volume_driver
+from .api.stream_socket import StreamSocket, stream_socket_path
 from .api.wire import reply
 from .backends.base import Backend
 from .backends.btrfs import BtrfsBackend
@@ -76,6 +77,8 @@ def create_app(service: VolumeService | None = None,
     app.extensions["snapvol.replicator"] = replicator
     # started by gunicorn's hooks
     app.extensions["snapvol.scheduler"] = Scheduler(service, replicator=replicator)
+    app.extensions["snapvol.streams"] = StreamSocket(service, stream_socket_path(settings.socket),
+                                                     timeout=settings.transfer_timeout)
     app.register_blueprint(volume_driver.bp)
     app.register_blueprint(admin.bp)
 

@@ -7,7 +7,7 @@ import http.client
 import json
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 LEGACY_SOCKET = "/run/docker/plugins/snapvol.sock"
@@ -76,3 +76,40 @@ def find_socket(environ: Mapping[str, str]) -> str:
                           "choose one with --socket or SNAPVOL_SOCKET")
     raise LookupError(f"no snapvol socket found ({LEGACY_SOCKET} or {MANAGED_SOCKETS}); "
                       "is the plugin running? (./scripts/run starts it)")
+
+
+def stream_socket(socket_path: str) -> str | None:
+    """The plugin's stream socket beside *socket_path*, if it serves one."""
+    path = socket_path + ".stream"
+    return path if os.path.exists(path) else None
+
+
+def send_stream(path: str, volume: str, chunks: Iterable[bytes], *,
+                timeout: float = 120.0) -> dict[str, Any]:
+    """Give a framed stream to the plugin's stream socket to receive as *volume*; return its
+    answer (the usual envelope, ``Err`` empty on success, ``Status`` the HTTP-like code).
+
+    :raises OSError: the socket cannot be reached.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(json.dumps({"Op": "receive", "Volume": volume}).encode() + b"\n")
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+            sock.shutdown(socket.SHUT_WR)      # end of stream: a short one is seen as truncated
+        except (BrokenPipeError, ConnectionResetError):
+            pass                               # refused early: the answer says why
+        with sock.makefile("rb") as answers:
+            line = answers.readline(1 << 16)
+    finally:
+        sock.close()
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        return {"Err": "the plugin closed the stream without an answer; see its log", "Status": 500}
+    return answer

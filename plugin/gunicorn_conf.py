@@ -66,15 +66,22 @@ def on_starting(server) -> None:
 
 
 def post_worker_init(worker) -> None:
-    """Start the scheduler of the app this worker loaded (``create_app`` starts no thread)."""
-    scheduler = worker.wsgi.extensions.get("snapvol.scheduler")
-    if scheduler is not None:
-        scheduler.start()
+    """Start the scheduler and the stream socket of the app this worker loaded
+    (``create_app`` starts no thread)."""
+    for name in ("snapvol.streams", "snapvol.scheduler"):
+        part = worker.wsgi.extensions.get(name)
+        if part is not None:
+            part.start()
 
 
 def worker_exit(server, worker) -> None:
-    """Stop the scheduler before the worker ends (a run in progress finishes first)."""
+    """Stop the scheduler (a run in progress finishes first) and the stream socket."""
     app = getattr(worker, "wsgi", None)
-    scheduler = app.extensions.get("snapvol.scheduler") if app is not None else None
+    if app is None:
+        return
+    scheduler = app.extensions.get("snapvol.scheduler")
     if scheduler is not None:
         scheduler.stop(timeout=graceful_timeout - 2)
+    streams = app.extensions.get("snapvol.streams")
+    if streams is not None:
+        streams.stop()

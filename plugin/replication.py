@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from . import names, process
-from .client import PluginClient, UnixHTTPConnection
+from .client import PluginClient, UnixHTTPConnection, send_stream, stream_socket
 from .errors import (CommandFailed, Conflict, InvalidRequest, NotFound, PluginError,
                      TransferFailed)
 from .history import Replication, ReplicationLog
@@ -161,6 +161,12 @@ class Replicator:
                                  f"{result.stdout[:200]!r}") from None
 
     def _send_to(self, where: Target, volume: str, chunks: Iterable[bytes]) -> str:
+        streams = stream_socket(str(where.socket)) if where.kind == "unix" else None
+        if streams is not None:
+            reply = send_stream(streams, volume, chunks, timeout=self._timeout)
+            if reply.get("Err"):
+                raise TransferFailed(f"{where}: {reply['Err']}")
+            return f"received as {reply.get('Snapshot')}"
         if where.kind == "unix":
             conn = UnixHTTPConnection(str(where.socket), timeout=self._timeout)
             try:

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 MAGIC = b"SNAPVOL-STREAM\n"
 FORMAT = 1
-FRAME = 256 * 1024
+FRAME = 1024 * 1024          # large frames: fewer chunks and calls in every hop
 MAX_HEADER = 64 * 1024
 _HEAD = struct.Struct(">cI")
 
@@ -52,10 +52,11 @@ def encode(header: dict[str, Any], chunks: Iterable[bytes]) -> Iterator[bytes]:
     try:
         for chunk in chunks:
             for start in range(0, len(chunk), FRAME):
-                piece = chunk[start:start + FRAME]
+                piece = chunk[start:start + FRAME] if len(chunk) > FRAME else chunk
                 digest.update(piece)
                 total += len(piece)
-                yield _frame(b"D", piece)
+                yield _HEAD.pack(b"D", len(piece))   # header and data apart: no 1 MiB copy
+                yield piece
     except Exception as exc:
         yield _frame(b"X", str(exc).encode()[:4000])
         raise
@@ -151,3 +152,51 @@ class Reader:
                 return
             else:
                 raise StreamError("the stream is corrupted (a second header)")
+
+
+def prefetch(items: Iterable[bytes], depth: int = 8) -> Iterator[bytes]:
+    """*items*, produced by a thread of their own up to *depth* ahead, so reading one side of
+    a transfer overlaps writing the other (pipe and socket I/O and hashing release the GIL).
+    An error of the producer is raised here; when the consumer stops early, the producer
+    stops at its next item."""
+    import queue
+    import threading
+
+    box: queue.Queue[tuple[str, object]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put(("item", item), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put(("end", None))
+        except BaseException as exc:   # handed to the consumer, raised there
+            box.put(("error", exc))
+
+    worker = threading.Thread(target=produce, name="snapvol-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = box.get()
+            if kind == "item":
+                yield value  # type: ignore[misc]
+            elif kind == "error":
+                raise value  # type: ignore[misc]
+            else:
+                return
+    finally:
+        stop.set()
+        for _ in range(100):            # unblock a producer waiting on a full queue; one
+            if not worker.is_alive():   # blocked on I/O ends with its I/O (a daemon thread)
+                break
+            try:
+                box.get(timeout=0.1)
+            except queue.Empty:
+                pass

@@ -438,7 +438,7 @@ class VolumeService:
         try:
             try:
                 with self._backend.receiving(volume, snapshot, base, opts) as pipe:
-                    for chunk in reader.data(hold_last=True):
+                    for chunk in stream.prefetch(reader.data(hold_last=True)):
                         pipe.write(chunk)
             except stream.StreamError as exc:
                 raise StreamRefused(f"{exc}; nothing was kept") from None
@@ -688,14 +688,14 @@ class Transfer:
         self._child = Streaming(self._argv, feed=False)
         with self._child:
             out = self._child.proc.stdout
-            while chunk := out.read1(self.CHUNK) if hasattr(out, "read1") else out.read(self.CHUNK):
+            while chunk := out.read(self.CHUNK):     # whole frames (a pipe gives 64 KiB reads)
                 self.bytes += len(chunk)
                 yield chunk
             self._child.finish()
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            yield from stream.encode(self.header, self._native())
+            yield from stream.encode(self.header, stream.prefetch(self._native()))
         finally:
             self.close()
 

@@ -233,14 +233,17 @@ def cli(socket: str, *argv: str, stdin=None, stdout=None) -> subprocess.Popen:
                             stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
 
 
-def pipe_time(first: list[str] | subprocess.Popen, second_argv: list[str]) -> float:
-    """Seconds for ``first | second`` (argv lists; no shell)."""
+def pipe_time(first: list[str] | subprocess.Popen, second_argv: list[str],
+              then: list[str] | None = None) -> float:
+    """Seconds for ``first | second`` and then *then* (argv lists; no shell)."""
     started = time.perf_counter()
     left = first if isinstance(first, subprocess.Popen) else subprocess.Popen(first, stdout=subprocess.PIPE)
     right = subprocess.Popen(second_argv, stdin=left.stdout, stdout=subprocess.DEVNULL)
     left.stdout.close()
     if right.wait() != 0 or left.wait() != 0:
         raise RuntimeError(f"pipe failed: {getattr(left, 'args', first)} | {second_argv}")
+    if then:
+        subprocess.run(then, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
@@ -260,18 +263,31 @@ def replication_rows(source: Target, replica: PluginProcess, size_mb: int, chang
         snap = Path(path).parent.parent / "snapshots" / name / "s1"
         scratch = replica.state_dir / "pool" / "bench-raw"
         scratch.mkdir()
-        raw = pipe_time(["btrfs", "send", "-q", str(snap)], ["btrfs", "receive", "-q", str(scratch)])
+        # ...then committed, as snapvol's receive is when it makes the volume (a snapshot
+        # commits the transaction): both columns end with the data on disk
+        raw = pipe_time(["btrfs", "send", "-q", str(snap)], ["btrfs", "receive", "-q", str(scratch)],
+                        ["btrfs", "filesystem", "sync", str(scratch)])
         btrfsutil.set_subvolume_read_only(str(scratch / "s1"), False)
         btrfsutil.delete_subvolume(str(scratch / "s1"))
         scratch.rmdir()
     else:
         dataset = f"{source.zfs_root}/{name}@s1"
         target = f"{replica.env['SNAPVOL_ZFS_ROOT']}/benchraw"
-        raw = pipe_time(["zfs", "send", dataset], ["zfs", "receive", "-u", target])
+        # ...then one property set (a transaction group sync), as snapvol's receive does
+        raw = pipe_time(["zfs", "send", dataset], ["zfs", "receive", "-u", target],
+                        ["zfs", "set", "canmount=noauto", target])
         subprocess.run(["zfs", "destroy", "-r", target], check=True)
     sender = cli(source.socket, "send", f"{name}@s1", stdout=subprocess.PIPE)
     ours = pipe_time(sender, [str(REPO / ".venv" / "bin" / "snapvol"), "--socket", str(replica.socket),
                               "receive", name])
+    # plugin to plugin: snapvol replicate to the second instance's socket (no CLI in the path)
+    started = time.perf_counter()
+    proc = cli(source.socket, "replicate", name, f"unix://{replica.socket}", "--as", f"{name}r",
+               "--snapshot", "s1")
+    if proc.wait() != 0:
+        raise RuntimeError(proc.stderr.read().decode())
+    direct = time.perf_counter() - started
+    replica.call("VolumeDriver.Remove", {"Name": f"{name}r"})
     # incremental: a new file of changed_mb
     with open(f"{path}/changed", "wb") as f:
         f.write(os.urandom(changed_mb << 20))
@@ -290,14 +306,16 @@ def replication_rows(source: Target, replica: PluginProcess, size_mb: int, chang
     tgz_size = archive.stat().st_size
     archive.unlink()
     source.call("VolumeDriver.Unmount", {"Name": name, "ID": "bench"})
-    for snap_name in ("s1", "s2"):
-        source.call("Snapvol.SnapshotRemove", {"Volume": name, "Snapshot": snap_name})
+    for snap in source.call("Snapvol.SnapshotList", {"Volume": name})["Snapshots"]:
+        source.call("Snapvol.SnapshotRemove", {"Volume": name, "Snapshot": snap["name"]})
     source.call("VolumeDriver.Remove", {"Name": name})
     replica.call("VolumeDriver.Remove", {"Name": name})
     mib = size / (1 << 20)
     return [f"| {source.label}: full send + receive of {size_mb} MiB | {mib / ours:.0f} MiB/s "
             f"({ours:.2f} s) | raw `{kind} send \\| {kind} receive`: {mib / raw:.0f} MiB/s ({raw:.2f} s) | "
             f"{raw / ours * 100:.0f} % |",
+            f"| {source.label}: `snapvol replicate` of the same snapshot to a second instance | "
+            f"{mib / direct:.0f} MiB/s ({direct:.2f} s) | raw pipe as above | {raw / direct * 100:.0f} % |",
             f"| {source.label}: incremental stream after writing {changed_mb} MiB | "
             f"{inc / (1 << 20):.1f} MiB | changed: {changed_mb} MiB | {inc / (changed_mb << 20):.2f}x |",
             f"| {source.label}: `tar -cz` of the same volume | {mib / tgz:.0f} MiB/s ({tgz:.2f} s) | "
@@ -335,7 +353,7 @@ def main() -> None:
                         help="which tables to produce, comma-separated")
     parser.add_argument("--snapshot-sizes", default="10,1024,4096", help="MiB of data")
     parser.add_argument("--replication-mb", type=int, default=1024, help="MiB sent (btrfs)")
-    parser.add_argument("--zfs-replication-mb", type=int, default=256, help="MiB sent (zfs-fuse)")
+    parser.add_argument("--zfs-replication-mb", type=int, default=1024, help="MiB sent (zfs)")
     # zfs-fuse writes through FUSE at a few tens of MB/s; 4 GiB would take minutes to fill
     parser.add_argument("--zfs-snapshot-max", type=int, default=1024,
                         help="largest data size (MiB) for the ZFS snapshot column")

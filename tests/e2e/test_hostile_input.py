@@ -108,9 +108,28 @@ ADMIN = {
     "prune-traversal": ("/Snapvol.Prune", {"Volume": "../x"}),
     "prune-missing": ("/Snapvol.Prune", {"Volume": "ghost"}),
     "prune-bad-flag": ("/Snapvol.Prune", {"Volume": "hostile-mounted", "DryRun": "yes"}),
+    "send-traversal": ("/Snapvol.Send", {"Volume": "../x"}),
+    "send-missing-snapshot": ("/Snapvol.Send", {"Volume": "hostile-mounted", "Snapshot": "nope"}),
+    "send-missing-base": ("/Snapvol.Send", {"Volume": "hostile-mounted", "Snapshot": "nope", "Since": "../x"}),
+    "send-missing-volume": ("/Snapvol.Send", {"Volume": "ghost"}),
+    "replicate-shell-target": ("/Snapvol.Replicate",
+                               {"Volume": "hostile-mounted", "Target": "ssh://$(touch /tmp/snapvol-hostile-marker)"}),
+    "replicate-option-target": ("/Snapvol.Replicate", {"Volume": "hostile-mounted", "Target": "ssh://-oProxyCommand=x"}),
+    "replicate-missing-volume": ("/Snapvol.Replicate", {"Volume": "ghost", "Target": "ssh://standby"}),
+    "replicate-bad-remote-name": ("/Snapvol.Replicate",
+                                  {"Volume": "hostile-mounted", "Target": "ssh://standby", "As": "../x"}),
 }
 for label, (path, body) in ADMIN.items():
     CASES.append((label, path, json.dumps(body).encode()))
+for label, (query, body) in {
+        "receive-no-volume": ("", b"SNAPVOL-STREAM\n"),
+        "receive-traversal": ("?Volume=..%2F..%2Fetc", b"SNAPVOL-STREAM\n"),
+        "receive-garbage": ("?Volume=hostile-new", b"\x00" * 10000),
+        "receive-empty": ("?Volume=hostile-new", b""),
+        "receive-json": ("?Volume=hostile-new", b'{"Name": "x"}'),
+        "receive-into-mounted": ("?Volume=hostile-mounted", b"SNAPVOL-STREAM\n"),
+}.items():
+    CASES.append((label, "/Snapvol.Receive" + query, body))
 CASES.append(("unknown-endpoint", "/VolumeDriver.Explode", b"{}"))
 CASES.append(("unknown-subsystem", "/NetworkDriver.CreateNetwork", b"{}"))
 CASES.append(("path-traversal-url", "/../../etc/passwd", b"{}"))

@@ -268,3 +268,31 @@ def test_transfers_hanging_on_a_dead_target_never_block_docker(docker, busybox, 
             t.join(120)
     assert len(results) == 4 and all(code != 0 for code, _, _ in results), results
     docker("volume", "rm", vol)
+
+
+@pytest.mark.parametrize("first_line, message", [
+    (b"not json\n", "the request line is not JSON"),
+    (b'{"Op": "delete", "Volume": "x"}\n', "expected {\"Op\": \"receive\""),
+    (b'{"Op": "receive", "Volume": "../etc"}\n', "invalid volume name"),
+    (b'{"Op": "receive", "Volume": "$(touch /tmp/snapvol-hostile-marker)"}\n', "invalid volume name"),
+    (b'{"Op": "receive", "Volume": "okname"}\n', "the stream is empty"),
+    (b'{"Op": "receive", "Volume": "okname"}\n' + b"\0" * 10000, "not a snapvol stream"),
+    (b"x" * 10000 + b"\n", "the request line is not JSON"),
+])
+def test_the_stream_socket_refuses_hostile_requests(host_plugin, first_line, message):
+    path = str(host_plugin.socket) + ".stream"
+    assert Path(path).exists()
+    before = host_plugin.call("VolumeDriver.List")[1]["Volumes"]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(path)
+    try:
+        sock.sendall(first_line)
+        sock.shutdown(socket.SHUT_WR)
+        answer = json.loads(sock.makefile("rb").readline())
+    finally:
+        sock.close()
+    assert message in answer["Err"] and answer["Status"] >= 400, answer
+    assert "Traceback" not in answer["Err"]
+    assert host_plugin.call("VolumeDriver.List")[1]["Volumes"] == before
+    assert not Path("/tmp/snapvol-hostile-marker").exists()

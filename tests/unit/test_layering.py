@@ -15,6 +15,12 @@ FORBIDDEN = {  # module prefix -> imports it must never make
     "plugin.process": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.pool": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.api": ("btrfsutil", "plugin.backends", "plugin.process"),
+    "plugin.stream": ("flask", "plugin.api", "plugin.volumes", "plugin.backends", "plugin.process"),
+    "plugin.targets": ("flask", "plugin.api", "plugin.volumes", "plugin.backends", "plugin.process"),
+    "plugin.retention": ("flask", "plugin.api", "plugin.volumes", "plugin.process"),
+    "plugin.replication": ("flask", "plugin.api", "plugin.app", "plugin.cli", "plugin.backends"),
+    "plugin.scheduler": ("flask", "plugin.api", "plugin.app", "plugin.cli", "plugin.backends"),
+    "plugin.quiesce": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.cli": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
     "plugin.client": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
 }

@@ -12,7 +12,7 @@ from plugin.targets import Target
 HEADER = {"backend": "btrfs", "volume": "db", "snapshot": "s2", "base": "s1"}
 
 
-def encoded(data: bytes = b"x" * 700_000, header: dict | None = None) -> bytes:
+def encoded(data: bytes = b"x" * 2_700_000, header: dict | None = None) -> bytes:
     return b"".join(stream.encode(header or HEADER, [data[:100], data[100:]]))
 
 
@@ -29,14 +29,14 @@ def test_round_trip_keeps_header_and_data():
     assert header == {"format": 1, **HEADER}
 
 
-@pytest.mark.parametrize("cut", [0, 5, 20, 100, 300_000, -41, -1])
+@pytest.mark.parametrize("cut", [0, 5, 20, 100, 300_000, 1_200_000, -41, -1])
 def test_truncated_streams_are_refused(cut):
     raw = encoded()[:cut]
     with pytest.raises(stream.StreamError, match="empty|truncated|not a snapvol"):
         read_all(raw)
 
 
-@pytest.mark.parametrize("where", [40, 1000, 400_000, -20])
+@pytest.mark.parametrize("where", [40, 1000, 400_000, 2_000_000, -20])
 def test_a_flipped_bit_is_found(where):
     raw = bytearray(encoded())
     raw[where] ^= 0x10
@@ -45,7 +45,7 @@ def test_a_flipped_bit_is_found(where):
 
 
 def test_the_last_chunk_is_held_until_the_check_passed():
-    raw = bytearray(encoded(b"y" * 600_000))
+    raw = bytearray(encoded(b"y" * 2_600_000))
     raw[-10] ^= 1                                   # the digest
     reader = stream.Reader(io.BytesIO(bytes(raw)))
     reader.header()
@@ -53,7 +53,7 @@ def test_the_last_chunk_is_held_until_the_check_passed():
     with pytest.raises(stream.StreamError, match="integrity"):
         for chunk in reader.data():
             got.append(chunk)
-    assert sum(map(len, got)) < 600_000              # the end never reached the receiver
+    assert sum(map(len, got)) < 2_600_000            # the end never reached the receiver
 
 
 def test_a_sender_failure_is_carried_in_the_stream():
