@@ -90,10 +90,14 @@ def children(pid: int) -> list[int]:
 
 
 def latency_rows(target: Target, count: int, repeat: int) -> dict[str, str]:
-    existing = len(target.call("VolumeDriver.List", {})["Volumes"])
-    for i in range(existing, count):
-        target.populate(f"fill{i:05d}")
-    probe = "fill00000"
+    present = {v["Name"] for v in target.call("VolumeDriver.List", {})["Volumes"]}
+    probe, index = "fill00000", 0
+    while len(present) < count or probe not in present:   # other sections may have left some
+        name = f"fill{index:05d}"
+        if name not in present:
+            target.populate(name)
+            present.add(name)
+        index += 1
     for _ in range(20):                      # warm-up: caches, connection
         target.call("VolumeDriver.Get", {"Name": probe})
     rows = {}
