@@ -111,6 +111,11 @@ class ReplicationLog:
         runs = [k["last"] for k in self._entries.get(volume, {}).values() if "last" in k]
         return max(runs, key=lambda r: r.at) if runs else None
 
+    def base(self, volume: str, target: str) -> str | None:
+        """The snapshot *target* last received of *volume*."""
+        ok = self._entries.get(volume, {}).get(target, {}).get("ok")
+        return ok.snapshot if ok else None
+
     def bases(self, volume: str) -> set[str]:
         """Snapshots of *volume* that a target holds as its newest replica: never prune them."""
         return {k["ok"].snapshot for k in self._entries.get(volume, {}).values()

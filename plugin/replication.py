@@ -94,7 +94,9 @@ class Replicator:
                         raise TransferFailed(message) from None
                     time.sleep(min(2.0 * attempt, 10.0))
                     continue
+                previous = self._log.base(volume, label)
                 self._log.record(volume, run)
+                self._service.move_base(volume, snapshot, previous)
                 self._drop_old_replication_snapshots(volume, snapshot)
                 return run
 

@@ -376,6 +376,18 @@ class VolumeService:
                   "options": dict(info.options)}
         return Transfer(header, argv, lambda: self._release_transfer(pinned, not holding_slot))
 
+    def move_base(self, volume: str, new: str, old: str | None) -> None:
+        """A replication target now holds *new*: hold it, and release *old* unless another
+        target still builds on it (ZFS user holds; no-ops on Btrfs)."""
+        with self._locks.hold(volume):
+            self._backend.hold(volume, new)
+            bases = self.replications.bases(volume) if self.replications else set()
+            if old and old != new and old not in bases:
+                try:
+                    self._backend.release(volume, old)
+                except PluginError as exc:
+                    log.warning("could not release %s@%s: %s", volume, old, exc)
+
     @contextmanager
     def transfer_slot(self) -> Iterator[None]:
         """Hold one of the ``transfers`` slots for a whole replication (its target may hang

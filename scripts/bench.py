@@ -326,6 +326,47 @@ def replication_rows(source: Target, replica: PluginProcess, size_mb: int, chang
             f"archive {tgz_size / (1 << 20):.0f} MiB | snapvol full is {tgz / ours:.1f}x faster |"]
 
 
+def latency_while_hanging(source: Target, base: Path, repeat: int) -> list[str]:
+    """Get and List on the plugin, idle and while four replications hang on a target that
+    accepts connections and never reads (the issue's "transfers never block Docker")."""
+    import socket
+    name = f"hang{secrets.token_hex(3)}"
+    source.call("VolumeDriver.Create", {"Name": name})
+    path = source.call("VolumeDriver.Mount", {"Name": name, "ID": "bench"})["Mountpoint"]
+    fill(path, 32 << 20)
+    dead_path = base / "dead.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(dead_path))
+    dead.listen(16)
+    held = []
+
+    def measure() -> tuple[str, str]:
+        get = summary([timed(lambda: source.call("VolumeDriver.Get", {"Name": name})) for _ in range(repeat)])
+        lst = summary([timed(lambda: source.call("VolumeDriver.List", {})) for _ in range(repeat // 4)])
+        return get, lst
+
+    idle = measure()
+    workers = [cli(source.socket, "replicate", name, f"unix://{dead_path}") for _ in range(4)]
+    dead.settimeout(30)
+    while len(held) < 4:
+        held.append(dead.accept()[0])
+    time.sleep(1)
+    hanging = measure()
+    dead.close()
+    for conn in held:
+        conn.close()
+    dead_path.unlink()
+    for worker in workers:
+        worker.wait(120)
+        worker.stderr.close()
+    source.call("VolumeDriver.Unmount", {"Name": name, "ID": "bench"})
+    for snap in source.call("Snapvol.SnapshotList", {"Volume": name})["Snapshots"]:
+        source.call("Snapvol.SnapshotRemove", {"Volume": name, "Snapshot": snap["name"]})
+    source.call("VolumeDriver.Remove", {"Name": name})
+    return [f"| {source.label}: Get, ms (median / p95) | {hanging[0]} | idle: {idle[0]} | |",
+            f"| {source.label}: List, ms (median / p95) | {hanging[1]} | idle: {idle[1]} | |"]
+
+
 def docker_round_trip(docker: DockerDaemon, image: str, driver: str, repeat: int) -> str:
     samples = []
     for _ in range(repeat):
@@ -400,6 +441,9 @@ def main() -> None:
                                               "SNAPVOL_RUN_DIR": str(base / "run" / "zr")})
                     zreplica.start()
                     rows += replication_rows(zfs, zreplica, args.zfs_replication_mb, 10, base, "zfs")
+                    rows += ["", "While four replications hang on a target that never reads:", "",
+                             "| measure | hanging | idle | |", "|---|---|---|---|"]
+                    rows += latency_while_hanging(snapvol, base, args.repeat)
                     out.append("Send and receive, same run, same data (random, incompressible):\n")
                     out += rows + [""]
                 finally:

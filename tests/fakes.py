@@ -99,6 +99,12 @@ class FakeBackend:
     def create_snapshots(self, volumes: list[str], snapshot: str) -> list[SnapshotInfo]:
         return snapshot_each(self, volumes, snapshot)
 
+    def hold(self, volume: str, snapshot: str) -> None:
+        self._snapshot(volume, snapshot)
+
+    def release(self, volume: str, snapshot: str) -> None:
+        pass
+
     def destroy_snapshot(self, volume: str, snapshot: str) -> None:
         self._snapshot(volume, snapshot)
         shutil.rmtree(self.root / "snapshots" / volume / snapshot)

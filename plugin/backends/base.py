@@ -120,6 +120,13 @@ class Backend(Protocol):
         :raises SnapshotNotFound: no such snapshot.
         """
 
+    def hold(self, volume: str, snapshot: str) -> None:
+        """Protect a replication base from being destroyed where the filesystem can (OpenZFS
+        user hold); elsewhere a no-op (snapvol's replication record protects it)."""
+
+    def release(self, volume: str, snapshot: str) -> None:
+        """Undo :meth:`hold` (idempotent); destroying the volume releases its holds too."""
+
     def send_argv(self, volume: str, snapshot: str, base: str | None) -> list[str]:
         """The command whose stdout is the native stream of *snapshot*, incremental from
         *base* when given.

@@ -238,6 +238,13 @@ class BtrfsBackend:
     def create_snapshots(self, volumes: list[str], snapshot: str) -> list[SnapshotInfo]:
         return snapshot_each(self, volumes, snapshot)
 
+    def hold(self, volume: str, snapshot: str) -> None:
+        """Btrfs has no holds: snapvol's replication record protects the base."""
+        self._owned_snapshot(volume, snapshot)
+
+    def release(self, volume: str, snapshot: str) -> None:
+        """Nothing to release (see :meth:`hold`)."""
+
     def destroy_snapshot(self, volume: str, snapshot: str) -> None:
         self._delete_subvolume(self._owned_snapshot(volume, snapshot))
         log.info("removed snapshot %s@%s", volume, snapshot)

@@ -41,6 +41,7 @@ from .base import SnapshotInfo, Usage, VolumeInfo, snapshot_each
 log = logging.getLogger(__name__)
 
 OWNER = "snapvol:owner"
+HOLD_TAG = "snapvol-replication"
 OPTIONS = "snapvol:options"
 _TIMEOUT = 120.0
 _RECEIVE_TIMEOUT = 600.0          # to finish after the last byte of a stream
@@ -308,6 +309,10 @@ class ZfsBackend:
             try:
                 self._lzc.lzc_destroy_snaps([full.encode()], defer=False)
             except Exception as exc:
+                if HOLD_TAG.encode() in self._lzc.lzc_get_holds(full.encode()):
+                    raise Conflict(f"snapshot {volume}@{snapshot} is the base of a replication "
+                                   "(held by snapvol); it is released when a newer one replaces "
+                                   "it or the volume is removed") from None
                 raise BackendError(f"cannot destroy snapshot {volume}@{snapshot}: {exc}") from None
         else:
             _run_while_busy(["zfs", "destroy", full])
@@ -363,6 +368,36 @@ class ZfsBackend:
                            f"{', '.join(clones) or '?'} were cloned from a newer snapshot of it; "
                            "remove them first (ZFS keeps a clone's origin)") from None
         log.info("rolled volume %s back to snapshot %s", volume, snapshot)
+
+    def hold(self, volume: str, snapshot: str) -> None:
+        """A user hold (OpenZFS, libzfs_core) so nothing destroys a replication base by
+        accident; without libzfs_core (zfs-fuse, whose holds are broken) snapvol's own record
+        is the only protection."""
+        if self._lzc is None:
+            return
+        full = self._owned_snapshot(volume, snapshot).encode()
+        try:
+            if HOLD_TAG.encode() not in self._lzc.lzc_get_holds(full):
+                self._lzc.lzc_hold({full: HOLD_TAG.encode()})
+        except Exception as exc:
+            raise BackendError(f"cannot hold {volume}@{snapshot}: {exc}") from None
+
+    def release(self, volume: str, snapshot: str) -> None:
+        if self._lzc is None:
+            return
+        try:
+            self._release_all([f"{self._owned_snapshot(volume, snapshot)}"])
+        except SnapshotNotFound:
+            pass
+
+    def _release_all(self, snapshots: list[str]) -> None:
+        """Drop snapvol's hold from each of *snapshots* (missing holds are fine)."""
+        if self._lzc is None or not snapshots:
+            return
+        try:
+            self._lzc.lzc_release({s.encode(): [HOLD_TAG.encode()] for s in snapshots})
+        except Exception as exc:
+            raise BackendError(f"cannot release snapvol's holds: {exc}") from None
 
     # ------------------------------------------------------------------ send / receive
 
@@ -524,8 +559,10 @@ class ZfsBackend:
             process.run(["zfs", "unmount", dataset], timeout=_TIMEOUT, ok_codes=(0, 1))
         # Its snapshots go with it (snapvol's own dataset); a dependent clone makes this fail.
         if self._lzc is not None:
+            snapshot_names = [f"{dataset}@{s}" for s in self._snapshots(dataset, "")]
+            self._release_all(snapshot_names)        # the volume goes: so do its bases
             try:
-                snaps = [f"{dataset}@{s}".encode() for s in self._snapshots(dataset, "")]
+                snaps = [s.encode() for s in snapshot_names]
                 if snaps:
                     self._lzc.lzc_destroy_snaps(snaps, defer=False)
                 self._lzc.lzc_destroy(dataset.encode())

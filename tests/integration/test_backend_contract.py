@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.errors import SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound
+from plugin.errors import Conflict, SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound
 from tests.fakes import FakeBackend
 
 
@@ -253,3 +253,24 @@ def test_receive_refuses_what_does_not_fit(backend):
             pass
     with pytest.raises(SnapshotNotFound):
         backend.send_argv("v1", "nope", None)
+
+
+def test_a_held_replication_base_survives_until_released(backend):
+    backend.create_volume("v1", {})
+    backend.create_snapshot("v1", "base")
+    backend.hold("v1", "base")
+    backend.hold("v1", "base")                     # twice: still one hold
+    held_by_filesystem = backend.kind == "zfs" and getattr(backend, "_lzc", None) is not None
+    if os.environ.get("SNAPVOL_REQUIRE_LIBZFS_CORE") and backend.kind == "zfs":
+        assert held_by_filesystem
+    if held_by_filesystem:                         # OpenZFS: a user hold of snapvol's
+        with pytest.raises(Conflict, match="is the base of a replication"):
+            backend.destroy_snapshot("v1", "base")
+        assert [s.name for s in backend.snapshots("v1")] == ["base"]
+    backend.release("v1", "base")
+    backend.release("v1", "base")                  # idempotent
+    backend.destroy_snapshot("v1", "base")
+    backend.create_snapshot("v1", "again")
+    backend.hold("v1", "again")
+    backend.destroy_volume("v1")                   # releases what it holds
+    assert backend.volumes() == []
