@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     recv.add_argument("volume", metavar="VOLUME")
     recv.add_argument("-i", "--input", metavar="FILE", help="read here instead of stdin")
     recv.set_defaults(run=run_receive)
+    token = sub.add_parser("resume-token", parents=[common],
+                           help="the token of an interrupted receive into VOLUME (OpenZFS), "
+                           "which `replicate` uses to resume")
+    token.add_argument("volume", metavar="VOLUME")
+    token.set_defaults(endpoint="Snapvol.ResumeToken", render=lambda r: r.get("Token") or "",
+                       body=lambda a: {"Volume": a.volume})
     repl = sub.add_parser("replicate", parents=[common],
                           help="bring another snapvol's copy of a volume up to date "
                           "(incremental from the newest common snapshot)")

@@ -118,6 +118,18 @@ class Streaming:
         if code != 0:
             raise CommandFailed(self.argv, code, self.stderr_tail())
 
+    def close_input_and_wait(self, timeout: float) -> None:
+        """End the child's input and let it exit by itself (killed after *timeout*)."""
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()

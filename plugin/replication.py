@@ -76,16 +76,20 @@ class Replicator:
                 snapshot = self._service.snapshot([volume], unique_name(REPL_PREFIX))[0].name
             snapshot = names.snapshot_name(snapshot)
             attempt = 0
+            plan: dict[str, Any] = {}          # what the last attempt sent: base, resume token
             while True:
                 attempt += 1
                 try:
-                    run = self._attempt(volume, remote, where, label, snapshot, attempt, progress)
+                    run = self._attempt(volume, remote, where, label, snapshot, attempt, progress, plan)
                 except (InvalidRequest, NotFound, Conflict) as exc:
                     self._log.record(volume, Replication(label, _now(), snapshot, None, 0,
                                                          str(exc), attempt))
                     raise
                 except (PluginError, OSError) as exc:
                     log.warning("replication of %s to %s, attempt %d: %s", volume, label, attempt, exc)
+                    plan["token"] = self._remote_token(where, remote) if "base" in plan else None
+                    if plan["token"]:
+                        log.info("%s keeps the interrupted transfer: resuming it", label)
                     if attempt > self._retries:
                         message = (f"replication of {volume} to {label} failed after {attempt} "
                                    f"attempt(s): {exc}")
@@ -101,7 +105,11 @@ class Replicator:
                 return run
 
     def _attempt(self, volume: str, remote_name: str, where: Target, label: str, snapshot: str,
-                 attempt: int, progress: Callable[[int], None] | None) -> Replication:
+                 attempt: int, progress: Callable[[int], None] | None,
+                 plan: dict[str, Any]) -> Replication:
+        if plan.get("token"):    # OpenZFS kept the interrupted receive: send only the rest
+            return self._transfer(volume, remote_name, where, label, snapshot, plan["base"],
+                                  attempt, progress, plan, resume_token=plan["token"])
         remote = self._remote_snapshots(where, remote_name)
         local = {s.name: s for s in self._service.snapshots(volume)}
         if snapshot not in local:
@@ -120,13 +128,22 @@ class Replicator:
                 raise Conflict(f"{where} has a volume {remote_name} with no snapshot in common "
                                f"with {volume}; remove it there to start over with a full stream")
             base = max(common, key=lambda s: s.created).name
-        transfer = self._service.send(volume, snapshot, base, holding_slot=True)
+        return self._transfer(volume, remote_name, where, label, snapshot, base, attempt,
+                              progress, plan)
+
+    def _transfer(self, volume: str, remote_name: str, where: Target, label: str, snapshot: str,
+                  base: str | None, attempt: int, progress: Callable[[int], None] | None,
+                  plan: dict[str, Any], resume_token: str | None = None) -> Replication:
+        plan.update(base=base, token=None)
+        transfer = self._service.send(volume, snapshot, base, holding_slot=True,
+                                      resume_token=resume_token)
         try:
             reply = self._send_to(where, remote_name, _counted(transfer, progress))
         finally:
             transfer.close()
-        log.info("replicated %s@%s to %s (%s, %d bytes): %s", volume, snapshot, label,
-                 f"incremental from {base}" if base else "full", transfer.bytes, reply)
+        kind = f"incremental from {base}" if base else "full"
+        log.info("replicated %s@%s to %s (%s%s, %d bytes): %s", volume, snapshot, label, kind,
+                 ", resumed" if resume_token else "", transfer.bytes, reply)
         return Replication(label, _now(), snapshot, base, transfer.bytes, None, attempt)
 
     def _drop_old_replication_snapshots(self, volume: str, keep: str) -> None:
@@ -161,6 +178,22 @@ class Replicator:
         except (ValueError, KeyError, TypeError):
             raise TransferFailed(f"{where}: unexpected answer to snapshot ls: "
                                  f"{result.stdout[:200]!r}") from None
+
+    def _remote_token(self, where: Target, volume: str) -> str | None:
+        """The target's resume token for *volume* (None where it has none or cannot tell)."""
+        try:
+            if where.kind == "unix":
+                status, reply = PluginClient(str(where.socket), timeout=self._timeout).call(
+                    "Snapvol.ResumeToken", {"Volume": volume})
+                token = reply.get("Token") if status == 200 else None
+            else:
+                result = process.run(self._ssh(where, "resume-token", volume, "--json"),
+                                     timeout=self._timeout, ok_codes=(0, 1, 2, 3, 4, 5))
+                token = json.loads(result.stdout).get("Token") if result.returncode == 0 else None
+        except (PluginError, OSError, ValueError) as exc:
+            log.info("no resume token from %s: %s", where, exc)
+            return None
+        return token if isinstance(token, str) and token else None
 
     def _send_to(self, where: Target, volume: str, chunks: Iterable[bytes]) -> str:
         streams = stream_socket(str(where.socket)) if where.kind == "unix" else None

@@ -258,7 +258,7 @@ class VolumeService:
         with self._locks.hold(name):
             self._not_receiving(name)
             self._not_sending(name)
-            self._backend.volume(name)
+            info = self._backend.volume(name)
             users = self._mounts.users(name)
             if users:
                 raise VolumeInUse(f"volume {name} is in use by {len(users)} container "
@@ -269,7 +269,8 @@ class VolumeService:
             self._history.forget(name)
         if self.replications is not None:
             self.replications.forget(name)
-        self._changed()
+        if "schedule" in info.options:
+            self._changed()      # only then has the scheduler anything to re-plan
 
     def mount(self, name: object, mount_id: object) -> Path:
         """Record one more user of the volume and return the directory Docker bind-mounts.
@@ -340,7 +341,7 @@ class VolumeService:
     # ------------------------------------------------------------------ send / receive
 
     def send(self, volume: object, snapshot: object = None, since: object = None, *,
-             holding_slot: bool = False) -> Transfer:
+             holding_slot: bool = False, resume_token: str | None = None) -> Transfer:
         """The framed stream of *volume*@*snapshot* (a snapshot taken now when None),
         incremental from *since*, as a :class:`Transfer` to iterate (and close).
 
@@ -364,7 +365,7 @@ class VolumeService:
                     raise SnapshotNotFound(volume, wanted)
             if since is not None and by_name[since].created > by_name[snapshot].created:
                 raise InvalidRequest(f"--since {since} is newer than {snapshot}")
-            argv = self._backend.send_argv(volume, snapshot, since)
+            argv = self._backend.send_argv(volume, snapshot, since, resume_token=resume_token)
             if not holding_slot:
                 self._acquire_transfer()
             pinned = [(volume, n) for n in (snapshot, since) if n is not None]
@@ -373,7 +374,7 @@ class VolumeService:
         header = {"backend": self._backend.kind, "volume": volume, "snapshot": snapshot,
                   "identity": by_name[snapshot].identity, "created": rfc3339(by_name[snapshot].created),
                   "base": since, "base_identity": by_name[since].identity if since else None,
-                  "options": dict(info.options)}
+                  "options": dict(info.options), "resume": resume_token is not None}
         return Transfer(header, argv, lambda: self._release_transfer(pinned, not holding_slot))
 
     def move_base(self, volume: str, new: str, old: str | None) -> None:
@@ -442,6 +443,10 @@ class VolumeService:
         except (InvalidName, InvalidOption) as exc:
             raise StreamRefused(f"the stream's header is not acceptable: {exc}") from None
         base = self._replica_base(volume, header)
+        resume = header.get("resume") is True
+        if resume and not self._backend.resumable:
+            raise StreamRefused(f"the stream resumes an interrupted transfer; {self._backend.kind} "
+                                "here cannot resume (send the whole stream again)")
         with self._guard:
             if volume in self._receiving:
                 raise VolumeBusy(f"volume {volume} is being received already")
@@ -449,7 +454,7 @@ class VolumeService:
         self._acquire_transfer()
         try:
             try:
-                with self._backend.receiving(volume, snapshot, base, opts) as pipe:
+                with self._backend.receiving(volume, snapshot, base, opts, resume=resume) as pipe:
                     for chunk in stream.prefetch(reader.data(hold_last=True)):
                         pipe.write(chunk)
             except stream.StreamError as exc:
@@ -460,10 +465,13 @@ class VolumeService:
             self._transfers.release()
             with self._guard:
                 self._receiving.discard(volume)
-        self._changed()
         log.info("received %s@%s: %d bytes (%s)", volume, snapshot, reader.bytes,
                  "incremental from " + base if base else "full")
         return {"volume": volume, "snapshot": snapshot, "base": base, "bytes": reader.bytes}
+
+    def resume_token(self, volume: object) -> str | None:
+        """The token of an interrupted receive into *volume*, where the backend can resume."""
+        return self._backend.resume_token(names.volume_name(volume))
 
     def _replica_base(self, volume: str, header: dict[str, Any]) -> str | None:
         """The replica's snapshot an incremental stream builds on (None for a full stream)."""

@@ -287,7 +287,7 @@ def replication_rows(source: Target, replica: PluginProcess, size_mb: int, chang
     # plugin to plugin: snapvol replicate to the second instance's socket (no CLI in the path)
     started = time.perf_counter()
     proc = cli(source.socket, "replicate", name, f"unix://{replica.socket}", "--as", f"{name}r",
-               "--snapshot", "s1")
+               "--snapshot", "s1", stdout=subprocess.DEVNULL)
     if proc.wait() != 0:
         raise RuntimeError(proc.stderr.read().decode())
     direct = time.perf_counter() - started

@@ -136,7 +136,13 @@ class FakeBackend:
             raise SnapshotNotFound(volume, snapshot) from None
 
     # Streams are tar archives of the snapshot directory here (the real ones: btrfs/zfs send).
-    def send_argv(self, volume: str, snapshot: str, base: str | None) -> list[str]:
+    resumable: ClassVar[bool] = False
+
+    def resume_token(self, volume: str) -> str | None:
+        return None
+
+    def send_argv(self, volume: str, snapshot: str, base: str | None, *,
+                  resume_token: str | None = None) -> list[str]:
         self._snapshot(volume, snapshot)
         if base is not None:
             self._snapshot(volume, base)
@@ -144,7 +150,7 @@ class FakeBackend:
 
     @contextmanager
     def receiving(self, volume: str, snapshot: str, base: str | None,
-                  options: Mapping[str, str]) -> Iterator[BinaryIO]:
+                  options: Mapping[str, str], *, resume: bool = False) -> Iterator[BinaryIO]:
         if base is None and volume in self._volumes:
             raise VolumeExists(f"volume {volume} already exists")
         if base is not None:

@@ -106,6 +106,12 @@ def receive() -> Response:
     return reply(Snapshot=result["snapshot"], Base=result["base"], Bytes=result["bytes"])
 
 
+@bp.post("/Snapvol.ResumeToken")
+def resume_token() -> Response:
+    """The state of an interrupted receive into a volume (OpenZFS), for the sender to resume."""
+    return reply(Token=service().resume_token(required(docker_request(), "Volume")))
+
+
 def _replication(run: Replication) -> dict[str, object]:
     return {"target": run.target, "snapshot": run.snapshot, "base": run.base,
             "bytes": run.bytes, "attempts": run.attempts, "at": rfc3339(run.at)}

@@ -62,6 +62,7 @@ class Backend(Protocol):
     compressions: frozenset[str]             # values the ``compression`` option accepts
     rollback_keeps_newer: ClassVar[bool]     # btrfs: True; zfs rollback destroys newer ones
     atomic_snapshots: bool                   # several volumes in one atomic call (OpenZFS)
+    resumable: bool                          # an interrupted receive can resume (OpenZFS -s)
 
     def check(self) -> None:
         """Verify the storage root at start and finish interrupted work (crash leftovers)."""
@@ -127,21 +128,27 @@ class Backend(Protocol):
     def release(self, volume: str, snapshot: str) -> None:
         """Undo :meth:`hold` (idempotent); destroying the volume releases its holds too."""
 
-    def send_argv(self, volume: str, snapshot: str, base: str | None) -> list[str]:
+    def resume_token(self, volume: str) -> str | None:
+        """The token of an interrupted receive into *volume* (``resumable`` backends)."""
+
+    def send_argv(self, volume: str, snapshot: str, base: str | None, *,
+                  resume_token: str | None = None) -> list[str]:
         """The command whose stdout is the native stream of *snapshot*, incremental from
-        *base* when given.
+        *base* when given, or the rest of an interrupted one given its *resume_token*.
 
         :raises SnapshotNotFound: either snapshot is missing.
         """
 
     def receiving(self, volume: str, snapshot: str, base: str | None,
-                  options: Mapping[str, str]) -> AbstractContextManager[BinaryIO]:
+                  options: Mapping[str, str], *,
+                  resume: bool = False) -> AbstractContextManager[BinaryIO]:
         """A context whose value is a pipe for the native stream of *volume*@*snapshot*.
 
         A full stream (*base* None) makes a new volume with *options*; an incremental one
         adds the snapshot to the volume (which must hold *base*) and makes the volume's
         content that of the snapshot. Only when the block ends normally is anything
-        published; if it raises, everything received is removed (nothing half-made).
+        published; if it raises, everything received is removed (nothing half-made) or, on
+        ``resumable`` backends, kept out of sight for a *resume* stream to complete.
 
         :raises VolumeExists: a full stream for a volume that exists.
         :raises SnapshotExists: the volume already has a snapshot of that name.

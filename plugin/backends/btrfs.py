@@ -73,6 +73,7 @@ class BtrfsBackend:
     kind: ClassVar[str] = "btrfs"
     rollback_keeps_newer: ClassVar[bool] = True
     atomic_snapshots: ClassVar[bool] = False   # one ioctl per subvolume: pause writers instead
+    resumable: ClassVar[bool] = False          # an interrupted btrfs receive starts again
     compressions: frozenset[str] = frozenset({"zstd", "lzo", "zlib", "none"})
 
     def __init__(self, root: Path) -> None:
@@ -297,7 +298,14 @@ class BtrfsBackend:
 
     # ------------------------------------------------------------------ send / receive
 
-    def send_argv(self, volume: str, snapshot: str, base: str | None) -> list[str]:
+    def resume_token(self, volume: str) -> str | None:
+        """btrfs receive cannot resume: an interrupted transfer starts again."""
+        return None
+
+    def send_argv(self, volume: str, snapshot: str, base: str | None, *,
+                  resume_token: str | None = None) -> list[str]:
+        if resume_token is not None:
+            raise InvalidOption("btrfs streams cannot be resumed")
         argv = ["btrfs", "send", "-q"]
         if base is not None:
             argv += ["-p", str(self._owned_snapshot(volume, base))]
@@ -305,10 +313,12 @@ class BtrfsBackend:
 
     @contextmanager
     def receiving(self, volume: str, snapshot: str, base: str | None,
-                  options: Mapping[str, str]) -> Iterator[BinaryIO]:
+                  options: Mapping[str, str], *, resume: bool = False) -> Iterator[BinaryIO]:
         """``btrfs receive`` into a directory of staging (invisible to Docker); on success the
         snapshot moves to snapshots/<volume>/ and the volume becomes a writable snapshot of
         it (made, for a full stream; replaced, for an incremental one)."""
+        if resume:
+            raise InvalidOption("btrfs streams cannot be resumed")
         target = self._snapshot_path(volume, snapshot)
         if base is None and os.path.lexists(self._path(volume)):
             raise VolumeExists(f"volume {volume} already exists; a full stream makes a new "

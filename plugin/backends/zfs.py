@@ -89,6 +89,7 @@ class ZfsBackend:
         self.mount_base = mount_base
         self._lzc = lzc
         self.atomic_snapshots = lzc is not None     # lzc_snapshot takes a list; zfs-fuse's CLI one name
+        self.resumable = lzc is not None            # OpenZFS: receive -s; zfs-fuse has no resume
         self.compressions: frozenset[str] = frozenset()
         self._facts: dict[str, Any] = {}
 
@@ -401,8 +402,21 @@ class ZfsBackend:
 
     # ------------------------------------------------------------------ send / receive
 
-    def send_argv(self, volume: str, snapshot: str, base: str | None) -> list[str]:
+    def resume_token(self, volume: str) -> str | None:
+        """The state of an interrupted resumable receive into *volume* (OpenZFS), if any."""
+        if not self.resumable:
+            return None
+        props = self._get(self._dataset(volume), ["receive_resume_token"], missing_ok=True)
+        token = (props or {}).get("receive_resume_token", "-")
+        return None if token in ("-", "") else token
+
+    def send_argv(self, volume: str, snapshot: str, base: str | None, *,
+                  resume_token: str | None = None) -> list[str]:
         full = self._owned_snapshot(volume, snapshot)
+        if resume_token is not None:
+            if not re.fullmatch(r"[0-9a-f-]{1,8192}", resume_token):
+                raise InvalidOption("a resume token is hexadecimal, as `zfs get receive_resume_token` shows it")
+            return ["zfs", "send", "-t", resume_token]
         if base is None:
             return ["zfs", "send", full]
         self._owned_snapshot(volume, base)
@@ -410,15 +424,28 @@ class ZfsBackend:
 
     @contextmanager
     def receiving(self, volume: str, snapshot: str, base: str | None,
-                  options: Mapping[str, str]) -> Iterator[BinaryIO]:
+                  options: Mapping[str, str], *, resume: bool = False) -> Iterator[BinaryIO]:
         """``zfs receive -u``: a full stream makes the dataset, which is ours (owner
         ``creating`` then ``snapvol``, properties and mountpoint set) only once complete; an
         incremental one (``-F``: local changes since the last snapshot are discarded) is
-        applied by ZFS atomically at the end of the stream, or not at all."""
+        applied by ZFS atomically at the end of the stream, or not at all.
+
+        On OpenZFS the receive is resumable (``-s``): an interrupted one leaves its state in
+        the (unowned, so invisible) dataset, :meth:`resume_token` gives the token, and a
+        stream from ``send_argv(..., resume_token=)`` received with *resume* completes it.
+        A new stream for the volume drops such a state first."""
         dataset = self._dataset(volume)
         names.snapshot_name(snapshot)
+        existing = self._get(dataset, [OWNER, *(["receive_resume_token"] if self.resumable else [])],
+                             missing_ok=True)
+        partial = existing is not None and existing.get("receive_resume_token", "-") not in ("-", "")
+        if partial and not resume:
+            log.info("dropping the interrupted receive into %s", dataset)
+            process.run(["zfs", "receive", "-A", dataset], timeout=_TIMEOUT)
+            if existing.get(OWNER) != "snapvol":
+                existing = None
         if base is None:
-            if self._get(dataset, [OWNER], missing_ok=True) is not None:
+            if existing is not None and not (resume and partial):
                 raise VolumeExists(f"volume {volume} already exists; a full stream makes a new "
                                    "volume (remove it, or send an incremental stream)")
             argv = ["zfs", "receive", "-u", dataset]
@@ -426,14 +453,21 @@ class ZfsBackend:
             self._owned_snapshot(volume, base)
             if snapshot in self._snapshots(dataset, volume):
                 raise SnapshotExists(f"snapshot {volume}@{snapshot} already exists")
-            argv = ["zfs", "receive", "-u", "-F", dataset]
+            argv = ["zfs", "receive", "-u", *([] if resume else ["-F"]), dataset]
             # unmounted while it changes underneath (zfs-fuse would keep serving stale
             # content); the caller made sure no container uses it
             if self._is_mounted(self._mountpoint(volume)):
                 _run_while_busy(["zfs", "unmount", dataset])
+        if self.resumable:
+            argv.insert(2, "-s")
         try:
             with process.Streaming(argv, feed=True) as child:
-                yield child.proc.stdin   # type: ignore[misc]
+                try:
+                    yield child.proc.stdin   # type: ignore[misc]
+                except BaseException:
+                    if self.resumable:       # let it see the end of its input and save its state
+                        child.close_input_and_wait(timeout=60.0)
+                    raise
                 child.finish(timeout=_RECEIVE_TIMEOUT)
         finally:
             if base is not None:

@@ -46,6 +46,7 @@ SNAPS = {"Snapshots": [{"volume": "db", "name": "s1", "created": "2026-11-29T07:
     (["snapshot", "create", "db", "--quiesce", "pause"], "Snapvol.SnapshotCreate",
      {"Volumes": ["db"], "Name": None, "Quiesce": "pause"}),
     (["prune"], "Snapvol.Prune", {"Volume": None, "DryRun": False}),
+    (["resume-token", "db"], "Snapvol.ResumeToken", {"Volume": "db"}),
     (["prune", "db", "--dry-run", "--json"], "Snapvol.Prune", {"Volume": "db", "DryRun": True}),
     (["snapshot", "ls", "db"], "Snapvol.SnapshotList", {"Volume": "db"}),
     (["snapshot", "rm", "db", "s1"], "Snapvol.SnapshotRemove", {"Volume": "db", "Snapshot": "s1"}),
