@@ -1,7 +1,8 @@
-"""snapvol: a Docker volume plugin whose volumes are Btrfs subvolumes (ZFS datasets to come).
+"""snapvol: a Docker volume plugin whose volumes are Btrfs subvolumes or ZFS datasets.
 
 Layers, top to bottom (each imports only from the ones below it):
-``api`` (Flask) -> ``volumes`` (VolumeService) -> ``backends`` -> ``process``/``names``/``errors``.
+``api`` (Flask) -> ``scheduler``/``replication`` -> ``volumes`` (VolumeService, with
+``retention``, ``quiesce``, ``history``) -> ``backends`` -> ``process``/``names``/``errors``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
