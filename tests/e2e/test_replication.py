@@ -152,15 +152,18 @@ def test_replicate_over_ssh_full_incremental_and_after_a_killed_transfer(docker,
     assert [n for n in snapshot_names(source, vol) if n.startswith("repl-")] == [run["snapshot"]]
 
     # a transfer killed mid-stream: retried from the last common snapshot, and completed
-    fill(docker, busybox, source, vol, "dd if=/dev/urandom of=/data/c bs=1M count=150 2>/dev/null")
+    fill(docker, busybox, source, vol, "dd if=/dev/urandom of=/data/c bs=1M count=200 2>/dev/null")
     killed: list[int] = []
 
     def killer() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not killed:
             for pid in children_running(source.pid, " receive "):
-                time.sleep(0.3)                     # let some data flow first
-                os.kill(pid, 9)
+                time.sleep(0.05)                    # let some data flow first
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:          # already done: too fast to interrupt
+                    return
                 killed.append(pid)
                 return
             time.sleep(0.01)
