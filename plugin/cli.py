@@ -13,10 +13,9 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
-from urllib.parse import quote
 
 from . import __version__, stream
-from .client import PluginClient, UnixHTTPConnection, find_socket, send_stream, stream_socket
+from .client import PluginClient, UnixHTTPConnection, find_socket, send_stream
 from .units import format_size
 
 
@@ -282,22 +281,11 @@ def run_receive(args: argparse.Namespace, socket_path: str, stdout: TextIO, stde
     source = open(args.input, "rb") if args.input else sys.stdin.buffer
     total = os.fstat(source.fileno()).st_size if args.input else None
     progress = Progress(stderr, f"receive {args.volume}", total)
-    streams = stream_socket(socket_path)
     try:
-        if streams is not None:        # the fast path: no HTTP body parsing in the plugin
-            reply = send_stream(streams, args.volume, _chunks(source, progress), timeout=600)
-            status = int(reply.get("Status", 200))
-        else:
-            conn = UnixHTTPConnection(socket_path, timeout=600)
-            try:
-                conn.request("POST", f"/Snapvol.Receive?Volume={quote(args.volume, safe='')}",
-                             body=_chunks(source, progress), encode_chunked=True,
-                             headers={"Content-Type": "application/vnd.snapvol.stream"})
-                response = conn.getresponse()
-                status, raw = response.status, response.read()
-            finally:
-                conn.close()
-            reply = json.loads(raw) if raw.strip() else {}
+        # the plugin's stream socket: no HTTP body parsing in the way of the data
+        reply = send_stream(socket_path + ".stream", args.volume, _chunks(source, progress),
+                            timeout=600)
+        status = int(reply.get("Status", 200))
     finally:
         progress.close()
         if args.input:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import http.client
 import json
@@ -78,12 +79,6 @@ def find_socket(environ: Mapping[str, str]) -> str:
                       "is the plugin running? (./scripts/run starts it)")
 
 
-def stream_socket(socket_path: str) -> str | None:
-    """The plugin's stream socket beside *socket_path*, if it serves one."""
-    path = socket_path + ".stream"
-    return path if os.path.exists(path) else None
-
-
 def send_stream(path: str, volume: str, chunks: Iterable[bytes], *,
                 timeout: float = 120.0) -> dict[str, Any]:
     """Give a framed stream to the plugin's stream socket to receive as *volume*; return its
@@ -94,7 +89,11 @@ def send_stream(path: str, volume: str, chunks: Iterable[bytes], *,
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(path)
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"no stream socket {path}: is snapvol 0.2 or "
+                                    "later running there?") from None
         sock.sendall(json.dumps({"Op": "receive", "Volume": volume}).encode() + b"\n")
         try:
             for chunk in chunks:

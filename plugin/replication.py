@@ -20,10 +20,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import quote
 
 from . import names, process
-from .client import PluginClient, UnixHTTPConnection, send_stream, stream_socket
+from .client import PluginClient, send_stream
 from .errors import (CommandFailed, Conflict, InvalidRequest, NotFound, PluginError,
                      TransferFailed)
 from .history import Replication, ReplicationLog
@@ -196,24 +195,10 @@ class Replicator:
         return token if isinstance(token, str) and token else None
 
     def _send_to(self, where: Target, volume: str, chunks: Iterable[bytes]) -> str:
-        streams = stream_socket(str(where.socket)) if where.kind == "unix" else None
-        if streams is not None:
-            reply = send_stream(streams, volume, chunks, timeout=self._timeout)
+        if where.kind == "unix":
+            reply = send_stream(f"{where.socket}.stream", volume, chunks, timeout=self._timeout)
             if reply.get("Err"):
                 raise TransferFailed(f"{where}: {reply['Err']}")
-            return f"received as {reply.get('Snapshot')}"
-        if where.kind == "unix":
-            conn = UnixHTTPConnection(str(where.socket), timeout=self._timeout)
-            try:
-                conn.request("POST", f"/Snapvol.Receive?Volume={quote(volume)}", body=chunks,
-                             encode_chunked=True,
-                             headers={"Content-Type": "application/octet-stream"})
-                response = conn.getresponse()
-                reply = json.loads(response.read() or b"{}")
-            finally:
-                conn.close()
-            if response.status != 200 or reply.get("Err"):
-                raise TransferFailed(f"{where}: {reply.get('Err') or f'HTTP {response.status}'}")
             return f"received as {reply.get('Snapshot')}"
         argv = self._ssh(where, "receive", volume)
         with process.Streaming(argv, feed=True) as child, _Watchdog(child, self._timeout) as dog:

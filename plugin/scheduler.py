@@ -43,6 +43,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_due: datetime | None = None      # from the last run_once's listing
         service.on_change(self._wake.set)
 
     def run_once(self, now: datetime) -> dict[str, AutoRun | Exception]:
@@ -51,11 +52,16 @@ class Scheduler:
         Returns what happened per volume run: its :class:`AutoRun`, or the error.
         """
         done: dict[str, AutoRun | Exception] = {}
+        self._next_due = None
         try:
             schedules = self._service.schedules()
         except PluginError as exc:
             log.error("scheduler: cannot list volumes: %s", exc)
             return done
+        # the same listing tells when to wake next: a run (done or failed) is due again one
+        # interval from now, the others at their next_run
+        upcoming = [s.next_run if s.next_run > now else now + s.interval for s in schedules]
+        self._next_due = min(upcoming, default=None)
         for schedule in sorted(schedules, key=lambda s: s.next_run):
             if schedule.next_run > now or self._stop.is_set():
                 continue
@@ -70,14 +76,11 @@ class Scheduler:
         return done
 
     def seconds_to_next(self, now: datetime) -> float:
-        """How long the loop may sleep: until the next volume is due, at most a minute."""
-        try:
-            due = [s.next_run for s in self._service.schedules()]
-        except PluginError:
+        """How long the loop may sleep after :meth:`run_once`: until the next volume it saw is
+        due, at most a minute (a volume created meanwhile wakes the loop)."""
+        if self._next_due is None:
             return MAX_SLEEP
-        if not due:
-            return MAX_SLEEP
-        return max(0.05, min(MAX_SLEEP, (min(due) - now).total_seconds()))
+        return max(0.05, min(MAX_SLEEP, (self._next_due - now).total_seconds()))
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -194,8 +194,9 @@ class VolumeService:
                               "scheduled snapshots")
         if quiesce not in ("none", "pause"):
             raise InvalidRequest("quiesce must be none or pause")
-        for volume in targets:
-            self._backend.volume(volume)   # before pausing anything
+        if quiesce == "pause":
+            for volume in targets:
+                self._backend.volume(volume)   # before pausing anything (_take checks again)
         return self._take(targets, snap, str(quiesce))
 
     def _take(self, volumes: list[str], snapshot: str, quiesce: str) -> list[SnapshotInfo]:

@@ -98,7 +98,10 @@ def send() -> Response:
 
 @bp.post("/Snapvol.Receive")
 def receive() -> Response:
-    """The request body is a stream from ``/Snapvol.Send``; ``?Volume=`` names the volume."""
+    """The request body is a stream from ``/Snapvol.Send``; ``?Volume=`` names the volume.
+
+    The portable way (any HTTP client, e.g. curl); snapvol's own clients use the plugin's
+    stream socket, which skips gunicorn's body parsing (``api/stream_socket.py``)."""
     volume = request.args.get("Volume")
     if volume is None:
         raise InvalidRequest("missing query parameter Volume")
