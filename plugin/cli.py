@@ -265,7 +265,7 @@ def run_send(args: argparse.Namespace, socket_path: str, stdout: TextIO, stderr:
         out.flush()
     base = response.getheader("X-Snapvol-Base")
     print(f"sent {volume}@{sent}" + (f" (incremental from {base})" if base else " (full)")
-          + f": {reader.wire_bytes} bytes", file=stderr)
+          + f": {reader.bytes} bytes of snapshot data, {reader.wire_bytes} written", file=stderr)
     return Exit.OK
 
 
