@@ -50,7 +50,8 @@ def test_snapshot_under_load_clones_into_a_consistent_database(docker, host_plug
         docker("exec", db, "pgbench", "-U", "postgres", "-i", "-q", "-s", "2", "postgres")
         # one committed row per psql call; /tmp/committed says which ones surely committed
         docker("exec", "-d", db, "sh", "-c", "i=0; while :; do i=$((i+1)); psql -U postgres -qAt "
-               "-c \"INSERT INTO commits VALUES ($i)\" >/dev/null && echo $i > /tmp/committed; done")
+               "-c \"INSERT INTO commits VALUES ($i)\" >/dev/null && echo $i > /tmp/c.new "
+               "&& mv /tmp/c.new /tmp/committed; done")   # replaced whole: never read half-written
         docker("exec", "-d", db, "pgbench", "-U", "postgres", "-c", "2", "-T", "120", "postgres")
         time.sleep(4)
         committed_before = int(docker("exec", db, "cat", "/tmp/committed"))
