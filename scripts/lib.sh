@@ -92,4 +92,4 @@ ensure_debian_base() {
 }
 
 # Debian packages the OpenZFS test VM needs beyond OpenZFS itself (see scripts/test).
-ZFSVM_PACKAGES="python3-pytest python3-flask python3-btrfsutil btrfs-progs"
+ZFSVM_PACKAGES="python3-pytest python3-flask python3-btrfsutil btrfs-progs gunicorn python3-docker python3-yaml python3-tqdm docker.io docker-registry openssh-server openssh-client"

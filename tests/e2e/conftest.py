@@ -2,15 +2,30 @@
 
 Order matters (PROTOCOL.md section 4): the plugin starts before dockerd and stops after it, so
 dockerd never holds a reference to a driver whose socket has gone.
+
+Two lanes (``SNAPVOL_E2E_LANE``), both run by scripts/test:
+
+``host`` (default)
+    Btrfs and zfs-fuse on this machine: host processes (``scripts/run``'s kind of plugin) of
+    both backends and the managed plugin on its embedded Btrfs pool. Builds the plugin and
+    pushes it to a loopback registry kept in ``SNAPVOL_E2E_REGISTRY`` when that is set.
+``openzfs``
+    Real OpenZFS (inside the test VM where this kernel has no module): a host process with
+    libzfs_core and the managed plugin with ``SNAPVOL_BACKEND=zfs``, installed from a loopback
+    registry serving the builds the host lane left in ``SNAPVOL_E2E_REGISTRY``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +35,35 @@ from tests.e2e.harness import (DockerDaemon, ManagedPlugin, PluginProcess, Regis
                                SshServer, build_plugin, mounts_under)
 
 DEFAULT_DATA = Path("/var/lib/snapvol")
+PLUGIN_TAGS = ("1", "2")           # two builds: the second is for `docker plugin upgrade`
+
+
+@dataclass(frozen=True)
+class Lane:
+    drivers: tuple[str, ...]        # the ways Docker reaches snapvol (fixture `driver`)
+    host_backends: tuple[str, ...]  # host-process backends (fixtures `host_plugin`, `pair`)
+    managed_backends: tuple[str, ...]   # backends of the managed plugins the life tests break
+    instances: tuple[str, ...]      # host processes started before dockerd
+    build_plugin: bool              # build and push the plugin, or install what is there
+
+
+LANES = {
+    "host": Lane(drivers=("legacy", "managed", "legacy-zfs"), host_backends=("btrfs", "zfs"),
+                 managed_backends=("btrfs",),
+                 instances=("plugin", "zfs_plugin", "replica", "zfs_replica"), build_plugin=True),
+    # The VM runs under emulation on machines without hardware virtualisation (CI's): this
+    # lane takes what only it can prove, the managed plugin on OpenZFS. The host process on
+    # OpenZFS is proven by the integration tests run in the same VM, and through Docker on
+    # zfs-fuse in the host lane.
+    "openzfs": Lane(drivers=("managed-zfs",), host_backends=(), managed_backends=("zfs",),
+                    instances=(), build_plugin=False),
+}
+LANE_NAME = os.environ.get("SNAPVOL_E2E_LANE", "host")
+if LANE_NAME not in LANES:
+    raise pytest.UsageError(f"SNAPVOL_E2E_LANE={LANE_NAME!r}: expected one of {', '.join(LANES)}")
+LANE = LANES[LANE_NAME]
+DRIVER_FIXTURES = {"legacy": "plugin", "managed": "managed", "legacy-zfs": "zfs_plugin",
+                   "managed-zfs": "managed_zfs"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -104,8 +148,9 @@ def zfs_replica(e2e_base: Path, zfs_service: None) -> Iterator[PluginProcess]:
 
 
 @pytest.fixture(scope="session")
-def docker(plugin: PluginProcess, zfs_plugin: PluginProcess, replica: PluginProcess,
-           zfs_replica: PluginProcess, e2e_base: Path) -> Iterator[DockerDaemon]:
+def docker(request, e2e_base: Path) -> Iterator[DockerDaemon]:
+    for instance in LANE.instances:      # started first, so they are stopped after dockerd
+        request.getfixturevalue(instance)
     daemon = DockerDaemon(e2e_base / "docker")
     daemon.base.mkdir()
     daemon.start()
@@ -121,8 +166,11 @@ def busybox(docker: DockerDaemon) -> str:
 
 @pytest.fixture(scope="session")
 def registry(e2e_base: Path) -> Iterator[Registry]:
+    """A loopback registry; its storage is $SNAPVOL_E2E_REGISTRY when set (kept afterwards,
+    so the openzfs lane installs the very builds the host lane tested)."""
     need("docker-registry")
-    reg = Registry(e2e_base / "registry")
+    kept = os.environ.get("SNAPVOL_E2E_REGISTRY")
+    reg = Registry(Path(kept) if kept else e2e_base / "registry")
     reg.start()
     yield reg
     reg.stop()
@@ -131,8 +179,17 @@ def registry(e2e_base: Path) -> Iterator[Registry]:
 @pytest.fixture(scope="session")
 def plugin_references(docker: DockerDaemon, registry: Registry) -> list[str]:
     """Two builds of the plugin (the second for `docker plugin upgrade`), pushed to the
-    loopback registry and removed locally, as a user would get them."""
-    references = [f"{registry.address}/snapvol:{tag}" for tag in ("1", "2")]
+    loopback registry and removed locally, as a user would get them. The openzfs lane builds
+    nothing (no base image, no network in the VM): it takes the host lane's builds."""
+    references = [f"{registry.address}/snapvol:{tag}" for tag in PLUGIN_TAGS]
+    if not LANE.build_plugin:
+        with urllib.request.urlopen(f"http://{registry.address}/v2/snapvol/tags/list",
+                                    timeout=10) as answer:
+            tags = json.load(answer).get("tags") or []
+        missing = sorted(set(PLUGIN_TAGS) - set(tags))
+        assert not missing, (f"registry {registry.base} lacks snapvol:{missing}: the host lane "
+                             "pushes them there (scripts/test sets SNAPVOL_E2E_REGISTRY)")
+        return references
     for reference in references:
         build_plugin(docker, reference)
         docker("plugin", "push", reference, timeout=300)
@@ -164,22 +221,48 @@ def managed(docker: DockerDaemon, plugin_references: list[str], e2e_base: Path):
         shutil.rmtree(DEFAULT_DATA)
 
 
-@pytest.fixture(scope="session", params=["legacy", "managed", "legacy-zfs"])
+@pytest.fixture(scope="session")
+def managed_zfs(docker: DockerDaemon, plugin_references: list[str], e2e_base: Path,
+                zfs_service: None) -> Iterator[ManagedPlugin]:
+    """The managed plugin with SNAPVOL_BACKEND=zfs on a pool of its own: the plugin reaches
+    the host's OpenZFS through /dev/zfs and mounts volumes under its propagated mount."""
+    pool = make_pool(e2e_base, size=2 << 30)
+    data = e2e_base / "managed-zfs-host"
+    data.mkdir()
+    alias = f"snapvolmz{secrets.token_hex(3)}:latest"
+    docker("plugin", "install", "--grant-all-permissions", "--alias", alias,
+           plugin_references[0], f"docker.source={docker.socket.parent}", f"data.source={data}",
+           "SNAPVOL_BACKEND=zfs", f"SNAPVOL_ZFS_ROOT={pool}/snapvol", timeout=300)
+    plugin = ManagedPlugin(docker, alias, zfs_root=f"{pool}/snapvol")
+    plugin.wait_answering()
+    yield plugin
+    for volume in docker("volume", "ls", "-q", "--filter", f"driver={alias}").split():
+        docker("volume", "rm", "-f", volume, check=False)
+    plugin.remove()
+    destroy_pool(pool)
+
+
+@pytest.fixture(scope="session", params=LANE.drivers)
 def driver(request):
     """The same end-to-end tests through `scripts/run`'s kind of plugin (a host process on a
-    legacy socket), through the managed plugin installed from a registry, and through a host
-    process with the ZFS backend."""
-    return request.getfixturevalue({"legacy": "plugin", "managed": "managed",
-                                    "legacy-zfs": "zfs_plugin"}[request.param])
+    legacy socket) and through the managed plugin installed from a registry, with each
+    backend the lane has."""
+    return request.getfixturevalue(DRIVER_FIXTURES[request.param])
 
 
-@pytest.fixture(scope="session", params=["btrfs", "zfs"])
+@pytest.fixture(scope="session", params=[d for d in LANE.drivers if d.endswith("zfs")])
+def zfs_driver(request):
+    """Each way Docker reaches a ZFS-backed snapvol in this lane."""
+    return request.getfixturevalue(DRIVER_FIXTURES[request.param])
+
+
+@pytest.fixture(scope="session", params=LANE.host_backends)
 def host_plugin(request):
     """A host-process plugin of each backend (restart and hostile-input tests)."""
     return request.getfixturevalue("plugin" if request.param == "btrfs" else "zfs_plugin")
 
 
-@pytest.fixture(scope="session", params=["btrfs", "zfs"])
+@pytest.fixture(scope="session", params=LANE.host_backends)
 def pair(request, docker):
     """(source, replica): two host instances of one backend, each with its own pool."""
     if request.param == "btrfs":

@@ -171,6 +171,10 @@ class PluginProcess:
     def backend(self) -> str:
         return self.env.get("SNAPVOL_BACKEND", "btrfs")
 
+    @property
+    def zfs_root(self) -> str | None:
+        return self.env.get("SNAPVOL_ZFS_ROOT")
+
     def volume_dir(self, volume: str) -> Path:
         """The volume's directory on the host."""
         if self.backend == "zfs":
@@ -267,11 +271,12 @@ class Registry:
 class ManagedPlugin:
     """A snapvol installed with `docker plugin install` into a private dockerd."""
 
-    def __init__(self, docker: DockerDaemon, name: str) -> None:
+    def __init__(self, docker: DockerDaemon, name: str, zfs_root: str | None = None) -> None:
         self.docker = docker
         self.name = name                        # e.g. snapvolmgd:latest (the driver name)
         self.driver = name
-        self.backend = "btrfs"
+        self.zfs_root = zfs_root                # SNAPVOL_ZFS_ROOT when installed with zfs
+        self.backend = "zfs" if zfs_root else "btrfs"
 
     def inspect(self) -> dict[str, Any]:
         return json.loads(self.docker("plugin", "inspect", self.name))[0]
@@ -286,8 +291,11 @@ class ManagedPlugin:
         return Path("/run/docker/plugins") / self.id / "snapvol.sock"
 
     def volume_dir(self, volume: str) -> Path:
-        return (self.docker.base / "data" / "plugins" / self.id / "propagated-mount" / "pool"
-                / "volumes" / volume)
+        """The volume's directory on the host (through the propagated mount)."""
+        propagated = self.docker.base / "data" / "plugins" / self.id / "propagated-mount"
+        if self.backend == "zfs":
+            return propagated / "zfs" / volume
+        return propagated / "pool" / "volumes" / volume
 
     def call(self, endpoint: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
         return PluginClient(str(self.socket), timeout=30).call(endpoint, body or {})

@@ -21,22 +21,32 @@ import pytest
 
 from plugin import client
 from plugin.cli import main
-from tests.conftest import make_btrfs, unmount
+from plugin.mountinfo import mounted_filesystem
+from tests.conftest import destroy_pool, make_btrfs, make_pool, unmount
+from tests.e2e.conftest import LANE
 from tests.e2e.harness import ManagedPlugin, inspect_volume, unique
 
 WRITER = "i=0; while true; do i=$((i+1)); echo $i >> /data/log; sleep 0.05; done"
 
 
-@pytest.fixture
-def life(docker, plugin_references, tmp_path: Path) -> Iterator[ManagedPlugin]:
-    """A plugin of its own (own alias, own data directory), so these tests can break it."""
+@pytest.fixture(params=LANE.managed_backends)
+def life(request, docker, plugin_references, tmp_path: Path) -> Iterator[ManagedPlugin]:
+    """A plugin of its own (own alias, own data directory, own pool), so these tests can break
+    it: on its embedded Btrfs pool, or with SNAPVOL_BACKEND=zfs on a ZFS pool of its own."""
     data = tmp_path / "host"
     data.mkdir()
     alias = f"snapvollife{secrets.token_hex(3)}:latest"
+    pool = None
+    if request.param == "zfs":
+        request.getfixturevalue("zfs_service")
+        pool = make_pool(tmp_path, size=1 << 30)
+        storage = ["SNAPVOL_BACKEND=zfs", f"SNAPVOL_ZFS_ROOT={pool}/life"]
+    else:
+        storage = ["SNAPVOL_POOL_SIZE=2G"]
     docker("plugin", "install", "--grant-all-permissions", "--alias", alias,
            plugin_references[0], f"data.source={data}", f"docker.source={docker.socket.parent}",
-           "SNAPVOL_POOL_SIZE=2G", timeout=300)
-    plugin = ManagedPlugin(docker, alias)
+           *storage, timeout=300)
+    plugin = ManagedPlugin(docker, alias, zfs_root=f"{pool}/life" if pool else None)
     plugin.wait_answering()
     yield plugin
     for container in docker("ps", "-aq", "--filter", "label=snapvol-life").split():
@@ -44,6 +54,8 @@ def life(docker, plugin_references, tmp_path: Path) -> Iterator[ManagedPlugin]:
     for volume in docker("volume", "ls", "-q", "--filter", f"driver={alias}").split():
         docker("volume", "rm", "-f", volume, check=False)
     plugin.remove()
+    if pool:
+        destroy_pool(pool)
 
 
 def lines(docker, container: str) -> int:
@@ -75,6 +87,7 @@ def assert_all_there(docker, plugin: ManagedPlugin, busybox: str, volume: str, w
                  "cat", "/data/log").split()
     assert len(log) > 5 and log == [str(i) for i in range(1, len(log) + 1)]
     assert inspect_volume(docker, volume)["Status"]["options"] == {"size": "64M"}
+    assert inspect_volume(docker, volume)["Status"]["backend"] == plugin.backend
 
 
 def test_sigkill_of_the_plugin_process(docker, life, busybox):
@@ -102,6 +115,11 @@ def test_disable_force_and_enable(docker, life, busybox):
     docker("plugin", "enable", life.name)
     life.wait_answering()
     assert_all_there(docker, life, busybox, volume, writer)
+    if life.backend == "zfs":
+        # the new plugin process mounted the dataset again, in its new mount namespace,
+        # under the propagated mount where dockerd finds it
+        assert mounted_filesystem(life.volume_dir(volume)) == "zfs"
+        return
     # the image was still attached through the writer: it must not be attached a second time
     image = Path(life.inspect()["Settings"]["Mounts"][0]["Source"]) / "snapvol" / "pool.img"
     attached = subprocess.run(["losetup", "--associated", str(image)], capture_output=True,
@@ -129,6 +147,7 @@ def test_upgrade_to_a_newer_build(docker, life, busybox, plugin_references):
     assert_all_there(docker, life, busybox, volume, writer)
 
 
+@pytest.mark.parametrize("life", ["btrfs"], indirect=True)
 def test_data_source_on_a_host_btrfs(docker, life, busybox, tmp_path):
     mnt = make_btrfs(tmp_path / "btrfs" if (tmp_path / "btrfs").mkdir() is None else tmp_path)
     try:
@@ -168,3 +187,35 @@ def test_cli_finds_the_managed_socket_by_itself(docker, managed, monkeypatch):
         assert code == 5 and str(managed.socket) in err.getvalue()
         assert "several snapvol plugins are running" in err.getvalue()
     docker("volume", "rm", name)
+
+
+def test_a_plugin_that_cannot_start_fails_to_enable_and_says_why(docker, plugin_references,
+                                                                 tmp_path):
+    """A storage it cannot use (here: a ZFS pool that does not exist) stops the plugin at start:
+    `docker plugin install` fails, and the reason is in dockerd's log, tagged with the plugin."""
+    alias = f"snapvolbad{secrets.token_hex(3)}:latest"
+    pool = f"nosuchpool{secrets.token_hex(3)}"
+    seen = docker.log.stat().st_size
+
+    def new_log() -> str:
+        with docker.log.open("rb") as log:
+            log.seek(seen)
+            return log.read().decode(errors="replace")
+
+    try:
+        result = docker.result("plugin", "install", "--grant-all-permissions", "--alias", alias,
+                               plugin_references[0], f"docker.source={docker.socket.parent}",
+                               f"data.source={tmp_path}", "SNAPVOL_BACKEND=zfs",
+                               f"SNAPVOL_ZFS_ROOT={pool}/x", timeout=300)
+        assert result.returncode != 0, result.stdout
+        deadline = time.monotonic() + 30
+        while "snapvol cannot start" not in new_log():
+            assert time.monotonic() < deadline, new_log()[-3000:]
+            time.sleep(0.3)
+        reason = next(line for line in new_log().splitlines() if "snapvol cannot start" in line)
+        # OpenZFS: no such pool; a host without it (zfs-fuse is not reachable from a plugin):
+        # ZFS is not usable
+        assert f"ZFS pool {pool} does not exist" in reason or "ZFS is not usable here" in reason, reason
+    finally:
+        docker("plugin", "disable", "-f", alias, check=False)
+        docker("plugin", "rm", "-f", alias, check=False)
