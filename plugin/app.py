@@ -34,6 +34,21 @@ from .volumes import VolumeService
 log = logging.getLogger(__name__)
 
 
+def check_storage(settings: Settings) -> None:
+    """Make the storage reachable and check it, serving nothing (idempotent: the worker's
+    :func:`build_service` does it again). gunicorn's master calls this before it binds the
+    socket: dockerd counts a managed plugin as started as soon as its socket accepts a
+    connection, so a plugin that cannot work must fail before that, or `docker plugin
+    enable` would succeed on a plugin that is already gone.
+
+    :raises BackendUnavailable: the storage cannot be prepared or checked.
+    """
+    if settings.backend == "zfs":
+        ZfsBackend(settings.zfs_root, settings.zfs_mounts, load_libzfs_core()).check()
+    else:
+        BtrfsBackend(prepare_root(settings)).check()
+
+
 def build_service(settings: Settings) -> VolumeService:
     """The production service for *settings*: storage made reachable, backend, mount table.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket as _socket
 
+from plugin.app import check_storage
 from plugin.config import Settings
 from plugin.errors import PluginError
 from plugin.locks import single_instance
@@ -54,7 +55,8 @@ def _socket_answers(path: str) -> bool:
 
 
 def on_starting(server) -> None:
-    """Refuse to start beside another instance (same state, or a live socket)."""
+    """Refuse to start beside another instance (same state, or a live socket), or on storage
+    that cannot be used: all before gunicorn binds the socket (see ``check_storage``)."""
     try:
         server.snapvol_lock = single_instance(_settings.state_dir)
     except PluginError as exc:
@@ -62,6 +64,10 @@ def on_starting(server) -> None:
     if _socket_answers(str(_settings.socket)):
         raise SystemExit(f"snapvol: another process already serves {_settings.socket}; "
                          "stop it or set SNAPVOL_SOCKET")
+    try:
+        check_storage(_settings)
+    except PluginError as exc:
+        raise SystemExit(f"snapvol cannot start: {exc}") from None
     _settings.socket.parent.mkdir(parents=True, exist_ok=True)   # a stale file is replaced
 
 
