@@ -34,11 +34,22 @@ class ScriptsRun:
                               capture_output=True, text=True, timeout=600)
 
 
+CLI_LINK = Path("/usr/local/bin/snapvol")      # scripts/run links the CLI here
+
+
 @pytest.fixture(scope="session")
 def scripts_run(docker, e2e_base: Path) -> Iterator[ScriptsRun]:
+    """scripts/run's instance; afterwards the CLI link is as it was before (a link into this
+    checkout must not outlive a run of the tests from a temporary clone)."""
+    before = os.readlink(CLI_LINK) if CLI_LINK.is_symlink() else None
     run = ScriptsRun(docker, e2e_base)
     yield run
     run("stop")
+    if before is None and CLI_LINK.is_symlink():
+        CLI_LINK.unlink()
+    elif before is not None and not (CLI_LINK.is_symlink() and os.readlink(CLI_LINK) == before):
+        CLI_LINK.unlink(missing_ok=True)
+        CLI_LINK.symlink_to(before)
     for point in mounts_under(run.state):
         subprocess.run(["umount", point], check=False)
     shutil.rmtree(run.env["SNAPVOL_RUN_DIR"], ignore_errors=True)
