@@ -208,14 +208,8 @@ def managed(docker: DockerDaemon, plugin_references: list[str], e2e_base: Path):
     if not ours:
         (e2e_base / "host").mkdir()
         settings.append(f"data.source={e2e_base / 'host'}")
-    alias = f"snapvolmgd{secrets.token_hex(3)}:latest"
-    docker("plugin", "install", "--grant-all-permissions", "--alias", alias,
-           plugin_references[0], *settings, timeout=300)
-    plugin = ManagedPlugin(docker, alias)
-    plugin.wait_answering()
+    plugin = ManagedPlugin.install(docker, plugin_references[0], "snapvolmgd", *settings)
     yield plugin
-    for volume in docker("volume", "ls", "-q", "--filter", f"driver={alias}").split():
-        docker("volume", "rm", "-f", volume, check=False)
     plugin.remove()
     if ours and DEFAULT_DATA.exists() and not mounts_under(DEFAULT_DATA):
         shutil.rmtree(DEFAULT_DATA)
@@ -229,15 +223,10 @@ def managed_zfs(docker: DockerDaemon, plugin_references: list[str], e2e_base: Pa
     pool = make_pool(e2e_base, size=2 << 30)
     data = e2e_base / "managed-zfs-host"
     data.mkdir()
-    alias = f"snapvolmz{secrets.token_hex(3)}:latest"
-    docker("plugin", "install", "--grant-all-permissions", "--alias", alias,
-           plugin_references[0], f"docker.source={docker.socket.parent}", f"data.source={data}",
-           "SNAPVOL_BACKEND=zfs", f"SNAPVOL_ZFS_ROOT={pool}/snapvol", timeout=300)
-    plugin = ManagedPlugin(docker, alias, zfs_root=f"{pool}/snapvol")
-    plugin.wait_answering()
+    plugin = ManagedPlugin.install(docker, plugin_references[0], "snapvolmz",
+                                   f"docker.source={docker.socket.parent}", f"data.source={data}",
+                                   zfs_root=f"{pool}/snapvol")
     yield plugin
-    for volume in docker("volume", "ls", "-q", "--filter", f"driver={alias}").split():
-        docker("volume", "rm", "-f", volume, check=False)
     plugin.remove()
     destroy_pool(pool)
 

@@ -278,6 +278,21 @@ class ManagedPlugin:
         self.zfs_root = zfs_root                # SNAPVOL_ZFS_ROOT when installed with zfs
         self.backend = "zfs" if zfs_root else "btrfs"
 
+    @classmethod
+    def install(cls, docker: DockerDaemon, reference: str, prefix: str, *settings: str,
+                zfs_root: str | None = None) -> ManagedPlugin:
+        """`docker plugin install` *reference* under a unique alias ``<prefix><hex>:latest``
+        with *settings* (plus ``SNAPVOL_BACKEND=zfs`` and *zfs_root* when given), and wait
+        until it answers."""
+        alias = f"{prefix}{secrets.token_hex(3)}:latest"
+        if zfs_root:
+            settings = (*settings, "SNAPVOL_BACKEND=zfs", f"SNAPVOL_ZFS_ROOT={zfs_root}")
+        docker("plugin", "install", "--grant-all-permissions", "--alias", alias, reference,
+               *settings, timeout=300)
+        plugin = cls(docker, alias, zfs_root=zfs_root)
+        plugin.wait_answering()
+        return plugin
+
     def inspect(self) -> dict[str, Any]:
         return json.loads(self.docker("plugin", "inspect", self.name))[0]
 
@@ -325,6 +340,10 @@ class ManagedPlugin:
         raise RuntimeError(f"managed plugin {self.name} does not answer")
 
     def remove(self) -> None:
+        """Remove its volumes, then the plugin itself."""
+        for volume in self.docker("volume", "ls", "-q", "--filter", f"driver={self.name}",
+                                  check=False).split():
+            self.docker("volume", "rm", "-f", volume, check=False)
         self.docker("plugin", "disable", "-f", self.name, check=False)
         self.docker("plugin", "rm", "-f", self.name, check=False)
 

@@ -35,24 +35,17 @@ def life(request, docker, plugin_references, tmp_path: Path) -> Iterator[Managed
     it: on its embedded Btrfs pool, or with SNAPVOL_BACKEND=zfs on a ZFS pool of its own."""
     data = tmp_path / "host"
     data.mkdir()
-    alias = f"snapvollife{secrets.token_hex(3)}:latest"
     pool = None
     if request.param == "zfs":
         request.getfixturevalue("zfs_service")
         pool = make_pool(tmp_path, size=1 << 30)
-        storage = ["SNAPVOL_BACKEND=zfs", f"SNAPVOL_ZFS_ROOT={pool}/life"]
-    else:
-        storage = ["SNAPVOL_POOL_SIZE=2G"]
-    docker("plugin", "install", "--grant-all-permissions", "--alias", alias,
-           plugin_references[0], f"data.source={data}", f"docker.source={docker.socket.parent}",
-           *storage, timeout=300)
-    plugin = ManagedPlugin(docker, alias, zfs_root=f"{pool}/life" if pool else None)
-    plugin.wait_answering()
+    plugin = ManagedPlugin.install(docker, plugin_references[0], "snapvollife",
+                                   f"data.source={data}", f"docker.source={docker.socket.parent}",
+                                   *([] if pool else ["SNAPVOL_POOL_SIZE=2G"]),
+                                   zfs_root=f"{pool}/life" if pool else None)
     yield plugin
     for container in docker("ps", "-aq", "--filter", "label=snapvol-life").split():
         docker("rm", "-f", container, check=False)
-    for volume in docker("volume", "ls", "-q", "--filter", f"driver={alias}").split():
-        docker("volume", "rm", "-f", volume, check=False)
     plugin.remove()
     if pool:
         destroy_pool(pool)
