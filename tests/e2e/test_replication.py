@@ -144,7 +144,8 @@ def test_replicate_over_ssh_full_incremental_and_after_a_killed_transfer(docker,
     code, out, err = cli(source, "replicate", vol, target, "--as", copy, "--json")
     assert code == 0, err
     run = json.loads(out)["Replication"]
-    assert run["base"] and run["bytes"] < full_bytes / 10
+    assert run["base"] and run["bytes"] < full_bytes / 10, (run, err, source.log_tail(),
+                                                            replica.log_tail())
     assert digest(docker, busybox, replica, copy) == digest(docker, busybox, source, vol)
     status = inspect_volume(docker, vol)["Status"]["replication"]
     assert (status["target"], status["result"], status["snapshot"]) == \
