@@ -43,10 +43,17 @@ def check_storage(settings: Settings) -> None:
 
     :raises BackendUnavailable: the storage cannot be prepared or checked.
     """
+    open_backend(settings).check()
+
+
+def open_backend(settings: Settings) -> Backend:
+    """The backend *settings* name, its storage made reachable (the Btrfs pool mounted).
+
+    :raises BackendUnavailable: the storage cannot be prepared.
+    """
     if settings.backend == "zfs":
-        ZfsBackend(settings.zfs_root, settings.zfs_mounts, load_libzfs_core()).check()
-    else:
-        BtrfsBackend(prepare_root(settings)).check()
+        return ZfsBackend(settings.zfs_root, settings.zfs_mounts, load_libzfs_core())
+    return BtrfsBackend(prepare_root(settings))
 
 
 def build_service(settings: Settings) -> VolumeService:
@@ -61,14 +68,11 @@ def build_service(settings: Settings) -> VolumeService:
               "quiescer": DockerQuiescer(settings.docker_host, hook_timeout=settings.hook_timeout),
               "replications": ReplicationLog(settings.state_dir / "replication.json"),
               "transfers": settings.transfers}
-    if settings.backend == "zfs":
-        # ZFS volumes are re-mounted one by one on Mount (ZfsBackend.attach): nothing to recover
-        backend: Backend = ZfsBackend(settings.zfs_root, settings.zfs_mounts, load_libzfs_core())
-        service = VolumeService(backend, mounts, locks, **extras)
-    else:
-        backend = BtrfsBackend(prepare_root(settings))
-        service = VolumeService(backend, mounts, locks, recover=lambda: prepare_root(settings),
-                                **extras)
+    backend = open_backend(settings)
+    # Btrfs: a pool that went away is mounted again; ZFS volumes are re-mounted one by one on
+    # Mount (ZfsBackend.attach): nothing to recover
+    recover = None if settings.backend == "zfs" else (lambda: prepare_root(settings))
+    service = VolumeService(backend, mounts, locks, recover=recover, **extras)
     service.open()
     return service
 
