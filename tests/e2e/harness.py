@@ -328,7 +328,16 @@ class ManagedPlugin:
                     continue
         return sorted(pids)
 
+    def enabled(self) -> bool | None:
+        """dockerd's word on whether the plugin is enabled (None: dockerd did not answer)."""
+        out = self.docker("plugin", "inspect", "--format", "{{.Enabled}}", self.name,
+                          check=False, timeout=30).strip()
+        return {"true": True, "false": False}.get(out)
+
     def wait_answering(self, timeout: float = 60) -> None:
+        """Wait until the plugin answers ``Snapvol.Status``; fail at once, with the plugin's
+        log and dockerd's, when dockerd has given up on it (it disables a plugin whose socket
+        does not accept within about 10 s of a start), or after *timeout* seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -336,8 +345,35 @@ class ManagedPlugin:
                     return
             except (OSError, KeyError, IndexError, CommandError):
                 pass
+            if self.enabled() is False:
+                raise RuntimeError(f"dockerd disabled managed plugin {self.name}\n"
+                                   f"{self.diagnostics()}")
             time.sleep(0.3)
-        raise RuntimeError(f"managed plugin {self.name} does not answer")
+        raise RuntimeError(f"managed plugin {self.name} does not answer after {timeout} s\n"
+                           f"{self.diagnostics()}")
+
+    def diagnostics(self, lines: int = 60) -> str:
+        """What explains a plugin that does not answer: its own log (its stdout and stderr,
+        which dockerd writes into its log tagged with the plugin's id), the rest of dockerd's
+        log, and the plugin's processes."""
+        log = self.docker.log.read_text(errors="replace").splitlines()
+        try:
+            plugin_id = self.id
+        except CommandError as exc:
+            plugin_id, own, rest = "?", [f"(no plugin id: {exc})"], log
+        else:
+            own = [line for line in log if plugin_id in line]
+            rest = [line for line in log if plugin_id not in line]
+        try:
+            procs = [f"{pid} " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                     for pid in self.processes()]
+        except OSError as exc:
+            procs = [f"({exc})"]
+        kernel = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+        return "\n".join([f"--- plugin {self.name} ({plugin_id}): its log, last {lines} lines",
+                          *own[-lines:], f"--- dockerd's log, last {lines // 2} other lines",
+                          *rest[-(lines // 2):], "--- its processes", *procs,
+                          "--- the kernel's log, last 15 lines", *kernel[-15:]])
 
     def remove(self) -> None:
         """Remove its volumes, then the plugin itself."""

@@ -94,7 +94,7 @@ def test_sigkill_of_the_plugin_process(docker, life, busybox):
             pass
     deadline = time.monotonic() + 60
     while not (life.processes() and set(life.processes()).isdisjoint(before)):
-        assert time.monotonic() < deadline, "dockerd did not restart the plugin"
+        assert time.monotonic() < deadline, f"dockerd did not restart the plugin\n{life.diagnostics()}"
         time.sleep(0.3)
     life.wait_answering()
     assert_all_there(docker, life, busybox, volume, writer)
