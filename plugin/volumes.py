@@ -448,11 +448,12 @@ class VolumeService:
         if resume and not self._backend.resumable:
             raise StreamRefused(f"the stream resumes an interrupted transfer; {self._backend.kind} "
                                 "here cannot resume (send the whole stream again)")
+        self._acquire_transfer()
         with self._guard:
             if volume in self._receiving:
+                self._transfers.release()
                 raise VolumeBusy(f"volume {volume} is being received already")
             self._receiving.add(volume)
-        self._acquire_transfer()
         try:
             try:
                 with self._backend.receiving(volume, snapshot, base, opts, resume=resume) as pipe:

@@ -132,3 +132,20 @@ def test_retention_never_prunes_a_replication_base_or_a_snapshot_being_sent(serv
     transfer.close()
     kept = {d["snapshot"] for d in service.prune("db", now=now) if d["keep"]}
     assert kept == {"auto-3", "auto-1"}
+
+
+def test_a_refused_receive_leaves_no_trace(client, service):
+    """A receive refused because every transfer slot is busy must not leave the volume marked
+    as being received: the next receive and Mount work as if it had never been tried."""
+    service.create("db", {})
+    service.snapshot(["db"], "s1")
+    full = sent(client, {"Volume": "db", "Snapshot": "s1"})
+    blocker = service.send("db", "s1")                 # takes the only slot
+    status, reply = receive(client, "copy", full)
+    assert status == 503 and "transfers are running already" in reply["Err"], reply
+    blocker.close()
+    assert [v.name for v in service.list()] == ["db"]
+    status, reply = receive(client, "copy", full)
+    assert status == 200, reply
+    service.mount("copy", "a" * 64)
+    assert [s.name for s in service.snapshots("copy")] == ["s1"]
