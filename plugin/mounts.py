@@ -57,33 +57,41 @@ class MountTable:
             return {name: len(ids) for name, ids in self._ids.items()}
 
     def add(self, name: str, mount_id: str) -> None:
-        with self._guard:
-            self._ids.setdefault(name, []).append(mount_id)
-            self._save()
+        """Record one more use of *mount_id* (saved before it counts).
 
-    def discard(self, name: str, mount_id: str) -> bool | None:
-        """Remove one use of *mount_id*.
-
-        :returns: ``None`` if the ID was unknown, else whether the volume is now unused.
+        :raises OSError: the table could not be saved; nothing changed.
         """
         with self._guard:
-            ids = self._ids.get(name)
-            if not ids or mount_id not in ids:
+            self._commit(name, [*self._ids.get(name, ()), mount_id])
+
+    def discard(self, name: str, mount_id: str) -> bool | None:
+        """Remove one use of *mount_id* (saved before it counts).
+
+        :returns: ``None`` if the ID was unknown, else whether the volume is now unused.
+        :raises OSError: the table could not be saved; nothing changed.
+        """
+        with self._guard:
+            ids = list(self._ids.get(name, ()))
+            if mount_id not in ids:
                 return None
             ids.remove(mount_id)
-            if not ids:
-                del self._ids[name]
-            self._save()
-            return name not in self._ids
+            self._commit(name, ids)
+            return not ids
 
     def forget(self, name: str) -> list[str]:
         """Drop every ID of *name* (the volume is gone); return them."""
         with self._guard:
-            ids = self._ids.pop(name, [])
+            ids = list(self._ids.get(name, ()))
             if ids:
-                self._save()
+                self._commit(name, [])
             return ids
 
-    def _save(self) -> None:
-        write_json_atomically(self._path, {"boot_id": self._boot_id, "mounts": self._ids},
+    def _commit(self, name: str, ids: list[str]) -> None:
+        """Save the table with *name* using *ids* (none: not in use), then adopt it: memory
+        never runs ahead of the disk, so a failed save changes nothing."""
+        table = {**self._ids, name: ids}
+        if not ids:
+            del table[name]
+        write_json_atomically(self._path, {"boot_id": self._boot_id, "mounts": table},
                               durable=False)
+        self._ids = table

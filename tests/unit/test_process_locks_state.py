@@ -124,6 +124,30 @@ def test_mount_table_persists_multiset(tmp_path: Path):
     assert MountTable(path).in_use() == {}
 
 
+def test_mount_table_changes_memory_only_once_saved(tmp_path: Path, monkeypatch):
+    """A mount or unmount whose table could not be saved changes nothing: memory and disk
+    agree, so a restart cannot resurrect or lose a mount the caller was told had failed."""
+    path = tmp_path / "mounts.json"
+    table = MountTable(path)
+    table.add("v", "id1")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("plugin.mounts.write_json_atomically", disk_full)
+    with pytest.raises(OSError):
+        table.add("v", "id2")
+    with pytest.raises(OSError):
+        table.add("w", "id3")
+    with pytest.raises(OSError):
+        table.discard("v", "id1")
+    with pytest.raises(OSError):
+        table.forget("v")
+    assert table.in_use() == {"v": 1} and table.users("v") == ["id1"]
+    monkeypatch.undo()
+    assert MountTable(path).in_use() == {"v": 1}
+
+
 def test_mount_table_from_an_earlier_boot_is_discarded(tmp_path: Path):
     path = tmp_path / "mounts.json"
     MountTable(path, boot_id="boot-1").add("v", "id1")
