@@ -333,7 +333,17 @@ class VolumeService:
         except (BackendUnavailable, BackendError) as exc:
             log.warning("get %s: answering without details: %s", name, exc)
             return VolumeView(name, None, None, {"state": "unavailable", "error": str(exc)})
-        return VolumeView(info.name, info.mountpoint, info.created, self._status(info))
+        try:
+            status = self._status(info)
+        except VolumeNotFound:
+            raise                                   # removed since: really gone
+        except (PluginError, OSError) as exc:
+            # A snapshot pruned, sent or received while we looked: the volume is there, only
+            # its details are not, for now.
+            log.warning("get %s: answering without all details: %s", name, exc)
+            status = {"backend": self._backend.kind, "options": dict(info.options),
+                      "error": f"details unavailable for now: {exc}"}
+        return VolumeView(info.name, info.mountpoint, info.created, status)
 
     def list(self) -> list[VolumeView]:
         """Every volume, cheaply (one bulk backend pass, no usage figures)."""

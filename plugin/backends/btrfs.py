@@ -85,8 +85,8 @@ class BtrfsBackend:
 
     # ------------------------------------------------------------------ start-up
 
-    def check(self) -> None:
-        """Verify the root is on Btrfs, create the layout, finish interrupted work.
+    def preflight(self) -> None:
+        """Whether this storage can work at all: the root is a directory on Btrfs.
 
         :raises BackendUnavailable: the root does not exist or is not on Btrfs.
         """
@@ -96,6 +96,13 @@ class BtrfsBackend:
             self._fsid = _filesystem_id(self.root)
         except OSError as exc:
             raise BackendUnavailable(f"{self.root} is not on a Btrfs filesystem ({exc.strerror})") from None
+
+    def check(self) -> None:
+        """:meth:`preflight`, then create the layout and finish interrupted work.
+
+        :raises BackendUnavailable: as :meth:`preflight`.
+        """
+        self.preflight()
         for directory in (self.volumes_dir, self.snapshots_dir, self.staging_dir):
             directory.mkdir(mode=0o711, exist_ok=True)
         self._finish_interrupted()
@@ -215,12 +222,22 @@ class BtrfsBackend:
         self._owned_path(volume)
         directory = self.snapshots_dir / volume
         found = []
-        for entry in (os.scandir(directory) if directory.is_dir() else ()):
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
             path = Path(entry.path)
-            if entry.is_dir(follow_symlinks=False) and self._is_ours(path):
+            if not (entry.is_dir(follow_symlinks=False) and self._is_ours(path)):
+                continue
+            try:
                 # otime has whole seconds; the creating transaction orders within a second
                 transid = btrfsutil.subvolume_info(path).otransid
                 found.append((transid, self._snapshot_info(volume, entry.name, path)))
+            except OSError as exc:              # BtrfsUtilError is an OSError
+                if exc.errno != errno.ENOENT:
+                    raise BackendError(f"cannot read snapshot {volume}@{entry.name}: {exc}") from None
+                # pruned (or sent and released) while we listed: it is simply gone
         return [info for _, info in sorted(found, key=lambda pair: (pair[1].created, pair[0]))]
 
     def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:

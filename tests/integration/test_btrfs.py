@@ -116,3 +116,21 @@ def test_root_gone_is_unavailable_not_missing(backend, btrfs_mount):
     finally:
         subprocess.run(["mount", "-o", "loop", str(btrfs_mount.parent / "btrfs.img"),
                         str(btrfs_mount)], check=True)
+
+
+def test_snapshot_listing_tolerates_a_snapshot_removed_meanwhile(backend, monkeypatch):
+    """A prune (or another caller) deleting a snapshot between the directory scan and the
+    subvolume lookup must not fail the listing: the snapshot is simply gone."""
+    backend.create_volume("v1", {})
+    for name in ("s1", "s2", "s3"):
+        backend.create_snapshot("v1", name)
+    real = btrfsutil.subvolume_info
+    doomed = backend.snapshots_dir / "v1" / "s2"
+
+    def pruned_meanwhile(path, *args, **kwargs):
+        if Path(path) == doomed and btrfsutil.is_subvolume(doomed):
+            btrfsutil.delete_subvolume(doomed)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(btrfsutil, "subvolume_info", pruned_meanwhile)
+    assert [s.name for s in backend.snapshots("v1")] == ["s1", "s3"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from plugin.app import create_app
+from plugin.errors import BackendError, SnapshotNotFound
 from plugin.locks import VolumeLocks
 from plugin.mounts import MountTable
 from plugin.volumes import VolumeService
@@ -232,3 +233,25 @@ def test_snapshot_errors(client, backend, endpoint, body, status, message):
     assert got_status == status and reply["Err"].startswith(message), reply
     assert sorted(v.name for v in backend.volumes()) == before
     assert backend.snapshots("v1") == []
+
+
+@pytest.mark.parametrize("fault", [
+    SnapshotNotFound("v1", "auto-1"),                         # pruned while we listed
+    BackendError("cannot list snapshots: dataset does not exist"),
+    FileNotFoundError(2, "No such file or directory"),        # a subvolume gone under us
+])
+def test_get_and_list_never_fail_because_a_snapshot_went_away(client, backend, monkeypatch, fault):
+    """A prune, send or receive running beside Get must never turn it into an Err: dockerd
+    would forget the volume's options and labels (PROTOCOL.md 3.6)."""
+    assert call(client, "VolumeDriver.Create", {"Name": "v1", "Opts": {}})[1] == {"Err": ""}
+
+    def vanishing(volume):
+        raise fault
+
+    monkeypatch.setattr(backend, "snapshots", vanishing)
+    status, body = call(client, "VolumeDriver.Get", {"Name": "v1"})
+    assert status == 200 and body["Err"] == "" and body["Volume"]["Name"] == "v1"
+    assert body["Volume"]["Mountpoint"] and "error" in body["Volume"]["Status"]
+    status, body = call(client, "VolumeDriver.List", {})
+    assert status == 200 and [v["Name"] for v in body["Volumes"]] == ["v1"]
+    assert call(client, "VolumeDriver.Path", {"Name": "v1"})[1]["Err"] == ""
