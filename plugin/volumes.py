@@ -235,6 +235,7 @@ class VolumeService:
         snapshot = names.snapshot_name(snapshot)
         with self._locks.hold(volume):
             self._not_receiving(volume)
+            self._not_sending(volume)
             users = self._mounts.users(volume)
             if users:
                 raise VolumeInUse(f"volume {volume} is in use by {self._users_text(volume, users)}"
@@ -453,18 +454,12 @@ class VolumeService:
                                     self._backend.kind, self._backend.compressions)
         except (InvalidName, InvalidOption) as exc:
             raise StreamRefused(f"the stream's header is not acceptable: {exc}") from None
-        base = self._replica_base(volume, header)
         resume = header.get("resume") is True
         if resume and not self._backend.resumable:
             raise StreamRefused(f"the stream resumes an interrupted transfer; {self._backend.kind} "
                                 "here cannot resume (send the whole stream again)")
-        self._acquire_transfer()
-        with self._guard:
-            if volume in self._receiving:
-                self._transfers.release()
-                raise VolumeBusy(f"volume {volume} is being received already")
-            self._receiving.add(volume)
-        try:
+        with self._receiving_into(volume):
+            base = self._replica_base(volume, header)   # after the mark: no Mount slips in
             try:
                 with self._backend.receiving(volume, snapshot, base, opts, resume=resume) as pipe:
                     for chunk in stream.prefetch(reader.data(hold_last=True)):
@@ -473,13 +468,33 @@ class VolumeService:
                 raise StreamRefused(f"{exc}; nothing was kept") from None
             except (BrokenPipeError, ConnectionError) as exc:
                 raise StreamRefused(f"the receiver stopped early ({exc}); nothing was kept") from None
-        finally:
-            self._transfers.release()
-            with self._guard:
-                self._receiving.discard(volume)
         log.info("received %s@%s: %d bytes (%s)", volume, snapshot, reader.bytes,
                  "incremental from " + base if base else "full")
         return {"volume": volume, "snapshot": snapshot, "base": base, "bytes": reader.bytes}
+
+    @contextmanager
+    def _receiving_into(self, volume: str) -> Iterator[None]:
+        """Hold a transfer slot and mark *volume* as being received, both undone on exit.
+
+        The mark is set under the volume's lock, which Mount holds while it checks the mark:
+        a Mount either finished before (and the caller's check of the volume's users sees
+        it) or is refused after, so a replica in use is never replaced under a container.
+
+        :raises VolumeBusy: no slot is free, or the volume is being received already.
+        """
+        self._acquire_transfer()
+        try:
+            with self._locks.hold(volume), self._guard:
+                if volume in self._receiving:
+                    raise VolumeBusy(f"volume {volume} is being received already")
+                self._receiving.add(volume)
+            try:
+                yield
+            finally:
+                with self._guard:
+                    self._receiving.discard(volume)
+        finally:
+            self._transfers.release()
 
     def resume_token(self, volume: object) -> str | None:
         """The token of an interrupted receive into *volume*, where the backend can resume."""

@@ -149,3 +149,54 @@ def test_a_refused_receive_leaves_no_trace(client, service):
     assert status == 200, reply
     service.mount("copy", "a" * 64)
     assert [s.name for s in service.snapshots("copy")] == ["s1"]
+
+
+def test_rollback_is_refused_while_the_volume_is_being_sent(service):
+    """A rollback would replace (Btrfs) or destroy newer snapshots (ZFS) under a running send."""
+    service.create("db", {})
+    service.snapshot(["db"], "s1")
+    service.snapshot(["db"], "s2")
+    transfer = service.send("db", "s2", "s1")
+    with pytest.raises(VolumeBusy, match="volume db is being sent"):
+        service.rollback("db", "s1", destroy_newer=True)
+    transfer.close()
+    service.rollback("db", "s1", destroy_newer=True)
+
+
+def test_a_replica_mounted_during_the_receive_check_is_never_overwritten(client, service,
+                                                                         monkeypatch):
+    """Mount racing an incremental receive: either the Mount waits or is refused, or the
+    receive is refused; never both succeed (the container would see its volume replaced)."""
+    import threading
+
+    service.create("db", {})
+    service.snapshot(["db"], "s1")
+    full = sent(client, {"Volume": "db", "Snapshot": "s1"})
+    assert receive(client, "copy", full)[0] == 200
+    backend = service._backend
+    for snap in backend.snapshots("copy"):        # the fake keeps no received identity
+        backend._snapshots["copy"][snap.name] = snap.__class__(
+            snap.volume, snap.name, snap.created, snap.identity,
+            service.snapshots("db")[0].identity)
+    service.snapshot(["db"], "s2")
+    incremental = sent(client, {"Volume": "db", "Snapshot": "s2", "Since": "s1"})
+    mounted: list[object] = []
+    real_users = service._mounts.users
+
+    def users_while_a_container_starts(volume):
+        answer = real_users(volume)
+        if volume == "copy" and not mounted:
+            def start():
+                try:
+                    mounted.append(service.mount("copy", "c" * 64))
+                except Exception as exc:              # refused or timed out: fine
+                    mounted.append(exc)
+            worker = threading.Thread(target=start)
+            worker.start()
+            worker.join(2)
+        return answer
+
+    monkeypatch.setattr(service._mounts, "users", users_while_a_container_starts)
+    status, reply = receive(client, "copy", incremental)
+    mount_ok = not isinstance(mounted[0], Exception)
+    assert not (mount_ok and status == 200), (mounted, reply)
