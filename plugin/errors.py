@@ -84,9 +84,14 @@ class BackendUnavailable(PluginError):
 
 
 class BackendError(PluginError):
-    """The filesystem refused an operation; the message carries its reason."""
+    """The filesystem refused an operation; the message carries its reason, and *errno* the
+    system error number when the filesystem gave one (e.g. ``errno.ENOSPC``)."""
 
     http_status = 500
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class ConfigError(PluginError):

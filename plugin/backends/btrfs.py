@@ -158,7 +158,7 @@ class BtrfsBackend:
             raise
         except OSError as exc:
             self._require_healthy()
-            raise BackendError(f"cannot read volume {name}: {exc}") from None
+            raise BackendError(f"cannot read volume {name}: {exc}", errno=exc.errno) from None
 
     def usage(self, name: str) -> Usage:
         info = btrfsutil.subvolume_info(self._owned_path(name))
@@ -203,7 +203,7 @@ class BtrfsBackend:
         try:
             os.rename(path, doomed)  # gone from listings at once, even if deletion is slow
         except OSError as exc:
-            raise BackendError(f"cannot remove volume {name}: {exc.strerror}") from None
+            raise BackendError(f"cannot remove volume {name}: {exc.strerror}", errno=exc.errno) from None
         self._delete_subvolume(doomed)
         snapshots = self.snapshots_dir / name
         if snapshots.is_dir():
@@ -236,7 +236,7 @@ class BtrfsBackend:
                 found.append((transid, self._snapshot_info(volume, entry.name, path)))
             except OSError as exc:              # BtrfsUtilError is an OSError
                 if exc.errno != errno.ENOENT:
-                    raise BackendError(f"cannot read snapshot {volume}@{entry.name}: {exc}") from None
+                    raise BackendError(f"cannot read snapshot {volume}@{entry.name}: {exc}", errno=exc.errno) from None
                 # pruned (or sent and released) while we listed: it is simply gone
         return [info for _, info in sorted(found, key=lambda pair: (pair[1].created, pair[0]))]
 
@@ -249,7 +249,7 @@ class BtrfsBackend:
         try:
             btrfsutil.create_snapshot(source, target, read_only=True)
         except OSError as exc:
-            raise BackendError(f"cannot snapshot {volume}: {exc}") from None
+            raise BackendError(f"cannot snapshot {volume}: {exc}", errno=exc.errno) from None
         log.info("took snapshot %s@%s", volume, snapshot)
         return self._snapshot_info(volume, snapshot, target)
 
@@ -308,7 +308,7 @@ class BtrfsBackend:
             if self._is_ours(fresh):
                 self._delete_subvolume(fresh)
             if isinstance(exc, OSError):
-                raise BackendError(f"cannot roll {volume} back to {snapshot}: {exc}") from None
+                raise BackendError(f"cannot roll {volume} back to {snapshot}: {exc}", errno=exc.errno) from None
             raise
         self._delete_subvolume(replaced)
         log.info("rolled volume %s back to snapshot %s", volume, snapshot)
@@ -405,7 +405,7 @@ class BtrfsBackend:
             if self._is_ours(work):
                 self._delete_subvolume(work)
             if isinstance(exc, OSError):
-                raise BackendError(f"{failure}: {exc}") from None
+                raise BackendError(f"{failure}: {exc}", errno=exc.errno) from None
             raise
 
     def _snapshot_path(self, volume: str, snapshot: str) -> Path:
@@ -506,7 +506,7 @@ class BtrfsBackend:
         try:
             btrfsutil.delete_subvolume(path, recursive=True)
         except btrfsutil.BtrfsUtilError as exc:
-            raise BackendError(f"cannot delete subvolume {path}: {exc}") from None
+            raise BackendError(f"cannot delete subvolume {path}: {exc}", errno=exc.errno) from None
 
     def _require_healthy(self) -> None:
         """Tell "no such volume" apart from "the storage is gone" (Docker purges on the former)."""

@@ -20,6 +20,7 @@ libzfs_core.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -75,6 +76,24 @@ def _run_while_busy(argv: list[str]) -> None:
             if "busy" not in exc.stderr or time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def lzc_failed(action: str, exc: Exception) -> BackendError:
+    """The :class:`BackendError` for a failed libzfs_core call: its errno kept (as the
+    attribute, and by name in the message), and for calls on several snapshots each one's
+    own error (pyzfs's ``MultipleOperationsError`` keeps them in ``errors``; its own message
+    only says "one or more reasons")."""
+    code = getattr(exc, "errno", None)
+
+    def explain(error: Exception) -> str:
+        number = getattr(error, "errno", None)
+        text = getattr(error, "message", None) or str(error) or type(error).__name__
+        name = getattr(error, "name", None)
+        where = f" ({name.decode(errors='replace') if isinstance(name, bytes) else name})" if name else ""
+        return f"{errno.errorcode.get(number, number)}: {text}{where}" if isinstance(number, int) else text
+
+    details = [explain(exc)] + [explain(sub) for sub in getattr(exc, "errors", None) or ()]
+    return BackendError(f"{action}: {'; '.join(details)}", errno=code if isinstance(code, int) else None)
 
 
 class ZfsBackend:
@@ -230,7 +249,7 @@ class ZfsBackend:
             except BackendError as cleanup:   # report the cause, not the cleanup; start-up retries
                 log.error("could not remove half-made %s (removed at next start): %s", dataset, cleanup)
             if isinstance(exc, OSError):
-                raise BackendError(f"cannot create volume {name}: {exc}") from None
+                raise BackendError(f"cannot create volume {name}: {exc}", errno=exc.errno) from None
             raise
         log.info("created volume %s (options: %s)", name, ", ".join(sorted(options)) or "none")
         return self.volume(name)
@@ -279,7 +298,7 @@ class ZfsBackend:
             try:
                 self._lzc.lzc_snapshot([full.encode()])
             except Exception as exc:
-                raise BackendError(f"cannot snapshot {volume}: {exc}") from None
+                raise lzc_failed(f"cannot snapshot {volume}", exc) from None
         else:
             process.run(["zfs", "snapshot", full], timeout=_TIMEOUT)
         log.info("took snapshot %s@%s", volume, snapshot)
@@ -300,7 +319,7 @@ class ZfsBackend:
         try:
             self._lzc.lzc_snapshot([f.encode() for f in fulls])
         except Exception as exc:
-            raise BackendError(f"cannot snapshot {', '.join(volumes)}: {exc}") from None
+            raise lzc_failed(f"cannot snapshot {', '.join(volumes)}", exc) from None
         log.info("took snapshot %s of %s in one transaction", snapshot, ", ".join(volumes))
         return [self._snapshots(self._dataset(v), v)[snapshot] for v in volumes]
 
@@ -314,7 +333,7 @@ class ZfsBackend:
                     raise Conflict(f"snapshot {volume}@{snapshot} is the base of a replication "
                                    "(held by snapvol); it is released when a newer one replaces "
                                    "it or the volume is removed") from None
-                raise BackendError(f"cannot destroy snapshot {volume}@{snapshot}: {exc}") from None
+                raise lzc_failed(f"cannot destroy snapshot {volume}@{snapshot}", exc) from None
         else:
             _run_while_busy(["zfs", "destroy", full])
         log.info("removed snapshot %s@%s", volume, snapshot)
@@ -332,7 +351,7 @@ class ZfsBackend:
                 try:
                     self._lzc.lzc_clone(dataset.encode(), origin.encode(), props=user)
                 except Exception as exc:
-                    raise BackendError(f"cannot clone {origin}: {exc}") from None
+                    raise lzc_failed(f"cannot clone {origin}", exc) from None
                 for prop, value in props.items():
                     if ":" not in prop:
                         self._set(dataset, prop, value)
@@ -381,7 +400,7 @@ class ZfsBackend:
             if HOLD_TAG.encode() not in self._lzc.lzc_get_holds(full):
                 self._lzc.lzc_hold({full: HOLD_TAG.encode()})
         except Exception as exc:
-            raise BackendError(f"cannot hold {volume}@{snapshot}: {exc}") from None
+            raise lzc_failed(f"cannot hold {volume}@{snapshot}", exc) from None
 
     def release(self, volume: str, snapshot: str) -> None:
         if self._lzc is None:
@@ -398,7 +417,7 @@ class ZfsBackend:
         try:
             self._lzc.lzc_release({s.encode(): [HOLD_TAG.encode()] for s in snapshots})
         except Exception as exc:
-            raise BackendError(f"cannot release snapvol's holds: {exc}") from None
+            raise lzc_failed("cannot release snapvol's holds", exc) from None
 
     # ------------------------------------------------------------------ send / receive
 
@@ -568,7 +587,7 @@ class ZfsBackend:
             try:
                 self._lzc.lzc_create(dataset.encode(), props=user)
             except Exception as exc:            # pyzfs raises its own ZFSError tree
-                raise BackendError(f"cannot create dataset {dataset}: {exc}") from None
+                raise lzc_failed(f"cannot create dataset {dataset}", exc) from None
             for prop, value in props.items():
                 if ":" not in prop:
                     self._set(dataset, prop, value)
@@ -601,7 +620,7 @@ class ZfsBackend:
                     self._lzc.lzc_destroy_snaps(snaps, defer=False)
                 self._lzc.lzc_destroy(dataset.encode())
             except Exception as exc:
-                raise BackendError(f"cannot destroy dataset {dataset}: {exc}") from None
+                raise lzc_failed(f"cannot destroy dataset {dataset}", exc) from None
         else:
             _run_while_busy(["zfs", "destroy", "-r", dataset])
         mountpoint = self.mount_base / dataset.rsplit("/", 1)[1]

@@ -3,6 +3,7 @@ crash leftovers, mounting."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from plugin.backends.zfs import OWNER, ZfsBackend, load_libzfs_core
-from plugin.errors import BackendUnavailable, InvalidOption
+from plugin.errors import BackendError, BackendUnavailable, InvalidOption
 from plugin.locks import VolumeLocks
 from plugin.mounts import MountTable
 from plugin.mountinfo import mounted_filesystem
@@ -114,3 +115,18 @@ def test_attach_remounts_a_volume_that_lost_its_mount(backend):
 def test_missing_pool_is_refused_clearly(zfs_service, tmp_path):
     with pytest.raises(BackendUnavailable, match="ZFS pool nosuchpool-x does not exist"):
         ZfsBackend("nosuchpool-x/snapvol", tmp_path).check()
+
+
+def test_a_refused_snapshot_destroy_says_why_and_keeps_errno(backend):
+    """libzfs_core's errors for several snapshots only say "one or more reasons": the error
+    must carry each one's reason and the errno (EEXIST: the snapshot has a clone)."""
+    backend.create_volume("v1", {})
+    backend.create_snapshot("v1", "s1")
+    backend.clone("v1", "s1", "c1", {})
+    with pytest.raises(BackendError) as caught:
+        backend.destroy_snapshot("v1", "s1")
+    if backend.describe()["libzfs_core"]:
+        assert caught.value.errno == errno.EEXIST and "EEXIST" in str(caught.value), caught.value
+    else:                                        # zfs-fuse: the zfs CLI's stderr says it
+        assert "dependent clones" in str(caught.value), caught.value
+    assert [s.name for s in backend.snapshots("v1")] == ["s1"]

@@ -100,3 +100,29 @@ def test_validate_refuses(raw, message):
         options.validate(raw, "btrfs")
     assert str(info.value).startswith(message)
     assert len(str(info.value)) < 300
+
+
+def test_libzfs_core_errors_keep_errno_and_each_reason():
+    """pyzfs raises ZFSError (errno, message, name) and, for several snapshots at once,
+    MultipleOperationsError whose own message says only "one or more reasons"."""
+    import errno
+
+    from plugin.backends.zfs import lzc_failed
+
+    class ZFSError(Exception):
+        def __init__(self, code, message, name=None):
+            super().__init__(message)
+            self.errno, self.message, self.name = code, message, name
+
+    class SnapshotDestructionFailure(ZFSError):
+        def __init__(self, errors):
+            super().__init__(errors[0].errno, "Destruction of snapshot(s) failed for one or more reasons")
+            self.errors = errors
+
+    error = lzc_failed("cannot destroy snapshot v1@s1", SnapshotDestructionFailure(
+        [ZFSError(errno.EEXIST, "Snapshot is cloned", b"tank/snapvol/v1@s1")]))
+    assert error.errno == errno.EEXIST
+    assert str(error) == ("cannot destroy snapshot v1@s1: EEXIST: Destruction of snapshot(s) "
+                          "failed for one or more reasons; EEXIST: Snapshot is cloned "
+                          "(tank/snapvol/v1@s1)")
+    assert lzc_failed("cannot hold", RuntimeError("boom")).errno is None
