@@ -17,9 +17,6 @@ from werkzeug.exceptions import HTTPException
 from .api import admin, volume_driver
 from .api.stream_socket import StreamSocket, stream_socket_path
 from .api.wire import reply
-from .backends.base import Backend
-from .backends.btrfs import BtrfsBackend
-from .backends.zfs import ZfsBackend, load_libzfs_core
 from .config import Settings
 from .errors import PluginError
 from .history import AutoHistory, ReplicationLog
@@ -29,31 +26,10 @@ from .pool import prepare_root
 from .quiesce import DockerQuiescer
 from .replication import Replicator
 from .scheduler import Scheduler
+from .storage import open_backend
 from .volumes import VolumeService
 
 log = logging.getLogger(__name__)
-
-
-def check_storage(settings: Settings) -> None:
-    """Make the storage reachable and check it, serving nothing (idempotent: the worker's
-    :func:`build_service` does it again). gunicorn's master calls this before it binds the
-    socket: dockerd counts a managed plugin as started as soon as its socket accepts a
-    connection, so a plugin that cannot work must fail before that, or `docker plugin
-    enable` would succeed on a plugin that is already gone.
-
-    :raises BackendUnavailable: the storage cannot be prepared or checked.
-    """
-    open_backend(settings).check()
-
-
-def open_backend(settings: Settings) -> Backend:
-    """The backend *settings* name, its storage made reachable (the Btrfs pool mounted).
-
-    :raises BackendUnavailable: the storage cannot be prepared.
-    """
-    if settings.backend == "zfs":
-        return ZfsBackend(settings.zfs_root, settings.zfs_mounts, load_libzfs_core())
-    return BtrfsBackend(prepare_root(settings))
 
 
 def build_service(settings: Settings) -> VolumeService:

@@ -4,6 +4,10 @@ One worker with threads: the mount table and volume locks live in one process's 
 more workers would break them. The master takes the single-instance lock on the state
 directory in ``on_starting``, before gunicorn binds the socket, because gunicorn replaces an
 existing socket file unconditionally and a second instance would otherwise steal it.
+
+The master imports only what ``on_starting`` needs (no Flask, no libzfs_core: see
+``plugin.storage``), so that it binds within dockerd's start window; the worker imports the
+application after the bind.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ from __future__ import annotations
 import os
 import socket as _socket
 
-from plugin.app import check_storage
 from plugin.config import Settings
 from plugin.errors import PluginError
 from plugin.locks import single_instance
+from plugin.storage import check_storage
 
 _settings = Settings.from_env(os.environ)
 

@@ -34,6 +34,9 @@ class FakeBackend:
         self._snapshots: dict[str, dict[str, SnapshotInfo]] = {}
         self.clock = lambda: datetime.now(timezone.utc)   # the scheduler tests move time
 
+    def preflight(self) -> None:
+        pass
+
     def check(self) -> None:
         (self.root / "volumes").mkdir(parents=True, exist_ok=True)
 

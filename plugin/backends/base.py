@@ -64,8 +64,16 @@ class Backend(Protocol):
     atomic_snapshots: bool                   # several volumes in one atomic call (OpenZFS)
     resumable: bool                          # an interrupted receive can resume (OpenZFS -s)
 
+    def preflight(self) -> None:
+        """Decide quickly, changing nothing, whether the storage can work at all (gunicorn's
+        master calls this before it binds the socket, within dockerd's start window).
+
+        :raises BackendUnavailable: it cannot, and why.
+        """
+
     def check(self) -> None:
-        """Verify the storage root at start and finish interrupted work (crash leftovers)."""
+        """:meth:`preflight`, then prepare the storage and finish interrupted work (crash
+        leftovers)."""
 
     def describe(self) -> dict[str, Any]:
         """Facts for ``snapvol status``: root, filesystem, quotas... (cheap)."""

@@ -114,8 +114,8 @@ class ZfsBackend:
 
     # ------------------------------------------------------------------ start-up
 
-    def check(self) -> None:
-        """Check the pool and versions, create the parent dataset, detect capabilities.
+    def preflight(self) -> None:
+        """Whether this storage can work at all, in two quick ``zpool``/``zfs`` calls.
 
         :raises BackendUnavailable: no such pool, no zfs tools, or userland and kernel module
             versions differ (OpenZFS refuses some ioctls across versions).
@@ -128,6 +128,14 @@ class ZfsBackend:
             raise BackendUnavailable(f"ZFS pool {self.pool} does not exist (SNAPVOL_ZFS_ROOT={self.root}); "
                                      "create it, or point SNAPVOL_ZFS_ROOT at an existing pool")
         self._check_versions()
+
+    def check(self) -> None:
+        """:meth:`preflight`, then create the parent dataset, detect capabilities, and finish
+        operations a crash interrupted.
+
+        :raises BackendUnavailable: as :meth:`preflight`.
+        """
+        self.preflight()
         if self._get(self.root, ["type"], missing_ok=True) is None:
             log.info("creating parent dataset %s", self.root)
             process.run(["zfs", "create", "-p", "-o", "mountpoint=none", "-o", "canmount=off",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ FORBIDDEN = {  # module prefix -> imports it must never make
     "plugin.mounts": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.process": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.pool": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
+    "plugin.storage": ("flask", "plugin.api", "plugin.app", "plugin.volumes", "libzfs_core",
+                       "btrfsutil"),
     "plugin.api": ("btrfsutil", "plugin.backends", "plugin.process"),
     "plugin.stream": ("flask", "plugin.api", "plugin.volumes", "plugin.backends", "plugin.process"),
     "plugin.targets": ("flask", "plugin.api", "plugin.volumes", "plugin.backends", "plugin.process"),
@@ -53,3 +58,21 @@ def test_imports_point_down(path):
         if me == prefix or me.startswith(prefix + "."):
             bad = sorted(n for n in imported(path) for b in banned if n == b or n.startswith(b + "."))
             assert not bad, f"{me} must not import {bad}"
+
+
+def test_the_master_binds_without_the_heavy_imports(tmp_path: Path):
+    """gunicorn's master must bind within dockerd's start window (about 10 s, then dockerd
+    disables the plugin), also on a slow or emulated machine: before the bind it loads
+    neither Flask, nor libzfs_core, nor the Docker SDK, nor the other backend's library."""
+    probe = ("import sys, plugin.gunicorn_conf\n"
+             "from plugin.config import Settings\n"
+             "from plugin.storage import open_backend\n"
+             "open_backend(Settings.from_env({'SNAPVOL_BACKEND': 'zfs', "
+             "'SNAPVOL_ZFS_ROOT': 'tank/x'}), libzfs_core=False)\n"
+             "print(' '.join(m for m in ('flask', 'werkzeug', 'libzfs_core', 'docker', "
+             "'btrfsutil', 'plugin.app', 'plugin.volumes') if m in sys.modules))\n")
+    env = {**os.environ, "SNAPVOL_STATE_DIR": str(tmp_path), "SNAPVOL_BACKEND": "zfs",
+           "SNAPVOL_ZFS_ROOT": "tank/x"}
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=PACKAGE.parent, env=env,
+                            capture_output=True, text=True, check=True, timeout=60).stdout
+    assert loaded.split() == []
