@@ -69,6 +69,8 @@ def render_status(reply: dict[str, Any]) -> str:
                     f"{status.get('mounts')} mounts)"),
         ("options", ", ".join(status.get("options", []))),
     ]
+    lines += [("damaged", f"{path} (a state file that did not parse, moved aside; remove it "
+                          "once read)") for path in status.get("damaged_state_files", [])]
     return "\n".join(f"{key + ':':9} {value}" for key, value in lines)
 
 

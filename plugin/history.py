@@ -44,6 +44,11 @@ class AutoHistory:
             except (KeyError, TypeError, ValueError):
                 continue   # a hand-edited or foreign entry: the volume starts a fresh cadence
 
+    @property
+    def path(self) -> Path:
+        """The state file."""
+        return self._path
+
     def last(self, volume: str) -> AutoRun | None:
         return self._runs.get(volume)
 
@@ -98,6 +103,11 @@ class ReplicationLog:
                             Replication(**entry)
                     except (KeyError, TypeError, ValueError):
                         continue
+
+    @property
+    def path(self) -> Path:
+        """The state file."""
+        return self._path
 
     def record(self, volume: str, run: Replication) -> None:
         with self._guard:

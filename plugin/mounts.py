@@ -46,6 +46,11 @@ class MountTable:
             str(name): [str(i) for i in ids] for name, ids in mounts.items()
             if isinstance(ids, list) and ids}
 
+    @property
+    def path(self) -> Path:
+        """The state file."""
+        return self._path
+
     def users(self, name: str) -> list[str]:
         """The mount IDs currently using *name* (with repetitions)."""
         with self._guard:

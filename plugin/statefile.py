@@ -1,12 +1,24 @@
-"""Small JSON state files, replaced atomically (a crash leaves the old or the new file)."""
+"""Small JSON state files, replaced atomically (a crash leaves the old or the new file).
+
+A state file that does not parse (truncated by a full disk or a power loss, hand-edited, not
+UTF-8) never stops the plugin: :func:`read_json` moves it aside as
+``<name>.corrupt-<UTC time>``, logs one error naming both files, and its caller starts from
+what the filesystem shows. :func:`quarantined` lists such files for ``snapvol status``.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+CORRUPT = ".corrupt-"
 
 
 def write_json_atomically(path: Path, data: Any, *, durable: bool = True) -> None:
@@ -40,9 +52,31 @@ def write_json_atomically(path: Path, data: Any, *, durable: bool = True) -> Non
 
 
 def read_json(path: Path, default: Any) -> Any:
-    """The JSON content of *path*, or *default* if the file does not exist."""
+    """The JSON content of *path*; *default* if the file does not exist, or if it does not
+    parse (then it is moved aside first, see the module's docstring)."""
     try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
+        raw = path.read_bytes()
     except FileNotFoundError:
         return default
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except ValueError as exc:           # JSONDecodeError and UnicodeDecodeError both are
+        aside = _move_aside(path)
+        log.error("state file %s is damaged (%s); moved it aside to %s and started without it",
+                  path, exc, aside.name)
+        return default
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside, n = path.with_name(f"{path.name}{CORRUPT}{stamp}"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}{CORRUPT}{stamp}-{n}")
+    os.replace(path, aside)
+    return aside
+
+
+def quarantined(*directories: Path) -> list[Path]:
+    """The damaged state files moved aside in *directories*, oldest name first."""
+    return sorted(p for d in directories if d.is_dir() for p in d.glob(f"*{CORRUPT}*"))

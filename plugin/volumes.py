@@ -26,7 +26,7 @@ from typing import Any
 from . import __version__, names, options, retention
 from .backends.base import Backend, SnapshotInfo, VolumeInfo
 from .errors import (BackendError, BackendUnavailable, Conflict, InvalidName, InvalidOption,
-                     InvalidRequest, PluginError, SnapshotNotFound, VolumeBusy, VolumeExists,
+                     InvalidRequest, NotFound, PluginError, SnapshotNotFound, VolumeBusy, VolumeExists,
                      VolumeInUse, VolumeNotFound)
 from . import stream
 from .history import AutoHistory, AutoRun, ReplicationLog
@@ -34,6 +34,7 @@ from .locks import VolumeLocks
 from .mounts import MountTable
 from .process import Streaming
 from .quiesce import DockerQuiescer, QuiesceFailed
+from .statefile import quarantined
 from .units import parse_duration
 
 log = logging.getLogger(__name__)
@@ -541,10 +542,25 @@ class VolumeService:
         for info in self._backend.volumes():
             schedule = _schedule_of(info)
             if schedule is not None:
-                last = self._history.last(info.name) if self._history else None
+                try:
+                    last = self._last_run(info.name)
+                except NotFound:
+                    continue                    # removed while we looked
                 found.append(Schedule(info.name, *schedule, info.created, last,
                                       info.options.get("replicate")))
         return found
+
+    def _last_run(self, volume: str, snapshots: list[SnapshotInfo] | None = None) -> AutoRun | None:
+        """The volume's last automatic run: from the history, or where the history has none
+        (a history file lost or damaged, see ``statefile``) from its newest automatic
+        snapshot, so a restart keeps the cadence rather than firing at once."""
+        last = self._history.last(volume) if self._history is not None else None
+        if last is not None:
+            return last
+        if snapshots is None:
+            snapshots = self._backend.snapshots(volume)
+        autos = [s for s in snapshots if s.name.startswith(AUTO_PREFIX)]
+        return AutoRun(autos[-1].created, autos[-1].name) if autos else None
 
     def run_automatic(self, volume: str, now: datetime) -> AutoRun:
         """Take *volume*'s automatic snapshot for *now* (quiesced as its options say), prune
@@ -656,12 +672,15 @@ class VolumeService:
         """Facts about the plugin process and its storage, for ``snapvol status``."""
         in_use = self._mounts.in_use()
         volumes = self._backend.volumes()
+        state_dirs = {s.path.parent for s in (self._mounts, self._history, self.replications)
+                      if s is not None}
         return {"version": __version__, "pid": os.getpid(),
                 "uptime_seconds": round(time.time() - self._started),
                 "backend": self._backend.kind, "storage": self._backend.describe(),
                 "atomic_multi_volume_snapshots": self._backend.atomic_snapshots,
                 "volumes": len(volumes), "volumes_in_use": len(in_use),
-                "mounts": sum(in_use.values()), "options": options.accepted(self._backend.kind)}
+                "mounts": sum(in_use.values()), "options": options.accepted(self._backend.kind),
+                "damaged_state_files": [str(p) for p in quarantined(*state_dirs)]}
 
     def _status(self, info: VolumeInfo, in_use: dict[str, int] | None = None) -> dict[str, Any]:
         usage = self._backend.usage(info.name)
@@ -669,9 +688,9 @@ class VolumeService:
             mounts = len(self._mounts.users(info.name))
         else:
             mounts = in_use.get(info.name, 0)
+        listed = self._backend.snapshots(info.name)
         snapshots = [{"name": s.name, "created": rfc3339(s.created),
-                      "automatic": s.name.startswith(AUTO_PREFIX)}
-                     for s in self._backend.snapshots(info.name)]
+                      "automatic": s.name.startswith(AUTO_PREFIX)} for s in listed]
         status = {"backend": self._backend.kind, "options": dict(info.options),
                   "used_bytes": usage.used_bytes, "quota_bytes": usage.quota_bytes,
                   "mounts": mounts, "snapshots": snapshots}
@@ -683,7 +702,7 @@ class VolumeService:
                 "result": replication.result, "error": replication.error}
         schedule = _schedule_of(info)
         if schedule is not None:
-            last = self._history.last(info.name) if self._history else None
+            last = self._last_run(info.name, listed)
             plan = Schedule(info.name, *schedule, info.created, last)
             status["schedule"] = {
                 "every": info.options["schedule"], "keep": str(schedule[1]),

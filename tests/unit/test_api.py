@@ -255,3 +255,19 @@ def test_get_and_list_never_fail_because_a_snapshot_went_away(client, backend, m
     status, body = call(client, "VolumeDriver.List", {})
     assert status == 200 and [v["Name"] for v in body["Volumes"]] == ["v1"]
     assert call(client, "VolumeDriver.Path", {"Name": "v1"})[1]["Err"] == ""
+
+
+def test_status_names_the_damaged_state_files(tmp_path):
+    """snapvol status shows each state file that was moved aside because it did not parse."""
+    from plugin.cli import render_status
+    from plugin.history import AutoHistory
+
+    (tmp_path / "schedule.json").write_text("{not json")
+    history = AutoHistory(tmp_path / "schedule.json")
+    service = VolumeService(FakeBackend(tmp_path / "root"), MountTable(tmp_path / "mounts.json"),
+                            VolumeLocks(0.5), history=history)
+    service.open()
+    status, body = call(create_app(service=service).test_client(), "Snapvol.Status", {})
+    damaged = body["Status"]["damaged_state_files"]
+    assert status == 200 and len(damaged) == 1 and "schedule.json.corrupt-" in damaged[0]
+    assert f"damaged:  {damaged[0]} (a state file that did not parse" in render_status(body)

@@ -174,3 +174,32 @@ def test_settings_defaults_and_errors():
         with pytest.raises(ConfigError) as info:
             Settings.from_env(env)
         assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"v1": {"at": "2026-', b"\xff\xfe not utf-8",
+                                    b"<html>not json</html>"])
+def test_a_damaged_state_file_is_moved_aside_never_fatal(tmp_path: Path, caplog, damage):
+    """Truncated, empty, binary or foreign: each state file loads as empty, the damaged
+    file is kept aside under a name that says so, and one error line names both."""
+    from plugin.history import AutoHistory, ReplicationLog
+    from plugin.statefile import quarantined
+
+    for name, load in (("schedule.json", AutoHistory), ("replication.json", ReplicationLog),
+                       ("mounts.json", MountTable)):
+        path = tmp_path / name
+        path.write_bytes(damage)
+        caplog.clear()
+        loaded = load(path)
+        assert not path.exists()
+        aside = [p for p in quarantined(tmp_path) if p.name.startswith(name + ".corrupt-")]
+        assert len(aside) == 1 and aside[0].read_bytes() == damage
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and str(path) in errors[0] and aside[0].name in errors[0]
+        if isinstance(loaded, MountTable):
+            assert loaded.in_use() == {}
+            loaded.add("v", "id1")                     # and it works on: a fresh file
+            assert MountTable(path).users("v") == ["id1"]
+    path = tmp_path / "schedule.json"
+    path.write_bytes(b"{")
+    AutoHistory(path)
+    assert len([p for p in quarantined(tmp_path) if "schedule" in p.name]) == 2   # never overwritten

@@ -174,6 +174,20 @@ def test_a_restart_neither_skips_nor_fires_everything(tmp_path):
     assert len(world.names("db")) == 3
 
 
+def test_a_damaged_history_keeps_the_cadence_from_the_snapshots(tmp_path):
+    """schedule.json truncated (or lost): the plugin starts, and the last run is read back
+    from the newest automatic snapshot, so it neither fires at once nor loses the cadence."""
+    world = World(tmp_path)
+    world.service.create("db", {"schedule": "6h"})
+    world.tick(timedelta(hours=6))                                  # auto- at 06:30
+    (tmp_path / "schedule.json").write_text('{"db": {"at": "2026-')  # cut short
+    world.start()
+    assert world.tick() == {} and world.tick(timedelta(hours=4)) == {}
+    assert set(world.tick()) == {"db"}                               # 6 h after the last run
+    assert world.service.get("db").status["schedule"]["next"] == "2026-01-01T18:30:00Z"
+    assert list(tmp_path.glob("schedule.json.corrupt-*"))
+
+
 def test_one_failing_volume_never_stops_the_others(tmp_path, monkeypatch):
     world = World(tmp_path)
     for name in ("aa", "bb", "cc"):
