@@ -117,19 +117,25 @@ class ReplicationLog:
                 kinds["ok"] = run
             self._save()
 
+    # Readers take the lock too: replications record from other threads, and iterating a
+    # dict that grows meanwhile raises RuntimeError.
+
     def last(self, volume: str) -> Replication | None:
-        runs = [k["last"] for k in self._entries.get(volume, {}).values() if "last" in k]
+        with self._guard:
+            runs = [k["last"] for k in self._entries.get(volume, {}).values() if "last" in k]
         return max(runs, key=lambda r: r.at) if runs else None
 
     def base(self, volume: str, target: str) -> str | None:
         """The snapshot *target* last received of *volume*."""
-        ok = self._entries.get(volume, {}).get(target, {}).get("ok")
+        with self._guard:
+            ok = self._entries.get(volume, {}).get(target, {}).get("ok")
         return ok.snapshot if ok else None
 
     def bases(self, volume: str) -> set[str]:
         """Snapshots of *volume* that a target holds as its newest replica: never prune them."""
-        return {k["ok"].snapshot for k in self._entries.get(volume, {}).values()
-                if "ok" in k and k["ok"].snapshot}
+        with self._guard:
+            return {k["ok"].snapshot for k in self._entries.get(volume, {}).values()
+                    if "ok" in k and k["ok"].snapshot}
 
     def forget(self, volume: str) -> None:
         with self._guard:

@@ -203,3 +203,46 @@ def test_a_damaged_state_file_is_moved_aside_never_fatal(tmp_path: Path, caplog,
     path.write_bytes(b"{")
     AutoHistory(path)
     assert len([p for p in quarantined(tmp_path) if "schedule" in p.name]) == 2   # never overwritten
+
+
+def test_replication_log_reads_while_it_is_written(tmp_path: Path, monkeypatch):
+    """Status, retention and the scheduler read the replication log while replications
+    record into it from other threads: a read must never see the dicts change under it."""
+    import sys
+    from datetime import datetime, timezone
+
+    from plugin.history import Replication, ReplicationLog
+
+    monkeypatch.setattr("plugin.history.write_json_atomically", lambda *a, **k: None)
+    replications = ReplicationLog(tmp_path / "replication.json")
+    now = datetime.now(timezone.utc)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer():
+        for n in range(20000):
+            if stop.is_set():
+                return
+            replications.record("v", Replication(f"ssh://t{n}", now, f"s{n}"))
+
+    def reader():
+        try:
+            while not stop.is_set():
+                replications.bases("v")
+                replications.last("v")
+        except RuntimeError as exc:                     # dictionary changed size during iteration
+            failures.append(exc)
+            stop.set()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+        for t in threads:
+            t.start()
+        threads[0].join(30)
+        stop.set()
+        threads[1].join(30)
+    finally:
+        sys.setswitchinterval(old)
+    assert not failures, failures
