@@ -75,7 +75,8 @@ def start_writer(docker, plugin: ManagedPlugin, busybox: str) -> tuple[str, str]
 
 def assert_all_there(docker, plugin: ManagedPlugin, busybox: str, volume: str, writer: str) -> None:
     assert_writing(docker, writer)
-    assert volume in docker("volume", "ls", "-q", "--filter", f"driver={plugin.driver}").split()
+    listed = docker("volume", "ls", "-q", "--filter", f"driver={plugin.driver}").split()
+    assert volume in listed, f"{volume} not listed (dockerd disabled the plugin?)\n{plugin.diagnostics()}"
     log = docker("run", "--rm", "--network", "none", "-v", f"{volume}:/data", busybox,
                  "cat", "/data/log").split()
     assert len(log) > 5 and log == [str(i) for i in range(1, len(log) + 1)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -45,3 +46,33 @@ def test_sigkill_and_restart_with_a_writing_container(docker, host_plugin, busyb
     assert log == [str(i) for i in range(1, len(log) + 1)]           # nothing lost or torn
     docker("volume", "rm", name)
     assert name not in docker("volume", "ls", "--format", "{{.Name}}").split()
+
+
+def test_damaged_state_files_never_stop_the_plugin(docker, host_plugin, busybox):
+    """Truncated or foreign state files (a full disk, a hand edit): the plugin starts, every
+    volume keeps working through Docker, each file is moved aside with one error line in the
+    log, and `snapvol status` names them."""
+    plugin = host_plugin
+    name = unique("damaged")
+    docker("volume", "create", "-d", plugin.driver, "-o", "schedule=1h", name)
+    docker("run", "--rm", "--network", "none", "-v", f"{name}:/data", busybox,
+           "sh", "-c", "echo kept > /data/f")
+    plugin.kill(signal.SIGKILL)
+    damaged = {plugin.state_dir / "schedule.json": b'{"' + name.encode() + b'": {"at": "2026-',
+               plugin.state_dir / "replication.json": b"\x00\x00\x00\x00",
+               plugin.run_dir / "mounts.json": b"<html>502 Bad Gateway</html>"}
+    for path, junk in damaged.items():
+        path.write_bytes(junk)
+    plugin.start()
+    assert docker("run", "--rm", "--network", "none", "-v", f"{name}:/data", busybox,
+                  "cat", "/data/f").strip() == "kept"
+    assert inspect_volume(docker, name)["Status"]["schedule"]["every"] == "1h"
+    status = plugin.call("Snapvol.Status")[1]["Status"]
+    for path in damaged:
+        if path.exists():                   # written anew since: whole and readable
+            json.loads(path.read_text())
+        assert any(p.startswith(f"{path}.corrupt-") for p in status["damaged_state_files"]), status
+        assert f"state file {path} is damaged" in plugin.log_tail(20000)
+        for aside in path.parent.glob(f"{path.name}.corrupt-*"):
+            aside.unlink()
+    docker("volume", "rm", name)

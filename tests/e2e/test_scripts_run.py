@@ -79,3 +79,64 @@ def test_start_again_use_stop_start(docker, busybox, scripts_run):
                   "cat", "/data/f").strip() == "written"
     assert (scripts_run.state / "snapvol.log").stat().st_size > 0
     docker("volume", "rm", name)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_a_killed_plugin_is_dead_to_status_and_start_at_once(scripts_run):
+    """kill -9 of the plugin leaves a zombie until its parent reaps it, and a zombie answers
+    `kill -0`: `status` must say "not running" and `start` must start it, not "already up".
+
+    The test makes the zombie stay: it is the plugin's subreaper (orphans are given to it,
+    not to init) and reaps the killed processes only at the end."""
+    import ctypes
+    import signal
+    import time
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_CHILD_SUBREAPER = 36
+    assert scripts_run("stop").returncode == 0
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    adopted: list[int] = []
+    try:
+        assert scripts_run().returncode == 0            # its master is now our child
+        master = int((scripts_run.state / "snapvol.pid").read_text())
+        adopted = [master, *_children(master)]
+        os.kill(master, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _state(master) != "Z":
+            assert time.monotonic() < deadline, _state(master)
+            time.sleep(0.05)
+        os.kill(master, 0)                              # the zombie answers kill -0
+        status = scripts_run("status")
+        assert status.returncode == 3 and "not running" in status.stderr, status.stderr
+        restarted = scripts_run()
+        assert restarted.returncode == 0 and "snapvol is up" in restarted.stdout, (
+            restarted.stderr + (scripts_run.state / "snapvol.log").read_text()[-3000:])
+        assert "already up" not in restarted.stderr
+        adopted.append(int((scripts_run.state / "snapvol.pid").read_text()))
+        assert scripts_run("stop").returncode == 0
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        deadline = time.monotonic() + 30
+        for pid in adopted:                             # reap ours, and only ours
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.1)
+    assert scripts_run().returncode == 0                # up again for the session
