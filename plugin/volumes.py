@@ -148,6 +148,7 @@ class VolumeService:
         opts = options.validate(raw_options, self._backend.kind, self._backend.compressions)
         origin = opts.get("from", "").partition("@")[0]
         with self._locks.hold(name, *([origin] if origin else [])):
+            self._not_receiving(name)   # a full receive makes it; its snapshot comes first
             try:
                 existing = self._backend.volume(name)
             except VolumeNotFound:

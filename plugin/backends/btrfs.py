@@ -36,8 +36,8 @@ from typing import Any, BinaryIO, ClassVar
 import btrfsutil
 
 from .. import names, process
-from ..errors import (BackendError, BackendUnavailable, InvalidOption, SnapshotExists,
-                      SnapshotNotFound, VolumeExists, VolumeNotFound)
+from ..errors import (BackendError, BackendUnavailable, InvalidName, InvalidOption,
+                      SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound)
 from ..units import parse_size
 from .base import SnapshotInfo, Usage, VolumeInfo, snapshot_each
 
@@ -130,6 +130,13 @@ class BtrfsBackend:
                 self._delete_subvolume(path)
             except BackendError as exc:   # never invisible to Docker; retried at next start
                 log.error("could not remove %s: %s", path, exc)
+        # after the rollbacks above were put back: snapshots whose volume is gone are orphans
+        for entry in os.scandir(self.snapshots_dir):
+            if entry.is_dir(follow_symlinks=False) and not os.path.lexists(self.volumes_dir / entry.name):
+                try:
+                    self._sweep_orphan_snapshots(entry.name)
+                except (BackendError, InvalidName) as exc:
+                    log.error("could not remove the orphan snapshots in %s: %s", entry.path, exc)
 
     def describe(self) -> dict[str, Any]:
         return {"root": str(self.root), "filesystem": "btrfs", "fsid": self._fsid,
@@ -188,6 +195,7 @@ class BtrfsBackend:
         if os.path.lexists(target):
             owner = "snapvol" if self._is_ours(target) else "something else (not snapvol)"
             raise VolumeExists(f"volume {name} already exists (made by {owner})")
+        self._sweep_orphan_snapshots(name)
         with self._staged(f"create.{name}", f"cannot create volume {name}") as work:
             btrfsutil.create_subvolume(work)
             # Mark it ours first: if we crash below, start-up cleanup recognises and removes it.
@@ -205,16 +213,27 @@ class BtrfsBackend:
         except OSError as exc:
             raise BackendError(f"cannot remove volume {name}: {exc.strerror}", errno=exc.errno) from None
         self._delete_subvolume(doomed)
-        snapshots = self.snapshots_dir / name
-        if snapshots.is_dir():
-            for entry in os.scandir(snapshots):
-                if self._is_ours(Path(entry.path)):
-                    self._delete_subvolume(Path(entry.path))
-            try:
-                snapshots.rmdir()
-            except OSError:
-                log.warning("left %s: it holds something snapvol did not make", snapshots)
+        self._sweep_orphan_snapshots(name)
         log.info("removed volume %s", name)
+
+    def _sweep_orphan_snapshots(self, name: str) -> None:
+        """Delete the snapshots left in snapshots/<name>/ by a volume that no longer exists
+        (a Remove or a full receive interrupted by a crash), so a new volume of that name
+        never inherits them. Caller: the volume does not exist, and nothing is creating it.
+        Idempotent: a crash midway leaves the rest for the next call."""
+        directory = self.snapshots_dir / names.volume_name(name)
+        if not directory.is_dir() or os.path.lexists(self._path(name)):
+            return
+        for entry in os.scandir(directory):
+            path = Path(entry.path)
+            if self._is_ours(path):
+                log.warning("deleting snapshot %s@%s of a volume that no longer exists", name,
+                            entry.name)
+                self._delete_subvolume(path)
+        try:
+            directory.rmdir()
+        except OSError:
+            log.warning("left %s: it holds something snapvol did not make", directory)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -273,6 +292,7 @@ class BtrfsBackend:
         target = self._path(new_volume)
         if os.path.lexists(target):
             raise VolumeExists(f"volume {new_volume} already exists")
+        self._sweep_orphan_snapshots(new_volume)
         with self._staged(f"clone.{new_volume}", f"cannot clone {volume}@{snapshot}") as work:
             btrfsutil.create_snapshot(origin, work)           # writable, O(1)
             self._write_owner(work, options)
@@ -340,6 +360,8 @@ class BtrfsBackend:
         if base is None and os.path.lexists(self._path(volume)):
             raise VolumeExists(f"volume {volume} already exists; a full stream makes a new "
                                "volume (remove it, or send an incremental stream)")
+        if base is None:
+            self._sweep_orphan_snapshots(volume)
         if base is not None:
             self._owned_snapshot(volume, base)
         if os.path.lexists(target):

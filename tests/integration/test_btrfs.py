@@ -134,3 +134,86 @@ def test_snapshot_listing_tolerates_a_snapshot_removed_meanwhile(backend, monkey
 
     monkeypatch.setattr(btrfsutil, "subvolume_info", pruned_meanwhile)
     assert [s.name for s in backend.snapshots("v1")] == ["s1", "s3"]
+
+
+CRASH_AT = """
+import os, sys
+from pathlib import Path
+from plugin.backends import btrfs
+backend = btrfs.BtrfsBackend(Path(sys.argv[1]))
+backend.check()
+real, calls, stop_after = getattr(btrfs.btrfsutil, sys.argv[2]), [], int(sys.argv[3])
+def dies_like_kill_9(*args, **kwargs):
+    calls.append(args)
+    if len(calls) > stop_after:
+        os._exit(137)            # no finally, no cleanup: as SIGKILL
+    return real(*args, **kwargs)
+setattr(btrfs.btrfsutil, sys.argv[2], dies_like_kill_9)
+{action}
+"""
+
+
+def crash_in_child(root: Path, call: str, after: int, action: str, stdin: bytes = b"") -> None:
+    """Run *action* on a backend over *root* in a child process that dies (as with kill -9)
+    at the (*after*+1)-th call of ``btrfsutil.<call>``."""
+    import sys
+    child = subprocess.run([sys.executable, "-c", CRASH_AT.format(action=action), str(root),
+                            call, str(after)], input=stdin, capture_output=True,
+                           cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert child.returncode == 137, child.stderr.decode()[-2000:]
+
+
+def native_stream(backend: BtrfsBackend, volume: str, snapshot: str) -> bytes:
+    return subprocess.run(backend.send_argv(volume, snapshot, None), capture_output=True,
+                          check=True).stdout
+
+
+def test_a_receive_killed_before_its_volume_was_made_leaves_nothing_at_next_start(backend):
+    """kill -9 after the received snapshot was moved in, before the volume was made: the next
+    start removes the orphan snapshot, the same stream is received again, and nothing of the
+    dead attempt shows (it was never a volume)."""
+    path = backend.attach(backend.create_volume("v1", {}).name)
+    (path / "f").write_text("data")
+    backend.create_snapshot("v1", "s1")
+    raw = native_stream(backend, "v1", "s1")
+    crash_in_child(backend.root, "create_snapshot", 0, """
+with backend.receiving("r1", "s1", None, {}) as pipe:
+    pipe.write(sys.stdin.buffer.read())
+""", stdin=raw)
+    assert (backend.snapshots_dir / "r1" / "s1").exists()      # the crash left it
+    restarted = BtrfsBackend(backend.root)
+    restarted.check()
+    assert not (backend.snapshots_dir / "r1").exists()
+    with restarted.receiving("r1", "s1", None, {}) as pipe:
+        pipe.write(raw)
+    assert (restarted.attach("r1") / "f").read_text() == "data"
+    assert [s.name for s in restarted.snapshots("r1")] == ["s1"]
+
+
+def test_a_remove_killed_midway_never_gives_its_snapshots_to_a_new_volume(backend):
+    """kill -9 after the volume's subvolume was deleted, before its snapshots were: a new
+    volume of the same name, after the restart, has no snapshots of the old one."""
+    backend.create_volume("v1", {})
+    backend.create_snapshot("v1", "old-1")
+    backend.create_snapshot("v1", "old-2")
+    crash_in_child(backend.root, "delete_subvolume", 1, 'backend.destroy_volume("v1")')
+    restarted = BtrfsBackend(backend.root)
+    restarted.check()
+    assert [v.name for v in restarted.volumes()] == []
+    restarted.create_volume("v1", {})
+    assert restarted.snapshots("v1") == []
+    assert not any((backend.snapshots_dir / "v1").glob("old-*"))
+
+
+def test_orphan_snapshots_left_while_running_are_not_inherited_either(backend):
+    """Snapshots of a removed volume that could not be deleted at the time (no restart since):
+    a new volume of that name starts with none."""
+    backend.create_volume("v1", {})
+    backend.create_snapshot("v1", "old")
+    orphan = backend.snapshots_dir / "v1" / "old"
+    backend.destroy_volume("v1")
+    orphan.parent.mkdir()
+    # a snapshot of a volume of ours carries its mark, as the old volume's snapshots did
+    btrfsutil.create_snapshot(backend.create_volume("tmp", {}).mountpoint, orphan, read_only=True)
+    backend.create_volume("v1", {})
+    assert backend.snapshots("v1") == []

@@ -200,3 +200,12 @@ def test_a_replica_mounted_during_the_receive_check_is_never_overwritten(client,
     status, reply = receive(client, "copy", incremental)
     mount_ok = not isinstance(mounted[0], Exception)
     assert not (mount_ok and status == 200), (mounted, reply)
+
+
+def test_create_waits_for_a_receive_of_the_same_name(service):
+    """A full receive makes the volume after its snapshot: a Create of that name meanwhile
+    would find a snapshot without its volume (and clear it as an orphan)."""
+    with service._receiving_into("copy"):
+        with pytest.raises(VolumeBusy, match="volume copy is being received"):
+            service.create("copy", {})
+    service.create("copy", {})
