@@ -11,7 +11,11 @@ missing). Ownership and options are user properties:
 A dataset without ``snapvol:owner=snapvol`` is never listed, mounted, changed or destroyed.
 Creation is committed by the last ``zfs set snapvol:owner=snapvol``, removal starts by
 setting ``removing``, so Docker never sees a half-made volume; start-up destroys datasets left
-"creating" or "removing" by a crash. Listing is one ``zfs get -H -p -d 1`` for all volumes.
+"creating" or "removing" by a crash. A full stream is received into ``<root>/recv:<name>``
+(``:`` never occurs in a volume name, so the name alone says whose it is), marked "creating"
+and only then renamed to ``<root>/<name>``: a crash at any point leaves either that inbox,
+which start-up destroys (or keeps for a resume, with its token, on OpenZFS), or a "creating"
+dataset. Listing is one ``zfs get -H -p -d 1`` for all volumes.
 
 libzfs_core (``python3-pyzfs``, OpenZFS with ``/dev/zfs``) creates and destroys datasets; the
 CLI does listing, properties and mounting, and is the whole backend on zfs-fuse, which has no
@@ -42,6 +46,7 @@ from .base import SnapshotInfo, Usage, VolumeInfo, snapshot_each
 log = logging.getLogger(__name__)
 
 OWNER = "snapvol:owner"
+INBOX = "recv:"                  # <root>/recv:<name>: a full stream being received for <name>
 HOLD_TAG = "snapvol-replication"
 OPTIONS = "snapvol:options"
 _TIMEOUT = 120.0
@@ -179,7 +184,9 @@ class ZfsBackend:
 
     def _finish_interrupted(self) -> None:
         for name, props in self._children().items():
-            if props.get(OWNER) in ("creating", "removing"):
+            if name.startswith(INBOX):
+                self._drop_inbox(f"{self.root}/{name}", keep_resumable=True)
+            elif props.get(OWNER) in ("creating", "removing"):
                 log.info("destroying %s/%s left %s by an interrupted operation",
                          self.root, name, props[OWNER])
                 try:
@@ -433,9 +440,36 @@ class ZfsBackend:
         """The state of an interrupted resumable receive into *volume* (OpenZFS), if any."""
         if not self.resumable:
             return None
-        props = self._get(self._dataset(volume), ["receive_resume_token"], missing_ok=True)
+        for dataset in (self._dataset(volume), self._inbox(volume)):   # incremental, full
+            token = self._token(dataset)
+            if token:
+                return token
+        return None
+
+    def _token(self, dataset: str) -> str | None:
+        props = self._get(dataset, ["receive_resume_token"], missing_ok=True)
         token = (props or {}).get("receive_resume_token", "-")
         return None if token in ("-", "") else token
+
+    def _inbox(self, volume: str) -> str:
+        return f"{self.root}/{INBOX}{names.volume_name(volume)}"
+
+    def _drop_inbox(self, inbox: str, *, keep_resumable: bool) -> None:
+        """Destroy the inbox of a full receive that did not finish (unless, with
+        *keep_resumable*, OpenZFS kept its state for a resume)."""
+        if self._get(inbox, ["type"], missing_ok=True) is None:
+            return
+        if keep_resumable and self.resumable and self._token(inbox):
+            log.info("keeping the interrupted receive %s for a resume", inbox)
+            return
+        log.info("destroying %s, left by an interrupted receive", inbox)
+        try:
+            if self.resumable and self._token(inbox):
+                process.run(["zfs", "receive", "-A", inbox], timeout=_TIMEOUT)
+            if self._get(inbox, ["type"], missing_ok=True) is not None:
+                self._destroy(inbox, mounted=False)
+        except BackendError as exc:
+            log.error("could not destroy %s: %s", inbox, exc)
 
     def send_argv(self, volume: str, snapshot: str, base: str | None, *,
                   resume_token: str | None = None) -> list[str]:
@@ -452,31 +486,31 @@ class ZfsBackend:
     @contextmanager
     def receiving(self, volume: str, snapshot: str, base: str | None,
                   options: Mapping[str, str], *, resume: bool = False) -> Iterator[BinaryIO]:
-        """``zfs receive -u``: a full stream makes the dataset, which is ours (owner
-        ``creating`` then ``snapvol``, properties and mountpoint set) only once complete; an
-        incremental one (``-F``: local changes since the last snapshot are discarded) is
-        applied by ZFS atomically at the end of the stream, or not at all.
+        """``zfs receive -u``. A full stream goes into the inbox ``<root>/recv:<volume>``,
+        which becomes the volume only once complete (marked "creating", renamed, properties
+        set, mounted, then owned); an incremental one (``-F``: local changes since the last
+        snapshot are discarded) is applied by ZFS atomically at the end of the stream, or not
+        at all.
 
         On OpenZFS the receive is resumable (``-s``): an interrupted one leaves its state in
-        the (unowned, so invisible) dataset, :meth:`resume_token` gives the token, and a
-        stream from ``send_argv(..., resume_token=)`` received with *resume* completes it.
-        A new stream for the volume drops such a state first."""
+        the inbox (full) or the dataset (incremental), :meth:`resume_token` gives the token,
+        and a stream from ``send_argv(..., resume_token=)`` received with *resume* completes
+        it. A new stream for the volume drops such a state first."""
         dataset = self._dataset(volume)
         names.snapshot_name(snapshot)
-        existing = self._get(dataset, [OWNER, *(["receive_resume_token"] if self.resumable else [])],
-                             missing_ok=True)
-        partial = existing is not None and existing.get("receive_resume_token", "-") not in ("-", "")
-        if partial and not resume:
-            log.info("dropping the interrupted receive into %s", dataset)
-            process.run(["zfs", "receive", "-A", dataset], timeout=_TIMEOUT)
-            if existing.get(OWNER) != "snapvol":
-                existing = None
         if base is None:
-            if existing is not None and not (resume and partial):
+            if self._get(dataset, [OWNER], missing_ok=True) is not None:
                 raise VolumeExists(f"volume {volume} already exists; a full stream makes a new "
                                    "volume (remove it, or send an incremental stream)")
-            argv = ["zfs", "receive", "-u", dataset]
+            target = self._inbox(volume)
+            if not (resume and self.resumable and self._token(target)):
+                self._drop_inbox(target, keep_resumable=False)
+            argv = ["zfs", "receive", "-u", target]
         else:
+            target = dataset
+            if self.resumable and self._token(dataset) and not resume:
+                log.info("dropping the interrupted receive into %s", dataset)
+                process.run(["zfs", "receive", "-A", dataset], timeout=_TIMEOUT)
             self._owned_snapshot(volume, base)
             if snapshot in self._snapshots(dataset, volume):
                 raise SnapshotExists(f"snapshot {volume}@{snapshot} already exists")
@@ -496,6 +530,10 @@ class ZfsBackend:
                         child.close_input_and_wait(timeout=60.0)
                     raise
                 child.finish(timeout=_RECEIVE_TIMEOUT)
+        except BaseException:
+            if base is None and not self.resumable:
+                self._drop_inbox(target, keep_resumable=False)    # nothing half-made
+            raise
         finally:
             if base is not None:
                 self._mount(dataset, self._mountpoint(volume))
@@ -503,13 +541,15 @@ class ZfsBackend:
             log.info("received %s@%s (incremental)", volume, snapshot)
             return
         try:
-            self._set(dataset, OWNER, "creating")
+            self._set(target, OWNER, "creating")          # from here on start-up knows it
+            process.run(["zfs", "rename", target, dataset], timeout=_TIMEOUT)
             for prop, value in self._properties(volume, options).items():
                 self._set(dataset, prop, value)
             self._mount(dataset, self._mountpoint(volume))
             self._set(dataset, OWNER, "snapvol")        # the commit point
         except BaseException:
             try:
+                self._drop_inbox(target, keep_resumable=False)
                 if (self._get(dataset, [OWNER], missing_ok=True) or {}).get(OWNER) == "creating":
                     self._destroy(dataset, mounted=True)
             except BackendError as cleanup:

@@ -130,3 +130,53 @@ def test_a_refused_snapshot_destroy_says_why_and_keeps_errno(backend):
     else:                                        # zfs-fuse: the zfs CLI's stderr says it
         assert "dependent clones" in str(caught.value), caught.value
     assert [s.name for s in backend.snapshots("v1")] == ["s1"]
+
+
+ZFS_CRASH_AT = """
+import os, sys
+from pathlib import Path
+from plugin.backends import zfs
+backend = zfs.ZfsBackend(sys.argv[1], Path(sys.argv[2]), zfs.load_libzfs_core())
+backend.check()
+real, sets, stop_after = zfs.process.run, [], int(sys.argv[3])
+def dies_like_kill_9(argv, *args, **kwargs):
+    if argv[:2] == ["zfs", "set"]:
+        sets.append(argv)
+        if len(sets) > stop_after:
+            os._exit(137)          # no finally, no cleanup: as SIGKILL
+    return real(argv, *args, **kwargs)
+zfs.process.run = dies_like_kill_9
+with backend.receiving("r1", "s1", None, {"mode": "750"}) as pipe:
+    pipe.write(sys.stdin.buffer.read())
+"""
+
+
+@pytest.mark.parametrize("sets_before_the_kill", [0, 1, 2])
+def test_a_full_receive_killed_at_any_step_leaves_nothing_at_next_start(backend, sets_before_the_kill):
+    """kill -9 after the stream was received: before the inbox was marked, after it was
+    renamed, after a property was set. The next start removes what is left, the same stream is
+    received again, and the name is free for a new volume too."""
+    import sys
+    path = backend.attach(backend.create_volume("v1", {}).name)
+    (path / "f").write_text("data")
+    backend.create_snapshot("v1", "s1")
+    raw = subprocess.run(backend.send_argv("v1", "s1", None), capture_output=True, check=True).stdout
+    child = subprocess.run([sys.executable, "-c", ZFS_CRASH_AT, backend.root, str(backend.mount_base),
+                            str(sets_before_the_kill)], input=raw, capture_output=True,
+                           cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert child.returncode == 137, child.stderr.decode()[-2000:]
+    left = subprocess.run(["zfs", "list", "-H", "-o", "name", "-r", backend.root],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert any(name.endswith(("/recv:r1", "/r1")) for name in left), left   # the crash left it
+    restarted = ZfsBackend(backend.root, backend.mount_base, load_libzfs_core())
+    restarted.check()
+    left = subprocess.run(["zfs", "list", "-H", "-o", "name", "-r", backend.root],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert not [n for n in left if "r1" in n], left
+    with restarted.receiving("r1", "s1", None, {"mode": "750"}) as pipe:
+        pipe.write(raw)
+    assert (restarted.attach("r1") / "f").read_text() == "data"
+    assert [s.name for s in restarted.snapshots("r1")] == ["s1"]
+    restarted.destroy_volume("r1")
+    restarted.create_volume("r1", {})
+    assert restarted.snapshots("r1") == []
