@@ -102,6 +102,15 @@ def render_prune(reply: dict[str, Any]) -> str:
     return _table(rows)
 
 
+def render_check(reply: dict[str, Any]) -> str:
+    """One line per problem (and per repair done), each saying what --repair does."""
+    lines = [f"repaired: {p['what']} ({p['repair']})" for p in reply.get("Repaired", [])]
+    for problem in reply.get("Problems", []):
+        action = f"--repair would {problem['repair']}" if problem["repair"] else "look at it yourself"
+        lines.append(f"{problem['kind']}: {problem['what']}; {action}")
+    return "\n".join(lines) or "consistent: nothing left over, nothing stale"
+
+
 def render_done(reply: dict[str, Any]) -> str:
     return "done"
 
@@ -119,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(endpoint="Snapvol.Volumes", render=render_volumes)
     st = sub.add_parser("status", parents=[common], help="show the plugin and its storage")
     st.set_defaults(endpoint="Snapvol.Status", render=render_status)
+    check = sub.add_parser("check", parents=[common], help="compare the state files with the "
+                           "filesystem and the mount table (exit 0 consistent, 1 problems)")
+    check.add_argument("--repair", action="store_true",
+                       help="fix what is provably left over or stale; change nothing else")
+    check.set_defaults(endpoint="Snapvol.Check", render=render_check,
+                       body=lambda a: {"Repair": a.repair},
+                       outcome=lambda reply: Exit.ERROR if reply.get("Problems") else Exit.OK)
 
     snap = sub.add_parser("snapshot", help="create, list and remove snapshots")
     snap_sub = snap.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -378,7 +394,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         print(f"snapvol: {reply.get('Err') or f'HTTP {status}'}", file=stderr)
         return exit_for(status) or Exit.ERROR
     print(json.dumps(reply, indent=2) if args.json else args.render(reply), file=stdout)
-    return Exit.OK
+    return args.outcome(reply) if hasattr(args, "outcome") else Exit.OK
 
 
 def entry_point() -> None:

@@ -137,6 +137,20 @@ class ReplicationLog:
             return {k["ok"].snapshot for k in self._entries.get(volume, {}).values()
                     if "ok" in k and k["ok"].snapshot}
 
+    def recorded_bases(self) -> dict[str, dict[str, str]]:
+        """volume -> target -> the snapshot that target last received, for every record."""
+        with self._guard:
+            return {volume: {target: k["ok"].snapshot for target, k in targets.items()
+                             if "ok" in k and k["ok"].snapshot}
+                    for volume, targets in self._entries.items()}
+
+    def forget_base(self, volume: str, target: str) -> None:
+        """Forget which snapshot *target* holds (the next replication asks it again)."""
+        with self._guard:
+            kinds = self._entries.get(volume, {}).get(target, {})
+            if kinds.pop("ok", None) is not None:
+                self._save()
+
     def forget(self, volume: str) -> None:
         with self._guard:
             if self._entries.pop(volume, None) is not None:

@@ -673,15 +673,72 @@ class VolumeService:
         """Facts about the plugin process and its storage, for ``snapvol status``."""
         in_use = self._mounts.in_use()
         volumes = self._backend.volumes()
-        state_dirs = {s.path.parent for s in (self._mounts, self._history, self.replications)
-                      if s is not None}
         return {"version": __version__, "pid": os.getpid(),
                 "uptime_seconds": round(time.time() - self._started),
                 "backend": self._backend.kind, "storage": self._backend.describe(),
                 "atomic_multi_volume_snapshots": self._backend.atomic_snapshots,
                 "volumes": len(volumes), "volumes_in_use": len(in_use),
                 "mounts": sum(in_use.values()), "options": options.accepted(self._backend.kind),
-                "damaged_state_files": [str(p) for p in quarantined(*state_dirs)]}
+                "damaged_state_files": [str(p) for p in quarantined(*self._state_dirs())]}
+
+    def check(self, repair: bool = False) -> dict[str, list[dict[str, Any]]]:
+        """``snapvol check``: compare the state files with the filesystem and the mount
+        table. Each problem says what ``--repair`` does about it (None: nothing, a person
+        must look). With *repair*, do what is provably safe, and answer what is left.
+
+        :returns: ``{"problems": [...], "repaired": [...]}``, each ``{"kind", "what", "repair"}``.
+        """
+        found = self._problems()
+        if not repair or not any(p["repair"] for p in found):
+            return {"problems": found, "repaired": []}
+        self._backend.finish_interrupted()
+        existing = {v.name for v in self._backend.volumes()}
+        for name in self._mounts.in_use():
+            if name not in existing:
+                with self._locks.hold(name):
+                    if name not in {v.name for v in self._backend.volumes()}:
+                        self._mounts.forget(name)
+        if self.replications is not None:
+            for volume, targets in self.replications.recorded_bases().items():
+                for target, base in targets.items():
+                    with self._locks.hold(volume):
+                        if base not in self._snapshot_names(volume):
+                            self.replications.forget_base(volume, target)
+        left = self._problems()
+        return {"problems": left, "repaired": [p for p in found if p not in left]}
+
+    def _problems(self) -> list[dict[str, Any]]:
+        problems = [{"kind": "leftover", "what": leftover.what, "repair": leftover.repair}
+                    for leftover in self._backend.leftovers()]
+        problems += [{"kind": "damaged state file",
+                      "what": f"{path}: a state file that did not parse, moved aside",
+                      "repair": None} for path in quarantined(*self._state_dirs())]
+        existing = {v.name for v in self._backend.volumes()}
+        problems += [{"kind": "stale mount", "what": f"volume {name} does not exist but "
+                      f"{count} Docker mount ID(s) still count as using it",
+                      "repair": "forget those mount IDs"}
+                     for name, count in sorted(self._mounts.in_use().items()) if name not in existing]
+        for volume, targets in (self.replications.recorded_bases().items()
+                                if self.replications is not None else ()):
+            have = self._snapshot_names(volume)
+            for target, base in sorted(targets.items()):
+                if base not in have:
+                    problems.append({
+                        "kind": "missing replication base",
+                        "what": f"{volume}@{base}, the snapshot {target} last received, is gone "
+                                "here", "repair": "forget it (the next replication looks for "
+                                "another snapshot both sides hold)"})
+        return problems
+
+    def _snapshot_names(self, volume: str) -> set[str]:
+        try:
+            return {s.name for s in self._backend.snapshots(volume)}
+        except VolumeNotFound:
+            return set()
+
+    def _state_dirs(self) -> set[Path]:
+        return {s.path.parent for s in (self._mounts, self._history, self.replications)
+                if s is not None}
 
     def _status(self, info: VolumeInfo, in_use: dict[str, int] | None = None) -> dict[str, Any]:
         usage = self._backend.usage(info.name)

@@ -37,6 +37,12 @@ class FakeBackend:
     def preflight(self) -> None:
         pass
 
+    def leftovers(self) -> list:
+        return []
+
+    def finish_interrupted(self) -> None:
+        pass
+
     def check(self) -> None:
         (self.root / "volumes").mkdir(parents=True, exist_ok=True)
 

@@ -38,6 +38,16 @@ def status() -> Response:
     return reply(Status=service().describe())
 
 
+@bp.post("/Snapvol.Check")
+def check() -> Response:
+    body = docker_request()
+    repair = body.get("Repair", False)
+    if not isinstance(repair, bool):
+        raise InvalidRequest("Repair must be true or false")
+    result = service().check(repair=repair)
+    return reply(Problems=result["problems"], Repaired=result["repaired"])
+
+
 @bp.post("/Snapvol.Volumes")
 def volumes() -> Response:
     docker_request()

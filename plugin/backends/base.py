@@ -42,6 +42,14 @@ class SnapshotInfo:
         return other_identity in (self.identity, self.received)
 
 
+
+@dataclass(frozen=True)
+class Leftover:
+    """Something an interrupted operation left: what it is, and what repairing does to it."""
+
+    what: str
+    repair: str
+
 @dataclass(frozen=True)
 class Usage:
     """Space accounting of one volume; ``None`` where the filesystem cannot tell cheaply."""
@@ -63,6 +71,13 @@ class Backend(Protocol):
     rollback_keeps_newer: ClassVar[bool]     # btrfs: True; zfs rollback destroys newer ones
     atomic_snapshots: bool                   # several volumes in one atomic call (OpenZFS)
     resumable: bool                          # an interrupted receive can resume (OpenZFS -s)
+
+    def leftovers(self) -> list[Leftover]:
+        """What a crash left that :meth:`finish_interrupted` would finish or remove, found
+        without changing anything (``snapvol check``)."""
+
+    def finish_interrupted(self) -> None:
+        """Finish or undo what crashed operations left (idempotent; part of :meth:`check`)."""
 
     def preflight(self) -> None:
         """Decide quickly, changing nothing, whether the storage can work at all (gunicorn's

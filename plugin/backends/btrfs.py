@@ -39,7 +39,7 @@ from .. import names, process
 from ..errors import (BackendError, BackendUnavailable, InvalidName, InvalidOption,
                       SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound)
 from ..units import parse_size
-from .base import SnapshotInfo, Usage, VolumeInfo, snapshot_each
+from .base import Leftover, SnapshotInfo, Usage, VolumeInfo, snapshot_each
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,32 @@ class BtrfsBackend:
         self.preflight()
         for directory in (self.volumes_dir, self.snapshots_dir, self.staging_dir):
             directory.mkdir(mode=0o711, exist_ok=True)
-        self._finish_interrupted()
+        self.finish_interrupted()
 
-    def _finish_interrupted(self) -> None:
+    def leftovers(self) -> list[Leftover]:
+        """What :meth:`finish_interrupted` would do, found without changing anything."""
+        found = []
+        for entry in os.scandir(self.staging_dir):
+            path = Path(entry.path)
+            if entry.name.startswith("recv.") and entry.is_dir(follow_symlinks=False):
+                found.append(Leftover(f"{path}: an interrupted receive", "remove it"))
+            elif not entry.is_dir(follow_symlinks=False) or not self._is_ours(path):
+                continue                            # not ours: never touched, not reported
+            elif (entry.name.startswith("replaced.") and not os.path.lexists(
+                    self.volumes_dir / entry.name.removeprefix("replaced.").rsplit(".", 1)[0])):
+                found.append(Leftover(f"{path}: a volume an interrupted rollback took out",
+                                      "put it back"))
+            else:
+                found.append(Leftover(f"{path}: left by an interrupted operation", "remove it"))
+        for entry in os.scandir(self.snapshots_dir):
+            if entry.is_dir(follow_symlinks=False) and not os.path.lexists(self.volumes_dir / entry.name):
+                mine = [e.name for e in os.scandir(entry.path) if self._is_ours(Path(e.path))]
+                if mine:
+                    found.append(Leftover(f"{entry.path}: snapshot(s) {', '.join(sorted(mine))} of "
+                                          f"a volume that no longer exists", "delete them"))
+        return found
+
+    def finish_interrupted(self) -> None:
         """Destroy what a crash left in staging: half-made or half-destroyed volumes of ours."""
         for entry in os.scandir(self.staging_dir):
             path = Path(entry.path)

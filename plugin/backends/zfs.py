@@ -41,7 +41,7 @@ from ..errors import (BackendError, BackendUnavailable, CommandFailed, Conflict,
                       SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound)
 from ..mountinfo import mounted_filesystem
 from ..units import parse_size
-from .base import SnapshotInfo, Usage, VolumeInfo, snapshot_each
+from .base import Leftover, SnapshotInfo, Usage, VolumeInfo, snapshot_each
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class ZfsBackend:
                             "compression": sorted(self.compressions)})
         log.info("zfs backend on %s: libzfs_core=%s, compression=%s", self.root,
                  self._lzc is not None, ",".join(sorted(self.compressions)))
-        self._finish_interrupted()
+        self.finish_interrupted()
 
     def _check_versions(self) -> None:
         if not os.path.exists("/dev/zfs"):
@@ -182,7 +182,22 @@ class ZfsBackend:
                     found |= {"zstd", "zstd-fast"} | {f"zstd-{n}" for n in range(1, 20)}
         return frozenset(found)
 
-    def _finish_interrupted(self) -> None:
+    def leftovers(self) -> list[Leftover]:
+        """What :meth:`finish_interrupted` would do, found without changing anything."""
+        found = []
+        for name, props in self._children().items():
+            dataset = f"{self.root}/{name}"
+            if name.startswith(INBOX):
+                if not (self.resumable and self._token(dataset)):   # else: kept for a resume
+                    found.append(Leftover(f"{dataset}: an interrupted receive", "destroy it"))
+            elif props.get(OWNER) in ("creating", "removing"):
+                found.append(Leftover(f"{dataset}: left {props[OWNER]} by an interrupted "
+                                      "operation", "destroy it"))
+        return found
+
+    def finish_interrupted(self) -> None:
+        """Destroy what crashed operations left: inboxes of receives that cannot resume,
+        datasets left "creating" or "removing"."""
         for name, props in self._children().items():
             if name.startswith(INBOX):
                 self._drop_inbox(f"{self.root}/{name}", keep_resumable=True)

@@ -180,3 +180,24 @@ def test_a_full_receive_killed_at_any_step_leaves_nothing_at_next_start(backend,
     restarted.destroy_volume("r1")
     restarted.create_volume("r1", {})
     assert restarted.snapshots("r1") == []
+
+
+def test_check_lists_an_interrupted_receive_and_repair_destroys_it(backend, tmp_path):
+    """kill -9 of a receive before its inbox was marked: check names the inbox, --repair
+    destroys it, and the parent dataset is untouched."""
+    import sys
+    path = backend.attach(backend.create_volume("v1", {}).name)
+    (path / "f").write_text("data")
+    backend.create_snapshot("v1", "s1")
+    raw = subprocess.run(backend.send_argv("v1", "s1", None), capture_output=True, check=True).stdout
+    service = VolumeService(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(2))
+    child = subprocess.run([sys.executable, "-c", ZFS_CRASH_AT, backend.root, str(backend.mount_base),
+                            "0"], input=raw, capture_output=True,
+                           cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert child.returncode == 137, child.stderr.decode()[-2000:]
+    problems = service.check()["problems"]     # a whole stream, so no resume token either
+    assert [p["what"].split(":")[0] for p in problems] == [f"{backend.root}/recv"], problems
+    result = service.check(repair=True)
+    assert result["problems"] == [] and len(result["repaired"]) == 1
+    assert zget(backend.root, "type") == "filesystem"
+    assert subprocess.run(["zfs", "list", f"{backend.root}/recv:r1"], capture_output=True).returncode != 0

@@ -271,3 +271,55 @@ def test_status_names_the_damaged_state_files(tmp_path):
     damaged = body["Status"]["damaged_state_files"]
     assert status == 200 and len(damaged) == 1 and "schedule.json.corrupt-" in damaged[0]
     assert f"damaged:  {damaged[0]} (a state file that did not parse" in render_status(body)
+
+
+def test_check_finds_stale_state_and_repairs_only_what_is_provably_stale(tmp_path):
+    """snapvol check: Docker mount IDs of a volume that is gone and a replication base that
+    is gone are stale (repaired); a damaged state file is shown, never deleted; through the
+    endpoint and the CLI, exit 1 while problems remain."""
+    from datetime import datetime, timezone
+
+    from plugin.cli import Exit, main
+    from plugin.history import AutoHistory, Replication, ReplicationLog
+
+    backend = FakeBackend(tmp_path / "root")
+    (tmp_path / "schedule.json").write_text("{cut sh")
+    mounts = MountTable(tmp_path / "mounts.json")
+    service = VolumeService(backend, mounts, VolumeLocks(0.5),
+                            history=AutoHistory(tmp_path / "schedule.json"),
+                            replications=ReplicationLog(tmp_path / "replication.json"))
+    service.open()
+    service.create("db", {})
+    service.snapshot(["db"], "s1")
+    service.replications.record("db", Replication("ssh://b", datetime.now(timezone.utc), "s1"))
+    service.replications.record("db", Replication("ssh://c", datetime.now(timezone.utc), "gone"))
+    mounts.add("ghost", "a" * 64)                      # a volume removed behind our back
+    client = create_app(service=service).test_client()
+
+    class Client:
+        def call(self, endpoint, body):
+            return call(client, endpoint, body)
+
+    def cli(*argv):
+        import io
+        out, err = io.StringIO(), io.StringIO()
+        code = main(["check", *argv], stdout=out, stderr=err, environ={"SNAPVOL_SOCKET": "/s"},
+                    connect=lambda path: Client())
+        return code, out.getvalue()
+
+    code, out = cli()
+    assert code == Exit.ERROR
+    lines = out.splitlines()
+    assert len(lines) == 3, out
+    assert any(l.startswith("stale mount: volume ghost does not exist") and
+               "--repair would forget those mount IDs" in l for l in lines)
+    assert any(l.startswith("missing replication base: db@gone, the snapshot ssh://c") for l in lines)
+    assert any(l.startswith("damaged state file:") and "look at it yourself" in l for l in lines)
+    code, out = cli("--repair")
+    assert code == Exit.ERROR and out.count("repaired:") == 2
+    assert mounts.in_use() == {} and service.replications.recorded_bases() == {"db": {"ssh://b": "s1"}}
+    for aside in tmp_path.glob("schedule.json.corrupt-*"):
+        aside.unlink()                                  # read by a person, then removed
+    assert cli() == (Exit.OK, "consistent: nothing left over, nothing stale\n")
+    status, body = call(client, "Snapvol.Check", {"Repair": "yes"})
+    assert status == 400 and "Repair must be true or false" in body["Err"]
