@@ -51,7 +51,8 @@ def test_sigkill_and_restart_with_a_writing_container(docker, host_plugin, busyb
 def test_damaged_state_files_never_stop_the_plugin(docker, host_plugin, busybox):
     """Truncated or foreign state files (a full disk, a hand edit): the plugin starts, every
     volume keeps working through Docker, each file is moved aside with one error line in the
-    log, and `snapvol status` names them."""
+    log, `snapvol status` names them, and `snapvol check` reports them until they are
+    removed."""
     plugin = host_plugin
     name = unique("damaged")
     docker("volume", "create", "-d", plugin.driver, "-o", "schedule=1h", name)
@@ -68,11 +69,25 @@ def test_damaged_state_files_never_stop_the_plugin(docker, host_plugin, busybox)
                   "cat", "/data/f").strip() == "kept"
     assert inspect_volume(docker, name)["Status"]["schedule"]["every"] == "1h"
     status = plugin.call("Snapvol.Status")[1]["Status"]
+    code, report = check(plugin)
+    assert code == 1 and report.count("damaged state file:") == 3, report
     for path in damaged:
         if path.exists():                   # written anew since: whole and readable
             json.loads(path.read_text())
         assert any(p.startswith(f"{path}.corrupt-") for p in status["damaged_state_files"]), status
         assert f"state file {path} is damaged" in plugin.log_tail(20000)
+        assert f"{path}.corrupt-" in report
         for aside in path.parent.glob(f"{path.name}.corrupt-*"):
             aside.unlink()
+    assert check(plugin) == (0, "consistent: nothing left over, nothing stale\n")
     docker("volume", "rm", name)
+
+
+def check(plugin) -> tuple[int, str]:
+    """`snapvol check` against *plugin*: exit status and what it printed."""
+    import io
+
+    from plugin.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["--socket", str(plugin.socket), "check"], stdout=out, stderr=err, environ={})
+    return code, out.getvalue() + err.getvalue()
