@@ -106,7 +106,8 @@ def render_check(reply: dict[str, Any]) -> str:
     """One line per problem (and per repair done), each saying what --repair does."""
     lines = [f"repaired: {p['what']} ({p['repair']})" for p in reply.get("Repaired", [])]
     for problem in reply.get("Problems", []):
-        action = f"--repair would {problem['repair']}" if problem["repair"] else "look at it yourself"
+        action = (f"--repair would {problem['repair']}" if problem["repair"]
+                  else problem.get("note") or "look at it yourself")
         lines.append(f"{problem['kind']}: {problem['what']}; {action}")
     return "\n".join(lines) or "consistent: nothing left over, nothing stale"
 

@@ -34,6 +34,11 @@ class VolumeLocks:
         self._guard = threading.Lock()
         self._entries: dict[str, _Entry] = {}
 
+    def busy(self, name: str) -> bool:
+        """Whether an operation holds (or waits for) *name*'s lock right now."""
+        with self._guard:
+            return name in self._entries
+
     @contextmanager
     def hold(self, *names: str) -> Iterator[None]:
         """Lock every name, always in sorted order, so two callers can never deadlock.

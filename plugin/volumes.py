@@ -683,15 +683,20 @@ class VolumeService:
 
     def check(self, repair: bool = False) -> dict[str, list[dict[str, Any]]]:
         """``snapvol check``: compare the state files with the filesystem and the mount
-        table. Each problem says what ``--repair`` does about it (None: nothing, a person
-        must look). With *repair*, do what is provably safe, and answer what is left.
+        table. Each problem says what ``--repair`` does about it (``repair``; None: nothing,
+        and ``note`` says what will). With *repair*, do what is provably safe, under each
+        volume's lock, and answer what is left.
 
-        :returns: ``{"problems": [...], "repaired": [...]}``, each ``{"kind", "what", "repair"}``.
+        What a crash left is repaired by the next start, not here: while the plugin runs,
+        a temporary can belong to an operation that has only just begun, so only those of
+        volumes no operation holds are reported, and none is removed.
+
+        :returns: ``{"problems": [...], "repaired": [...]}``, each ``{"kind", "what",
+            "repair"}`` (and ``note``).
         """
         found = self._problems()
         if not repair or not any(p["repair"] for p in found):
             return {"problems": found, "repaired": []}
-        self._backend.finish_interrupted()
         existing = {v.name for v in self._backend.volumes()}
         for name in self._mounts.in_use():
             if name not in existing:
@@ -708,8 +713,10 @@ class VolumeService:
         return {"problems": left, "repaired": [p for p in found if p not in left]}
 
     def _problems(self) -> list[dict[str, Any]]:
-        problems = [{"kind": "leftover", "what": leftover.what, "repair": leftover.repair}
-                    for leftover in self._backend.leftovers()]
+        problems = [{"kind": "leftover", "what": leftover.what, "repair": None,
+                     "note": f"the next start of the plugin will {leftover.repair}"}
+                    for leftover in self._backend.leftovers()
+                    if not (self._locks.busy(leftover.volume) or leftover.volume in self._receiving)]
         problems += [{"kind": "damaged state file",
                       "what": f"{path}: a state file that did not parse, moved aside",
                       "repair": None} for path in quarantined(*self._state_dirs())]

@@ -45,8 +45,10 @@ class SnapshotInfo:
 
 @dataclass(frozen=True)
 class Leftover:
-    """Something an interrupted operation left: what it is, and what repairing does to it."""
+    """Something an interrupted operation left: the volume name it concerns, what it is,
+    and what :meth:`Backend.finish_interrupted` does to it."""
 
+    volume: str
     what: str
     repair: str
 
@@ -73,8 +75,9 @@ class Backend(Protocol):
     resumable: bool                          # an interrupted receive can resume (OpenZFS -s)
 
     def leftovers(self) -> list[Leftover]:
-        """What a crash left that :meth:`finish_interrupted` would finish or remove, found
-        without changing anything (``snapvol check``)."""
+        """What :meth:`finish_interrupted` would finish or remove, found without changing
+        anything (``snapvol check``). While the plugin runs this includes the temporaries of
+        operations in flight: the caller tells them apart by their volume."""
 
     def finish_interrupted(self) -> None:
         """Finish or undo what crashed operations left (idempotent; part of :meth:`check`)."""

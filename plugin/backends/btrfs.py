@@ -112,22 +112,25 @@ class BtrfsBackend:
         found = []
         for entry in os.scandir(self.staging_dir):
             path = Path(entry.path)
+            # staging names are <operation>.<volume>.<random hex>
+            volume = entry.name.partition(".")[2].rpartition(".")[0]
             if entry.name.startswith("recv.") and entry.is_dir(follow_symlinks=False):
-                found.append(Leftover(f"{path}: an interrupted receive", "remove it"))
+                found.append(Leftover(volume, f"{path}: an interrupted receive", "remove it"))
             elif not entry.is_dir(follow_symlinks=False) or not self._is_ours(path):
                 continue                            # not ours: never touched, not reported
-            elif (entry.name.startswith("replaced.") and not os.path.lexists(
-                    self.volumes_dir / entry.name.removeprefix("replaced.").rsplit(".", 1)[0])):
-                found.append(Leftover(f"{path}: a volume an interrupted rollback took out",
-                                      "put it back"))
+            elif entry.name.startswith("replaced.") and not os.path.lexists(self.volumes_dir / volume):
+                found.append(Leftover(volume, f"{path}: a volume an interrupted rollback took "
+                                      "out", "put it back"))
             else:
-                found.append(Leftover(f"{path}: left by an interrupted operation", "remove it"))
+                found.append(Leftover(volume, f"{path}: left by an interrupted operation",
+                                      "remove it"))
         for entry in os.scandir(self.snapshots_dir):
             if entry.is_dir(follow_symlinks=False) and not os.path.lexists(self.volumes_dir / entry.name):
                 mine = [e.name for e in os.scandir(entry.path) if self._is_ours(Path(e.path))]
                 if mine:
-                    found.append(Leftover(f"{entry.path}: snapshot(s) {', '.join(sorted(mine))} of "
-                                          f"a volume that no longer exists", "delete them"))
+                    found.append(Leftover(entry.name, f"{entry.path}: snapshot(s) "
+                                          f"{', '.join(sorted(mine))} of a volume that no longer "
+                                          "exists", "delete them"))
         return found
 
     def finish_interrupted(self) -> None:

@@ -189,9 +189,10 @@ class ZfsBackend:
             dataset = f"{self.root}/{name}"
             if name.startswith(INBOX):
                 if not (self.resumable and self._token(dataset)):   # else: kept for a resume
-                    found.append(Leftover(f"{dataset}: an interrupted receive", "destroy it"))
+                    found.append(Leftover(name.removeprefix(INBOX),
+                                          f"{dataset}: an interrupted receive", "destroy it"))
             elif props.get(OWNER) in ("creating", "removing"):
-                found.append(Leftover(f"{dataset}: left {props[OWNER]} by an interrupted "
+                found.append(Leftover(name, f"{dataset}: left {props[OWNER]} by an interrupted "
                                       "operation", "destroy it"))
         return found
 

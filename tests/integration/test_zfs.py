@@ -182,9 +182,9 @@ def test_a_full_receive_killed_at_any_step_leaves_nothing_at_next_start(backend,
     assert restarted.snapshots("r1") == []
 
 
-def test_check_lists_an_interrupted_receive_and_repair_destroys_it(backend, tmp_path):
-    """kill -9 of a receive before its inbox was marked: check names the inbox, --repair
-    destroys it, and the parent dataset is untouched."""
+def test_check_lists_an_interrupted_receive_and_the_next_start_destroys_it(backend, tmp_path):
+    """kill -9 of a receive before its inbox was marked: check names the inbox, not while a
+    receive into that name runs, and the next start destroys it (the parent untouched)."""
     import sys
     path = backend.attach(backend.create_volume("v1", {}).name)
     (path / "f").write_text("data")
@@ -197,7 +197,12 @@ def test_check_lists_an_interrupted_receive_and_repair_destroys_it(backend, tmp_
     assert child.returncode == 137, child.stderr.decode()[-2000:]
     problems = service.check()["problems"]     # a whole stream, so no resume token either
     assert [p["what"].split(":")[0] for p in problems] == [f"{backend.root}/recv"], problems
-    result = service.check(repair=True)
-    assert result["problems"] == [] and len(result["repaired"]) == 1
+    assert problems[0]["note"] == "the next start of the plugin will destroy it"
+    with service._receiving_into("r1"):
+        assert service.check()["problems"] == []
+    restarted = ZfsBackend(backend.root, backend.mount_base, load_libzfs_core())
+    restarted.check()
+    assert VolumeService(restarted, MountTable(tmp_path / "mounts.json"),
+                         VolumeLocks(2)).check()["problems"] == []
     assert zget(backend.root, "type") == "filesystem"
     assert subprocess.run(["zfs", "list", f"{backend.root}/recv:r1"], capture_output=True).returncode != 0
