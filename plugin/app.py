@@ -1,8 +1,8 @@
 """The Flask application factory; gunicorn serves ``plugin.app:wsgi()``.
 
-``create_app`` wires settings -> backend -> service -> blueprints and starts no threads (the
+``create_app`` wires settings -> backend -> domain -> blueprints and starts no threads (the
 scheduler is started by gunicorn's ``post_worker_init`` hook, see ``gunicorn_conf``);
-tests pass their own ``service`` (a fake backend behind the real :class:`VolumeService`).
+tests pass their own ``domain`` (a fake backend behind the real services).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from .quiesce import DockerQuiescer
 from .replication import Replicator
 from .scheduler import Scheduler
 from .storage import open_backend
-from .volumes import VolumeService
+from .domain import Domain
 
 log = logging.getLogger(__name__)
 
 
-def build_service(settings: Settings) -> VolumeService:
-    """The production service for *settings*: storage made reachable, backend, mount table.
+def build_domain(settings: Settings) -> Domain:
+    """The production domain for *settings*: storage made reachable, backend, mount table.
 
     :raises BackendUnavailable: the storage cannot be prepared or checked.
     """
@@ -48,32 +48,34 @@ def build_service(settings: Settings) -> VolumeService:
     # Btrfs: a pool that went away is mounted again; ZFS volumes are re-mounted one by one on
     # Mount (ZfsBackend.attach): nothing to recover
     recover = None if settings.backend == "zfs" else (lambda: prepare_root(settings))
-    service = VolumeService(backend, mounts, locks, recover=recover, **extras)
-    service.open()
-    return service
+    domain = Domain.assemble(backend, mounts, locks, recover=recover, **extras)
+    domain.volumes.open()
+    return domain
 
 
-def build_replicator(service: VolumeService, settings: Settings) -> Replicator:
-    assert service.replications is not None
-    return Replicator(service, service.replications, ssh_key=settings.ssh_key,
+def build_replicator(domain: Domain, settings: Settings) -> Replicator:
+    assert domain.replications is not None
+    return Replicator(domain.volumes, domain.transfers, domain.replications,
+                      ssh_key=settings.ssh_key,
                       known_hosts=settings.ssh_known_hosts, remote_snapvol=settings.remote_snapvol,
                       timeout=settings.transfer_timeout, workers=settings.transfers)
 
 
-def create_app(service: VolumeService | None = None,
+def create_app(domain: Domain | None = None,
                environ: Mapping[str, str] | None = None) -> Flask:
     """The WSGI application serving Docker's protocol and the CLI's endpoints."""
     settings = Settings.from_env(os.environ if environ is None else environ)
-    if service is None:
-        service = build_service(settings)
-    replicator = build_replicator(service, settings) if service.replications is not None else None
+    if domain is None:
+        domain = build_domain(settings)
+    replicator = build_replicator(domain, settings) if domain.replications is not None else None
     app = Flask(__name__)
-    app.extensions["snapvol.service"] = service
+    app.extensions["snapvol.domain"] = domain
     app.extensions["snapvol.replicator"] = replicator
     # started by gunicorn's hooks
-    app.extensions["snapvol.scheduler"] = Scheduler(service, replicator=replicator)
-    app.extensions["snapvol.streams"] = StreamSocket(service, stream_socket_path(settings.socket),
-                                                     timeout=settings.transfer_timeout)
+    app.extensions["snapvol.scheduler"] = Scheduler(domain.schedules, domain.volumes,
+                                                     replicator=replicator)
+    app.extensions["snapvol.streams"] = StreamSocket(
+        domain.transfers, stream_socket_path(settings.socket), timeout=settings.transfer_timeout)
     app.register_blueprint(volume_driver.bp)
     app.register_blueprint(admin.bp)
 

@@ -27,21 +27,22 @@ from .errors import (CommandFailed, Conflict, InvalidRequest, NotFound, PluginEr
                      TransferFailed)
 from .history import Replication, ReplicationLog
 from .targets import Target
-from .volumes import VolumeService, unique_name
+from .snapshot_names import REPL_PREFIX, unique_name
+from .transfers import Transfers
+from .volumes import VolumeService
 
 log = logging.getLogger(__name__)
 
-REPL_PREFIX = "repl-"        # snapshots taken for a replication (replaced by the next one)
-
-
 class Replicator:
-    """Replicates volumes of *service* to other snapvol instances."""
+    """Replicates the volumes of *volumes* to other snapvol instances through *transfers*."""
 
-    def __init__(self, service: VolumeService, replications: ReplicationLog, *,
+    def __init__(self, volumes: VolumeService, transfers: Transfers,
+                 replications: ReplicationLog, *,
                  ssh_key: str = "", known_hosts: str = "/root/.ssh/known_hosts",
                  remote_snapvol: str = "snapvol", timeout: float = 120.0, retries: int = 2,
                  workers: int = 4) -> None:
-        self._service = service
+        self._volumes = volumes
+        self._transfers = transfers
         self._log = replications
         self._ssh_key = ssh_key
         self._known_hosts = known_hosts
@@ -70,9 +71,9 @@ class Replicator:
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         label = str(where) + (f" as {remote}" if remote != volume else "")
-        with self._service.transfer_slot():
+        with self._transfers.slot():
             if snapshot is None:
-                snapshot = self._service.snapshot([volume], unique_name(REPL_PREFIX))[0].name
+                snapshot = self._volumes.snapshot([volume], unique_name(REPL_PREFIX))[0].name
             snapshot = names.snapshot_name(snapshot)
             attempt = 0
             plan: dict[str, Any] = {}          # what the last attempt sent: base, resume token
@@ -99,7 +100,7 @@ class Replicator:
                     continue
                 previous = self._log.base(volume, label)
                 self._log.record(volume, run)
-                self._service.move_base(volume, snapshot, previous)
+                self._transfers.move_base(volume, snapshot, previous)
                 self._drop_old_replication_snapshots(volume, snapshot)
                 return run
 
@@ -110,7 +111,7 @@ class Replicator:
             return self._transfer(volume, remote_name, where, label, snapshot, plan["base"],
                                   attempt, progress, plan, resume_token=plan["token"])
         remote = self._remote_snapshots(where, remote_name)
-        local = {s.name: s for s in self._service.snapshots(volume)}
+        local = {s.name: s for s in self._volumes.snapshots(volume)}
         if snapshot not in local:
             raise NotFound(f"no such snapshot: {volume}@{snapshot}")
         base = None
@@ -134,7 +135,7 @@ class Replicator:
                   base: str | None, attempt: int, progress: Callable[[int], None] | None,
                   plan: dict[str, Any], resume_token: str | None = None) -> Replication:
         plan.update(base=base, token=None)
-        transfer = self._service.send(volume, snapshot, base, holding_slot=True,
+        transfer = self._transfers.send(volume, snapshot, base, holding_slot=True,
                                       resume_token=resume_token)
         try:
             reply = self._send_to(where, remote_name, _counted(transfer, progress))
@@ -149,10 +150,10 @@ class Replicator:
         """Older ``repl-`` snapshots were bases of earlier runs; the new one replaces them
         (unless another target still builds on one, or a clone was made from it)."""
         protected = self._log.bases(volume) | {keep}
-        for snap in self._service.snapshots(volume):
+        for snap in self._volumes.snapshots(volume):
             if snap.name.startswith(REPL_PREFIX) and snap.name not in protected:
                 try:
-                    self._service.remove_snapshot(volume, snap.name)
+                    self._volumes.remove_snapshot(volume, snap.name)
                 except PluginError as exc:
                     log.warning("keeping %s@%s: %s", volume, snap.name, exc)
 

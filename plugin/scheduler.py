@@ -4,8 +4,8 @@
 ``post_worker_init`` hook starts it and ``worker_exit`` stops it. The loop sleeps on an
 ``Event`` until the next volume is due (at most a minute, or until a volume with a schedule
 is created), calls :meth:`Scheduler.run_once` — the unit-tested core — and survives any
-exception. Jobs call :class:`VolumeService` directly, so they take the same per-volume locks
-as Docker's calls. When a run happens is decided by :attr:`Schedule.next_run` from the
+exception. Jobs call :class:`~plugin.schedules.Schedules` directly, so they take the same
+per-volume locks as Docker's calls. When a run happens is decided by :attr:`Schedule.next_run` from the
 persisted last run, so a restart neither skips a run nor fires the missed ones.
 """
 
@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from .errors import PluginError
 from .history import AutoRun
 from .replication import Replicator
+from .schedules import Schedules
 from .volumes import VolumeService
 
 log = logging.getLogger(__name__)
@@ -33,18 +34,20 @@ def utc_now() -> datetime:
 class Scheduler:
     """Takes each scheduled volume's automatic snapshot when it is due, then prunes it."""
 
-    def __init__(self, service: VolumeService, *, clock: Callable[[], datetime] = utc_now,
+    def __init__(self, schedules: Schedules, volumes: VolumeService, *,
+                 clock: Callable[[], datetime] = utc_now,
                  replicator: Replicator | None = None) -> None:
-        """*replicator* sends each automatic snapshot of a volume with ``replicate=TARGET``
+        """Runs *schedules*, re-planning when *volumes* creates or removes a scheduled
+        volume. *replicator* sends each automatic snapshot of a volume with ``replicate=TARGET``
         there, in its own bounded pool (a slow target never delays other schedules)."""
-        self._service = service
+        self._schedules = schedules
         self._replicator = replicator
         self._clock = clock
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_due: datetime | None = None      # from the last run_once's listing
-        service.on_change(self._wake.set)
+        volumes.on_change(self._wake.set)
 
     def run_once(self, now: datetime) -> dict[str, AutoRun | Exception]:
         """Run every volume that is due at *now*; one failing volume never stops the others.
@@ -54,7 +57,7 @@ class Scheduler:
         done: dict[str, AutoRun | Exception] = {}
         self._next_due = None
         try:
-            schedules = self._service.schedules()
+            schedules = self._schedules.schedules()
         except PluginError as exc:
             log.error("scheduler: cannot list volumes: %s", exc)
             return done
@@ -66,7 +69,7 @@ class Scheduler:
             if schedule.next_run > now or self._stop.is_set():
                 continue
             try:
-                run = done[schedule.volume] = self._service.run_automatic(schedule.volume, now)
+                run = done[schedule.volume] = self._schedules.run_automatic(schedule.volume, now)
             except Exception as exc:    # the run is recorded; the other volumes still run
                 log.error("scheduler: automatic snapshot of %s failed: %s", schedule.volume, exc)
                 done[schedule.volume] = exc

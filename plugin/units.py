@@ -1,8 +1,10 @@
-"""Parsing of human sizes (``20G``) shared by settings and volume options."""
+"""Human sizes (``20G``) and durations (``1h``) shared by settings and volume options, and
+the one time format of every answer."""
 
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 
 _SIZE = re.compile(r"(\d+)([KMGTP]?)(i?B?)?", re.IGNORECASE)
 _FACTOR = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -45,3 +47,8 @@ def parse_duration(text: str) -> int:
     if not match:
         raise ValueError("expected a whole number and a unit s, m, h, d, w or y, like 15m or 1h")
     return int(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def rfc3339(moment: datetime) -> str:
+    """``2026-11-29T07:33:23Z``: the only time format Docker's Go decoder accepts."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -11,14 +11,15 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, request
 
-from .volume_driver import service
+from .volume_driver import domain
 
 from .. import names
 from ..errors import InvalidRequest, PluginError, VolumeBusy
 from ..history import Replication
 from ..replication import Replicator
 from ..targets import Target
-from ..volumes import SnapshotInfo, rfc3339
+from ..units import rfc3339
+from ..volumes import SnapshotInfo
 from .wire import docker_request, reply, required
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ bp = Blueprint("admin", __name__)
 @bp.post("/Snapvol.Status")
 def status() -> Response:
     docker_request()
-    return reply(Status=service().describe())
+    return reply(Status=domain().status.describe())
 
 
 @bp.post("/Snapvol.Check")
@@ -44,33 +45,33 @@ def check() -> Response:
     repair = body.get("Repair", False)
     if not isinstance(repair, bool):
         raise InvalidRequest("Repair must be true or false")
-    result = service().check(repair=repair)
+    result = domain().checker.check(repair=repair)
     return reply(Problems=result["problems"], Repaired=result["repaired"])
 
 
 @bp.post("/Snapvol.Volumes")
 def volumes() -> Response:
     docker_request()
-    return reply(Volumes=service().describe_volumes())
+    return reply(Volumes=domain().status.describe_volumes())
 
 
 @bp.post("/Snapvol.SnapshotCreate")
 def snapshot_create() -> Response:
     body = docker_request()
-    taken = service().snapshot(required(body, "Volumes"), body.get("Name"),
+    taken = domain().volumes.snapshot(required(body, "Volumes"), body.get("Name"),
                                body.get("Quiesce") or "none")
     return reply(Snapshots=[_snapshot(s) for s in taken])
 
 
 @bp.post("/Snapvol.SnapshotList")
 def snapshot_list() -> Response:
-    return reply(Snapshots=[_snapshot(s) for s in service().snapshots(required(docker_request(), "Volume"))])
+    return reply(Snapshots=[_snapshot(s) for s in domain().volumes.snapshots(required(docker_request(), "Volume"))])
 
 
 @bp.post("/Snapvol.SnapshotRemove")
 def snapshot_remove() -> Response:
     body = docker_request()
-    service().remove_snapshot(required(body, "Volume"), required(body, "Snapshot"))
+    domain().volumes.remove_snapshot(required(body, "Volume"), required(body, "Snapshot"))
     return reply()
 
 
@@ -80,7 +81,7 @@ def rollback() -> Response:
     destroy_newer = body.get("DestroyNewer", False)
     if not isinstance(destroy_newer, bool):
         raise InvalidRequest("DestroyNewer must be true or false")
-    service().rollback(required(body, "Volume"), required(body, "Snapshot"),
+    domain().volumes.rollback(required(body, "Volume"), required(body, "Snapshot"),
                        destroy_newer=destroy_newer)
     return reply()
 
@@ -91,7 +92,7 @@ def prune() -> Response:
     dry_run = body.get("DryRun", False)
     if not isinstance(dry_run, bool):
         raise InvalidRequest("DryRun must be true or false")
-    decisions = service().prune(body.get("Volume"), dry_run=dry_run)
+    decisions = domain().schedules.prune(body.get("Volume"), dry_run=dry_run)
     return reply(Decisions=decisions, DryRun=dry_run)
 
 
@@ -100,7 +101,7 @@ def send() -> Response:
     """The framed stream of a snapshot as the (chunked) response body; errors found before
     the stream starts are JSON replies, later ones end the stream with an abort frame."""
     body = docker_request()
-    transfer = service().send(required(body, "Volume"), body.get("Snapshot"), body.get("Since"))
+    transfer = domain().transfers.send(required(body, "Volume"), body.get("Snapshot"), body.get("Since"))
     headers = {"X-Snapvol-Snapshot": transfer.header["snapshot"],
                "X-Snapvol-Base": transfer.header["base"] or ""}
     return Response(transfer, mimetype=STREAM_TYPE, headers=headers)
@@ -115,14 +116,14 @@ def receive() -> Response:
     volume = request.args.get("Volume")
     if volume is None:
         raise InvalidRequest("missing query parameter Volume")
-    result = service().receive(volume, request.stream)
+    result = domain().transfers.receive(volume, request.stream)
     return reply(Snapshot=result["snapshot"], Base=result["base"], Bytes=result["bytes"])
 
 
 @bp.post("/Snapvol.ResumeToken")
 def resume_token() -> Response:
     """The state of an interrupted receive into a volume (OpenZFS), for the sender to resume."""
-    return reply(Token=service().resume_token(required(docker_request(), "Volume")))
+    return reply(Token=domain().transfers.resume_token(required(docker_request(), "Volume")))
 
 
 def _replication(run: Replication) -> dict[str, object]:
@@ -139,7 +140,7 @@ def replicate() -> Response:
     if replicator is None:
         raise VolumeBusy("this plugin instance cannot replicate (no replication state)")
     volume, target = required(body, "Volume"), required(body, "Target")
-    service().snapshots(volume)                     # a missing volume: 404 now, not mid-stream
+    domain().volumes.snapshots(volume)                     # a missing volume: 404 now, not mid-stream
     if body.get("As") is not None:
         names.volume_name(body["As"])
     try:

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from ..errors import InvalidRequest, PluginError
-from ..volumes import VolumeService
+from ..transfers import Transfers
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,11 @@ def stream_socket_path(http_socket: Path) -> Path:
 
 
 class StreamSocket:
-    """Serves ``receive`` on a Unix socket, one thread per connection (the service's
-    transfer slots bound how many run)."""
+    """Serves ``receive`` on a Unix socket, one thread per connection (the transfer
+    slots bound how many run)."""
 
-    def __init__(self, service: VolumeService, path: Path, *, timeout: float = 120.0) -> None:
-        self._service = service
+    def __init__(self, transfers: Transfers, path: Path, *, timeout: float = 120.0) -> None:
+        self._transfers = transfers
         self.path = path
         self._timeout = timeout
         self._listener: socket.socket | None = None
@@ -77,7 +77,7 @@ class StreamSocket:
                 request = json.loads(source.readline(MAX_REQUEST_LINE) or b"null")
                 if not isinstance(request, dict) or request.get("Op") != "receive":
                     raise InvalidRequest('expected {"Op": "receive", "Volume": NAME} on the first line')
-                result = self._service.receive(request.get("Volume"), source)
+                result = self._transfers.receive(request.get("Volume"), source)
                 answer = {"Err": "", "Snapshot": result["snapshot"], "Base": result["base"],
                           "Bytes": result["bytes"]}
             except PluginError as exc:

@@ -226,26 +226,26 @@ def test_check_lists_crash_leftovers_and_the_next_start_removes_them(backend, tm
     the next start removes them, and then it is consistent."""
     from plugin.locks import VolumeLocks
     from plugin.mounts import MountTable
-    from plugin.volumes import VolumeService
+    from plugin.domain import Domain
 
     def running_service():
-        service = VolumeService(BtrfsBackend(backend.root), MountTable(tmp_path / "mounts.json"),
-                                VolumeLocks(2))
-        service.open()
-        return service
+        domain = Domain.assemble(BtrfsBackend(backend.root), MountTable(tmp_path / "mounts.json"),
+                                 VolumeLocks(2))
+        domain.volumes.open()
+        return domain
 
-    service = running_service()
-    service.create("v1", {})
-    service.snapshot(["v1"], "old")
+    domain = running_service()
+    domain.volumes.create("v1", {})
+    domain.volumes.snapshot(["v1"], "old")
     crash_in_child(backend.root, "delete_subvolume", 0, 'backend.destroy_volume("v1")')
-    problems = sorted(service.check()["problems"], key=lambda p: p["what"])
+    problems = sorted(domain.checker.check()["problems"], key=lambda p: p["what"])
     assert [(p["kind"], p["repair"], p["note"]) for p in problems] == [
         ("leftover", None, "the next start of the plugin will remove it"),
         ("leftover", None, "the next start of the plugin will delete them")], problems
     assert "/.snapvol-staging/remove.v1." in problems[0]["what"]     # the volume, renamed out
     assert "snapshot(s) old of a volume that no longer exists" in problems[1]["what"]
-    with service._locks.hold("v1"):                 # an operation on v1 in flight: not reported
-        assert service.check()["problems"] == []
-    assert len(service.check(repair=True)["problems"]) == 2
-    assert running_service().check() == {"problems": [], "repaired": []}
+    with domain.locks.hold("v1"):                 # an operation on v1 in flight: not reported
+        assert domain.checker.check()["problems"] == []
+    assert len(domain.checker.check(repair=True)["problems"]) == 2
+    assert running_service().checker.check() == {"problems": [], "repaired": []}
     assert not (backend.snapshots_dir / "v1").exists()

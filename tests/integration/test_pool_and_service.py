@@ -1,4 +1,4 @@
-"""The embedded pool and the service on real Btrfs: reuse without reformatting, restarts."""
+"""The embedded pool and the domain on real Btrfs: reuse without reformatting, restarts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import btrfsutil
 import pytest
 
-from plugin.app import build_service
+from plugin.app import build_domain
 from plugin.config import Settings
 from plugin.errors import BackendUnavailable
 from plugin.mountinfo import mounted_filesystem
@@ -57,21 +57,21 @@ def test_pool_refuses_a_foreign_mount(pool_dir):
 def test_service_restart_keeps_mount_ids_and_reconciles(pool_dir):
     settings = Settings.from_env({"SNAPVOL_STATE_DIR": str(pool_dir), "SNAPVOL_POOL_SIZE": "300M",
                                   "SNAPVOL_RUN_DIR": str(pool_dir / "run")})
-    first = build_service(settings)
-    first.create("v1", {"size": "10M"})
-    first.create("v2", None)
-    path = first.mount("v1", "a" * 64)
-    first.mount("v2", "b" * 64)
+    first = build_domain(settings)
+    first.volumes.create("v1", {"size": "10M"})
+    first.volumes.create("v2", None)
+    path = first.volumes.mount("v1", "a" * 64)
+    first.volumes.mount("v2", "b" * 64)
     (path / "f").write_text("x")
     # v2 disappears behind our back while we are "down": the restart forgets its mount IDs.
     btrfsutil.delete_subvolume(settings.pool_mountpoint / "volumes" / "v2")
-    second = build_service(settings)
-    assert second.get("v1").status["mounts"] == 1
-    assert [v["name"] for v in second.describe_volumes()] == ["v1"]
-    assert second.describe()["mounts"] == 1
-    second.unmount("v1", "a" * 64)                 # the old ID's Unmount arrives after restart
-    second.remove("v1")
-    assert second.list() == []
+    second = build_domain(settings)
+    assert second.status.get("v1").status["mounts"] == 1
+    assert [v["name"] for v in second.status.describe_volumes()] == ["v1"]
+    assert second.status.describe()["mounts"] == 1
+    second.volumes.unmount("v1", "a" * 64)                 # the old ID's Unmount arrives after restart
+    second.volumes.remove("v1")
+    assert second.volumes.list() == []
 
 
 def test_remount_reuses_the_loop_device_still_attached(pool_dir):
@@ -120,9 +120,9 @@ def test_mount_recovers_storage_that_was_unmounted(pool_dir):
     """After `docker plugin disable -f` unmounted the pool, the next Mount mounts it again."""
     settings = Settings.from_env({"SNAPVOL_STATE_DIR": str(pool_dir), "SNAPVOL_POOL_SIZE": "300M",
                                   "SNAPVOL_RUN_DIR": str(pool_dir / "run")})
-    service = build_service(settings)
-    service.create("v1", None)
-    (service.mount("v1", "a" * 64) / "f").write_text("kept")
+    domain = build_domain(settings)
+    domain.volumes.create("v1", None)
+    (domain.volumes.mount("v1", "a" * 64) / "f").write_text("kept")
     subprocess.run(["umount", str(settings.pool_mountpoint)], check=True)
-    assert service.get("v1").status["state"] == "unavailable"      # Get does not purge it
-    assert (service.mount("v1", "b" * 64) / "f").read_text() == "kept"
+    assert domain.status.get("v1").status["state"] == "unavailable"      # Get does not purge it
+    assert (domain.volumes.mount("v1", "b" * 64) / "f").read_text() == "kept"

@@ -15,7 +15,7 @@ from plugin.errors import BackendError, BackendUnavailable, InvalidOption
 from plugin.locks import VolumeLocks
 from plugin.mounts import MountTable
 from plugin.mountinfo import mounted_filesystem
-from plugin.volumes import VolumeService
+from plugin.domain import Domain
 from tests.conftest import assert_refuses_foreign, write_until_refused
 
 
@@ -75,15 +75,15 @@ def test_refquota_stops_writes(backend):
 
 
 def test_service_refuses_btrfs_options_and_unsupported_compression(backend, tmp_path):
-    service = VolumeService(backend, MountTable(tmp_path / "m.json"), VolumeLocks(5))
+    domain = Domain.assemble(backend, MountTable(tmp_path / "m.json"), VolumeLocks(5))
     with pytest.raises(InvalidOption, match="option nocow is for btrfs volumes only; this plugin "
                                             "stores volumes on zfs"):
-        service.create("v1", {"nocow": "true"})
+        domain.volumes.create("v1", {"nocow": "true"})
     if "lz4" not in backend.compressions:
         with pytest.raises(InvalidOption, match="this ZFS .zfs-fuse, pool version 23. has no lz4"):
-            service.create("v1", {"compression": "lz4"})
+            domain.volumes.create("v1", {"compression": "lz4"})
     with pytest.raises(InvalidOption, match="must be a power of 2 from 512 to 1M"):
-        service.create("v1", {"recordsize": "3K"})
+        domain.volumes.create("v1", {"recordsize": "3K"})
     assert backend.volumes() == []
 
 
@@ -190,19 +190,19 @@ def test_check_lists_an_interrupted_receive_and_the_next_start_destroys_it(backe
     (path / "f").write_text("data")
     backend.create_snapshot("v1", "s1")
     raw = subprocess.run(backend.send_argv("v1", "s1", None), capture_output=True, check=True).stdout
-    service = VolumeService(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(2))
+    domain = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(2))
     child = subprocess.run([sys.executable, "-c", ZFS_CRASH_AT, backend.root, str(backend.mount_base),
                             "0"], input=raw, capture_output=True,
                            cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert child.returncode == 137, child.stderr.decode()[-2000:]
-    problems = service.check()["problems"]     # a whole stream, so no resume token either
+    problems = domain.checker.check()["problems"]     # a whole stream, so no resume token either
     assert [p["what"].split(":")[0] for p in problems] == [f"{backend.root}/recv"], problems
     assert problems[0]["note"] == "the next start of the plugin will destroy it"
-    with service._receiving_into("r1"):
-        assert service.check()["problems"] == []
+    with domain.inflight.receiving_into("r1"):
+        assert domain.checker.check()["problems"] == []
     restarted = ZfsBackend(backend.root, backend.mount_base, load_libzfs_core())
     restarted.check()
-    assert VolumeService(restarted, MountTable(tmp_path / "mounts.json"),
-                         VolumeLocks(2)).check()["problems"] == []
+    assert Domain.assemble(restarted, MountTable(tmp_path / "mounts.json"),
+                           VolumeLocks(2)).checker.check()["problems"] == []
     assert zget(backend.root, "type") == "filesystem"
     assert subprocess.run(["zfs", "list", f"{backend.root}/recv:r1"], capture_output=True).returncode != 0

@@ -13,7 +13,7 @@ from plugin.app import create_app
 from plugin.errors import BackendError, SnapshotNotFound
 from plugin.locks import VolumeLocks
 from plugin.mounts import MountTable
-from plugin.volumes import VolumeService
+from plugin.domain import Domain
 from tests.fakes import FakeBackend
 
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -26,9 +26,9 @@ def backend(tmp_path: Path) -> FakeBackend:
 
 @pytest.fixture
 def client(backend: FakeBackend, tmp_path: Path):
-    service = VolumeService(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(0.5))
-    service.open()
-    return create_app(service=service).test_client()
+    domain = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(0.5))
+    domain.volumes.open()
+    return create_app(domain=domain).test_client()
 
 
 def call(client, endpoint: str, body: object = None, raw: bytes | None = None):
@@ -264,10 +264,10 @@ def test_status_names_the_damaged_state_files(tmp_path):
 
     (tmp_path / "schedule.json").write_text("{not json")
     history = AutoHistory(tmp_path / "schedule.json")
-    service = VolumeService(FakeBackend(tmp_path / "root"), MountTable(tmp_path / "mounts.json"),
-                            VolumeLocks(0.5), history=history)
-    service.open()
-    status, body = call(create_app(service=service).test_client(), "Snapvol.Status", {})
+    domain = Domain.assemble(FakeBackend(tmp_path / "root"), MountTable(tmp_path / "mounts.json"),
+                             VolumeLocks(0.5), history=history)
+    domain.volumes.open()
+    status, body = call(create_app(domain=domain).test_client(), "Snapvol.Status", {})
     damaged = body["Status"]["damaged_state_files"]
     assert status == 200 and len(damaged) == 1 and "schedule.json.corrupt-" in damaged[0]
     assert f"damaged:  {damaged[0]} (a state file that did not parse" in render_status(body)
@@ -285,16 +285,16 @@ def test_check_finds_stale_state_and_repairs_only_what_is_provably_stale(tmp_pat
     backend = FakeBackend(tmp_path / "root")
     (tmp_path / "schedule.json").write_text("{cut sh")
     mounts = MountTable(tmp_path / "mounts.json")
-    service = VolumeService(backend, mounts, VolumeLocks(0.5),
-                            history=AutoHistory(tmp_path / "schedule.json"),
-                            replications=ReplicationLog(tmp_path / "replication.json"))
-    service.open()
-    service.create("db", {})
-    service.snapshot(["db"], "s1")
-    service.replications.record("db", Replication("ssh://b", datetime.now(timezone.utc), "s1"))
-    service.replications.record("db", Replication("ssh://c", datetime.now(timezone.utc), "gone"))
+    domain = Domain.assemble(backend, mounts, VolumeLocks(0.5),
+                             history=AutoHistory(tmp_path / "schedule.json"),
+                             replications=ReplicationLog(tmp_path / "replication.json"))
+    domain.volumes.open()
+    domain.volumes.create("db", {})
+    domain.volumes.snapshot(["db"], "s1")
+    domain.replications.record("db", Replication("ssh://b", datetime.now(timezone.utc), "s1"))
+    domain.replications.record("db", Replication("ssh://c", datetime.now(timezone.utc), "gone"))
     mounts.add("ghost", "a" * 64)                      # a volume removed behind our back
-    client = create_app(service=service).test_client()
+    client = create_app(domain=domain).test_client()
 
     class Client:
         def call(self, endpoint, body):
@@ -317,7 +317,7 @@ def test_check_finds_stale_state_and_repairs_only_what_is_provably_stale(tmp_pat
     assert any(l.startswith("damaged state file:") and "look at it yourself" in l for l in lines)
     code, out = cli("--repair")
     assert code == Exit.ERROR and out.count("repaired:") == 2
-    assert mounts.in_use() == {} and service.replications.recorded_bases() == {"db": {"ssh://b": "s1"}}
+    assert mounts.in_use() == {} and domain.replications.recorded_bases() == {"db": {"ssh://b": "s1"}}
     for aside in tmp_path.glob("schedule.json.corrupt-*"):
         aside.unlink()                                  # read by a person, then removed
     assert cli() == (Exit.OK, "consistent: nothing left over, nothing stale\n")

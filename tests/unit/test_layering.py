@@ -11,9 +11,16 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "plugin"
+DOMAIN = ("volumes", "transfers", "schedules", "status", "check", "domain")
 FORBIDDEN = {  # module prefix -> imports it must never make
     "plugin.backends": ("flask", "plugin.api", "plugin.app", "plugin.volumes", "plugin.cli"),
-    "plugin.volumes": ("flask", "plugin.api", "plugin.app", "plugin.cli", "btrfsutil"),
+    # the domain: each module may import only those before it in DOMAIN
+    **{f"plugin.{m}": ("flask", "plugin.api", "plugin.app", "plugin.cli", "btrfsutil",
+                       "plugin.scheduler", "plugin.replication",
+                       *(f"plugin.{later}" for later in DOMAIN[i + 1:]))
+       for i, m in enumerate(DOMAIN)},
+    "plugin.inflight": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
+    "plugin.snapshot_names": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.mounts": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.process": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.pool": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),

@@ -1,6 +1,6 @@
 """Retention (a pure function) and the scheduler's tick, with an injected clock.
 
-The storage here is the fake backend (snapshots are directories); the same service code runs
+The storage here is the fake backend (snapshots are directories); the same domain code runs
 on real Btrfs and ZFS in the integration and e2e tiers, where a real schedule is taken by a
 running plugin.
 """
@@ -20,7 +20,7 @@ from plugin.locks import VolumeLocks
 from plugin.mounts import MountTable
 from plugin.retention import Policy, plan
 from plugin.scheduler import Scheduler
-from plugin.volumes import VolumeService
+from plugin.domain import Domain
 from tests.fakes import FakeBackend
 
 START = datetime(2026, 1, 1, 0, 30, tzinfo=timezone.utc)
@@ -92,7 +92,7 @@ def test_no_snapshots_no_decisions():
 # ---------------------------------------------------------------------- the scheduler
 
 class World:
-    """A service on the fake backend with a movable clock, restartable like the plugin."""
+    """A domain on the fake backend with a movable clock, restartable like the plugin."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
@@ -103,22 +103,24 @@ class World:
         self.start()
 
     def start(self) -> None:
-        self.service = VolumeService(self.backend, MountTable(self.tmp / "mounts.json"),
-                                     VolumeLocks(2.0), history=AutoHistory(self.tmp / "schedule.json"))
-        self.scheduler = Scheduler(self.service, clock=lambda: self.now)
+        self.domain = Domain.assemble(self.backend, MountTable(self.tmp / "mounts.json"),
+                                      VolumeLocks(2.0),
+                                      history=AutoHistory(self.tmp / "schedule.json"))
+        self.scheduler = Scheduler(self.domain.schedules, self.domain.volumes,
+                                   clock=lambda: self.now)
 
     def tick(self, step: timedelta = HOUR) -> dict:
         self.now += step
         return self.scheduler.run_once(self.now)
 
     def names(self, volume: str) -> list[str]:
-        return [s.name for s in self.service.snapshots(volume)]
+        return [s.name for s in self.domain.volumes.snapshots(volume)]
 
 
 def year_of_hourly_ticks(tmp: Path, restart_at: int | None) -> tuple[World, list[datetime]]:
     world = World(tmp)
-    world.service.create("db", {"schedule": "1h", "keep": "24h,7d,4w,12m"})
-    world.service.create("plain", {})
+    world.domain.volumes.create("db", {"schedule": "1h", "keep": "24h,7d,4w,12m"})
+    world.domain.volumes.create("plain", {})
     ticks = []
     for hour in range(1, 365 * 24 + 1):
         if hour == restart_at:
@@ -127,7 +129,7 @@ def year_of_hourly_ticks(tmp: Path, restart_at: int | None) -> tuple[World, list
         assert set(done) == {"db"}, (hour, done)
         ticks.append(world.now)
         if hour == 100 * 24:
-            world.service.snapshot(["db"], "before-upgrade")
+            world.domain.volumes.snapshot(["db"], "before-upgrade")
     return world, ticks
 
 
@@ -152,7 +154,7 @@ def test_a_year_of_hourly_ticks_keeps_exactly_what_the_policy_promises(tmp_path)
     assert "auto-20260201T003000Z" in autos and "auto-20260101T013000Z" not in autos
     assert "before-upgrade" in names                              # manual: never pruned
     assert world.names("plain") == []                             # no schedule, no snapshots
-    status = world.service.get("db").status["schedule"]
+    status = world.domain.status.get("db").status["schedule"]
     assert status["last"]["snapshot"] == "auto-20270101T003000Z"
     assert status["last"]["result"] == "ok" and status["next"] == "2027-01-01T01:30:00Z"
 
@@ -162,7 +164,7 @@ def test_a_year_of_hourly_ticks_keeps_exactly_what_the_policy_promises(tmp_path)
 
 def test_a_restart_neither_skips_nor_fires_everything(tmp_path):
     world = World(tmp_path)
-    world.service.create("db", {"schedule": "6h"})
+    world.domain.volumes.create("db", {"schedule": "6h"})
     assert world.tick(timedelta(hours=5)) == {}                    # due 6 h after creation
     assert set(world.tick()) == {"db"}
     world.start()                                                  # restart 1 h later
@@ -178,20 +180,20 @@ def test_a_damaged_history_keeps_the_cadence_from_the_snapshots(tmp_path):
     """schedule.json truncated (or lost): the plugin starts, and the last run is read back
     from the newest automatic snapshot, so it neither fires at once nor loses the cadence."""
     world = World(tmp_path)
-    world.service.create("db", {"schedule": "6h"})
+    world.domain.volumes.create("db", {"schedule": "6h"})
     world.tick(timedelta(hours=6))                                  # auto- at 06:30
     (tmp_path / "schedule.json").write_text('{"db": {"at": "2026-')  # cut short
     world.start()
     assert world.tick() == {} and world.tick(timedelta(hours=4)) == {}
     assert set(world.tick()) == {"db"}                               # 6 h after the last run
-    assert world.service.get("db").status["schedule"]["next"] == "2026-01-01T18:30:00Z"
+    assert world.domain.status.get("db").status["schedule"]["next"] == "2026-01-01T18:30:00Z"
     assert list(tmp_path.glob("schedule.json.corrupt-*"))
 
 
 def test_one_failing_volume_never_stops_the_others(tmp_path, monkeypatch):
     world = World(tmp_path)
     for name in ("aa", "bb", "cc"):
-        world.service.create(name, {"schedule": "1h"})
+        world.domain.volumes.create(name, {"schedule": "1h"})
     real = world.backend.create_snapshot
 
     def broken(volume, snapshot):
@@ -203,18 +205,18 @@ def test_one_failing_volume_never_stops_the_others(tmp_path, monkeypatch):
     done = world.tick()
     assert isinstance(done["bb"], BackendError)
     assert world.names("aa") and world.names("cc") and world.names("bb") == []
-    last = world.service.get("bb").status["schedule"]["last"]
+    last = world.domain.status.get("bb").status["schedule"]["last"]
     assert last["result"] == "failed" and "disk on fire" in last["error"]
     assert world.tick(timedelta(minutes=30)) == {}                 # no hammering: next in 1 h
 
 
 def test_prune_reports_each_decision_and_dry_run_deletes_nothing(tmp_path):
     world = World(tmp_path)
-    world.service.create("db", {"schedule": "1h", "keep": "last=2"})
-    world.service.create("nosched", {})
+    world.domain.volumes.create("db", {"schedule": "1h", "keep": "last=2"})
+    world.domain.volumes.create("nosched", {})
     world.tick()
     first = world.names("db")[0]
-    world.service.create("copy", {"from": f"db@{first}"})   # a clone protects its origin
+    world.domain.volumes.create("copy", {"from": f"db@{first}"})   # a clone protects its origin
     for _ in range(4):
         world.tick()
     names = world.names("db")
@@ -223,21 +225,21 @@ def test_prune_reports_each_decision_and_dry_run_deletes_nothing(tmp_path):
     world.backend.create_snapshot("db", "auto-20200101T000000Z")   # an old one to drop
     world.backend.create_snapshot("db", "manual-x")                # never considered
     world.now = now
-    dry = world.service.prune("db", now=world.now, dry_run=True)
+    dry = world.domain.schedules.prune("db", now=world.now, dry_run=True)
     assert [(d["snapshot"], d["keep"], d["reasons"]) for d in dry] == [
         ("auto-20200101T000000Z", False, []), (first, True, ["protected"]),
         (names[1], True, ["last"]), (names[2], True, ["newest", "last"])]
     assert len(world.names("db")) == 5
-    done = world.service.prune(now=world.now)
+    done = world.domain.schedules.prune(now=world.now)
     assert [d["snapshot"] for d in done if not d["keep"]] == ["auto-20200101T000000Z"]
     assert world.names("db") == ["manual-x", *names]
-    assert world.service.prune("nosched", now=world.now) == []
+    assert world.domain.schedules.prune("nosched", now=world.now) == []
     with pytest.raises(VolumeNotFound):
-        world.service.prune("ghost", now=world.now)
+        world.domain.schedules.prune("ghost", now=world.now)
 
 
 def test_automatic_names_are_reserved(tmp_path):
     world = World(tmp_path)
-    world.service.create("db", {})
+    world.domain.volumes.create("db", {})
     with pytest.raises(InvalidName, match="reserved"):
-        world.service.snapshot(["db"], "auto-20260101T000000Z")
+        world.domain.volumes.snapshot(["db"], "auto-20260101T000000Z")

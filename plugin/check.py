@@ -1,0 +1,92 @@
+"""``snapvol check [--repair]``: the state files compared with the filesystem and the mount
+table, one problem a row, each saying what ``--repair`` would do about it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .backends.base import Backend
+from .errors import VolumeNotFound
+from .history import ReplicationLog
+from .inflight import InFlight
+from .locks import VolumeLocks
+from .mounts import MountTable
+from .statefile import quarantined
+
+
+class Checker:
+    """Finds (and, asked to, repairs) what disagrees between the state and the storage."""
+
+    def __init__(self, backend: Backend, mounts: MountTable, locks: VolumeLocks,
+                 inflight: InFlight, *, replications: ReplicationLog | None = None,
+                 state_dirs: frozenset[Path] = frozenset()) -> None:
+        self._backend = backend
+        self._mounts = mounts
+        self._locks = locks
+        self._inflight = inflight
+        self._replications = replications
+        self._state_dirs = state_dirs
+
+    def check(self, repair: bool = False) -> dict[str, list[dict[str, Any]]]:
+        """``snapvol check``: compare the state files with the filesystem and the mount
+        table. Each problem says what ``--repair`` does about it (``repair``; None: nothing,
+        and ``note`` says what will). With *repair*, do what is provably safe, under each
+        volume's lock, and answer what is left.
+
+        What a crash left is repaired by the next start, not here: while the plugin runs,
+        a temporary can belong to an operation that has only just begun, so only those of
+        volumes no operation holds are reported, and none is removed.
+
+        :returns: ``{"problems": [...], "repaired": [...]}``, each ``{"kind", "what",
+            "repair"}`` (and ``note``).
+        """
+        found = self._problems()
+        if not repair or not any(p["repair"] for p in found):
+            return {"problems": found, "repaired": []}
+        existing = {v.name for v in self._backend.volumes()}
+        for name in self._mounts.in_use():
+            if name not in existing:
+                with self._locks.hold(name):
+                    if name not in {v.name for v in self._backend.volumes()}:
+                        self._mounts.forget(name)
+        if self._replications is not None:
+            for volume, targets in self._replications.recorded_bases().items():
+                for target, base in targets.items():
+                    with self._locks.hold(volume):
+                        if base not in self._snapshot_names(volume):
+                            self._replications.forget_base(volume, target)
+        left = self._problems()
+        return {"problems": left, "repaired": [p for p in found if p not in left]}
+
+    def _problems(self) -> list[dict[str, Any]]:
+        problems = [{"kind": "leftover", "what": leftover.what, "repair": None,
+                     "note": f"the next start of the plugin will {leftover.repair}"}
+                    for leftover in self._backend.leftovers()
+                    if not (self._locks.busy(leftover.volume) or self._inflight.is_receiving(leftover.volume))]
+        problems += [{"kind": "damaged state file",
+                      "what": f"{path}: a state file that did not parse, moved aside",
+                      "repair": None} for path in quarantined(*self._state_dirs)]
+        existing = {v.name for v in self._backend.volumes()}
+        problems += [{"kind": "stale mount", "what": f"volume {name} does not exist but "
+                      f"{count} Docker mount ID(s) still count as using it",
+                      "repair": "forget those mount IDs"}
+                     for name, count in sorted(self._mounts.in_use().items()) if name not in existing]
+        for volume, targets in (self._replications.recorded_bases().items()
+                                if self._replications is not None else ()):
+            have = self._snapshot_names(volume)
+            for target, base in sorted(targets.items()):
+                if base not in have:
+                    problems.append({
+                        "kind": "missing replication base",
+                        "what": f"{volume}@{base}, the snapshot {target} last received, is gone "
+                                "here", "repair": "forget it (the next replication looks for "
+                                "another snapshot both sides hold)"})
+        return problems
+
+    def _snapshot_names(self, volume: str) -> set[str]:
+        try:
+            return {s.name for s in self._backend.snapshots(volume)}
+        except VolumeNotFound:
+            return set()

@@ -1,0 +1,69 @@
+"""The domain, assembled: one object holding the services the HTTP layer, the scheduler and
+replication call, all sharing one backend, mount table, set of locks and in-flight registry.
+
+Each service is a module of its own (dependencies point down the list):
+
+    volumes    Docker's lifecycle (Create ... Unmount) and snapshots
+    transfers  send / receive
+    schedules  automatic snapshots and retention
+    status     what inspect, ``snapvol ls`` and ``snapvol status`` show
+    check      ``snapvol check [--repair]``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .backends.base import Backend
+from .check import Checker
+from .history import AutoHistory, ReplicationLog
+from .inflight import InFlight
+from .locks import VolumeLocks
+from .mounts import MountTable
+from .quiesce import DockerQuiescer
+from .schedules import Schedules
+from .status import StatusView
+from .transfers import Transfers
+from .volumes import VolumeService
+
+
+@dataclass(frozen=True)
+class Domain:
+    backend: Backend
+    mounts: MountTable
+    locks: VolumeLocks
+    inflight: InFlight
+    volumes: VolumeService
+    transfers: Transfers
+    schedules: Schedules
+    status: StatusView
+    checker: Checker
+    replications: ReplicationLog | None
+
+    @classmethod
+    def assemble(cls, backend: Backend, mounts: MountTable, locks: VolumeLocks, *,
+                 recover: Callable[[], object] | None = None,
+                 history: AutoHistory | None = None, quiescer: DockerQuiescer | None = None,
+                 replications: ReplicationLog | None = None, transfers: int = 4) -> Domain:
+        """Wire the services. *recover* makes the storage reachable again (Mount calls it
+        when the backend reports it unavailable); *history* keeps the scheduler's last runs;
+        *quiescer* reaches Docker to pause containers (without one, ``quiesce=pause`` is
+        refused); *replications* records replications (their bases are never pruned); at
+        most *transfers* streams run at once. Nothing is opened: call ``volumes.open()``."""
+        inflight = InFlight(locks, transfers)
+        state_dirs = frozenset(s.path.parent for s in (mounts, history, replications)
+                               if s is not None)
+        volumes = VolumeService(backend, mounts, locks, inflight, recover=recover,
+                                history=history, quiescer=quiescer, replications=replications)
+        schedules = Schedules(volumes, backend, locks, inflight, history=history,
+                              replications=replications)
+        return cls(backend=backend, mounts=mounts, locks=locks, inflight=inflight,
+                   volumes=volumes,
+                   transfers=Transfers(volumes, backend, mounts, locks, inflight, replications),
+                   schedules=schedules,
+                   status=StatusView(backend, mounts, schedules, replications=replications,
+                                     state_dirs=state_dirs),
+                   checker=Checker(backend, mounts, locks, inflight, replications=replications,
+                                   state_dirs=state_dirs),
+                   replications=replications)

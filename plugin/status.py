@@ -1,0 +1,135 @@
+"""The read-only view of the volumes: Get's ``Status`` for ``docker volume inspect``, the rows
+of ``snapvol ls``, and ``snapvol status``.
+
+Takes no lock: a snapshot pruned, sent or received while it looks costs a detail, never the
+answer (Docker's Get must not fail because of a concurrent prune).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import __version__, names, options
+from .backends.base import Backend, VolumeInfo
+from .errors import BackendError, BackendUnavailable, PluginError, VolumeNotFound
+from .history import ReplicationLog
+from .mounts import MountTable
+from .schedules import Schedule, Schedules, schedule_of
+from .snapshot_names import is_automatic
+from .statefile import quarantined
+from .units import rfc3339
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VolumeView:
+    """What Docker's Get shows: the volume plus a ``Status`` map for ``docker volume inspect``."""
+
+    name: str
+    mountpoint: Path | None
+    created: datetime | None
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+class StatusView:
+    """What inspect, ``snapvol ls`` and ``snapvol status`` show."""
+
+    def __init__(self, backend: Backend, mounts: MountTable, schedules: Schedules, *,
+                 replications: ReplicationLog | None = None,
+                 state_dirs: frozenset[Path] = frozenset()) -> None:
+        """*state_dirs* are where the state files live (their damaged ones are reported)."""
+        self._backend = backend
+        self._mounts = mounts
+        self._schedules = schedules
+        self._replications = replications
+        self._state_dirs = state_dirs
+        self._started = time.time()
+
+    def get(self, name: object) -> VolumeView:
+        """One volume with its status for ``docker volume inspect`` (no lock).
+
+        Only a volume that really does not exist is an error: dockerd purges its own
+        metadata (options, labels) of a volume whose Get fails, so when the storage itself is
+        unavailable we still answer, with the problem in ``Status``.
+
+        :raises VolumeNotFound: no such volume.
+        """
+        name = names.volume_name(name)
+        try:
+            info = self._backend.volume(name)
+        except (BackendUnavailable, BackendError) as exc:
+            log.warning("get %s: answering without details: %s", name, exc)
+            return VolumeView(name, None, None, {"state": "unavailable", "error": str(exc)})
+        try:
+            status = self.status(info)
+        except VolumeNotFound:
+            raise                                   # removed since: really gone
+        except (PluginError, OSError) as exc:
+            # A snapshot pruned, sent or received while we looked: the volume is there, only
+            # its details are not, for now.
+            log.warning("get %s: answering without all details: %s", name, exc)
+            status = {"backend": self._backend.kind, "options": dict(info.options),
+                      "error": f"details unavailable for now: {exc}"}
+        return VolumeView(info.name, info.mountpoint, info.created, status)
+
+    def describe_volumes(self) -> list[dict[str, Any]]:
+        """Every volume with usage and mount count, for ``snapvol ls``."""
+        in_use = self._mounts.in_use()
+        rows = []
+        for info in sorted(self._backend.volumes(), key=lambda v: v.name):
+            try:
+                status = self.status(info, in_use)
+            except (VolumeNotFound, BackendError):
+                continue  # removed while listing
+            rows.append({"name": info.name, "created": rfc3339(info.created),
+                         "mountpoint": str(info.mountpoint), **status})
+        return rows
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the plugin process and its storage, for ``snapvol status``."""
+        in_use = self._mounts.in_use()
+        volumes = self._backend.volumes()
+        return {"version": __version__, "pid": os.getpid(),
+                "uptime_seconds": round(time.time() - self._started),
+                "backend": self._backend.kind, "storage": self._backend.describe(),
+                "atomic_multi_volume_snapshots": self._backend.atomic_snapshots,
+                "volumes": len(volumes), "volumes_in_use": len(in_use),
+                "mounts": sum(in_use.values()), "options": options.accepted(self._backend.kind),
+                "damaged_state_files": [str(p) for p in quarantined(*self._state_dirs)]}
+
+    def status(self, info: VolumeInfo, in_use: dict[str, int] | None = None) -> dict[str, Any]:
+        usage = self._backend.usage(info.name)
+        if in_use is None:
+            mounts = len(self._mounts.users(info.name))
+        else:
+            mounts = in_use.get(info.name, 0)
+        listed = self._backend.snapshots(info.name)
+        snapshots = [{"name": s.name, "created": rfc3339(s.created),
+                      "automatic": is_automatic(s.name)} for s in listed]
+        status = {"backend": self._backend.kind, "options": dict(info.options),
+                  "used_bytes": usage.used_bytes, "quota_bytes": usage.quota_bytes,
+                  "mounts": mounts, "snapshots": snapshots}
+        replication = self._replications.last(info.name) if self._replications else None
+        if replication is not None:
+            status["replication"] = {
+                "target": replication.target, "snapshot": replication.snapshot,
+                "base": replication.base, "at": rfc3339(replication.at), "bytes": replication.bytes,
+                "result": replication.result, "error": replication.error}
+        schedule = schedule_of(info)
+        if schedule is not None:
+            last = self._schedules.last_run(info.name, listed)
+            plan = Schedule(info.name, *schedule, info.created, last)
+            status["schedule"] = {
+                "every": info.options["schedule"], "keep": str(schedule[1]),
+                "quiesce": schedule[2], "next": rfc3339(plan.next_run),
+                "last": None if last is None else {
+                    "at": rfc3339(last.at), "snapshot": last.snapshot, "result": last.result,
+                    "error": last.error, "pruned": last.pruned}}
+        return status

@@ -1,0 +1,219 @@
+"""Transfers: a volume as a framed stream (send), and a stream into a volume (receive).
+
+A send pins the snapshots it reads (retention and rollback leave them alone) and holds no
+volume lock while it streams, so Docker's calls go on; a receive marks its volume (no Mount,
+no second receive) and publishes nothing until the whole stream checked out. Both hold one of
+the bounded transfer slots (:class:`~plugin.inflight.InFlight`). ``replication`` drives these
+two across hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+from . import names, options, stream
+from .backends.base import Backend
+from .errors import (InvalidName, InvalidOption, InvalidRequest, PluginError, SnapshotNotFound,
+                     VolumeInUse, VolumeNotFound)
+from .history import ReplicationLog
+from .inflight import InFlight, Pin
+from .locks import VolumeLocks
+from .mounts import MountTable
+from .process import Streaming
+from .snapshot_names import SEND_PREFIX, unique_name
+from .units import rfc3339
+from .volumes import VolumeService
+
+log = logging.getLogger(__name__)
+
+
+class Transfers:
+    """Send and receive for the volumes of *volumes*, within *inflight*'s slots."""
+
+    def __init__(self, volumes: VolumeService, backend: Backend, mounts: MountTable,
+                 locks: VolumeLocks, inflight: InFlight,
+                 replications: ReplicationLog | None = None) -> None:
+        """*replications* names the snapshots replication targets build on (their ZFS holds
+        are kept while any target needs them)."""
+        self._volumes = volumes
+        self._backend = backend
+        self._mounts = mounts
+        self._locks = locks
+        self._inflight = inflight
+        self._replications = replications
+
+    def send(self, volume: object, snapshot: object = None, since: object = None, *,
+             holding_slot: bool = False, resume_token: str | None = None) -> Transfer:
+        """The framed stream of *volume*@*snapshot* (a snapshot taken now when None),
+        incremental from *since*, as a :class:`Transfer` to iterate (and close).
+
+        Only choosing the snapshots takes the volume's lock; while the stream runs, they are
+        pinned (retention skips them) and no lock is held, so Docker's calls go on.
+
+        :raises VolumeNotFound, SnapshotNotFound: as named.
+        :raises VolumeBusy: as many transfers as allowed are already running (unless the
+            caller holds a slot of :meth:`InFlight.slot` already).
+        """
+        volume = names.volume_name(volume)
+        since = None if since is None else names.snapshot_name(since)
+        if snapshot is None:
+            snapshot = self._volumes.snapshot([volume], unique_name(SEND_PREFIX))[0].name
+        snapshot = names.snapshot_name(snapshot)
+        with self._locks.hold(volume):
+            info = self._backend.volume(volume)
+            by_name = {s.name: s for s in self._backend.snapshots(volume)}
+            for wanted in (snapshot, since):
+                if wanted is not None and wanted not in by_name:
+                    raise SnapshotNotFound(volume, wanted)
+            if since is not None and by_name[since].created > by_name[snapshot].created:
+                raise InvalidRequest(f"--since {since} is newer than {snapshot}")
+            argv = self._backend.send_argv(volume, snapshot, since, resume_token=resume_token)
+            if not holding_slot:
+                self._inflight.acquire_slot()
+            pinned = [(volume, n) for n in (snapshot, since) if n is not None]
+            self._inflight.pin(pinned)
+        header = {"backend": self._backend.kind, "volume": volume, "snapshot": snapshot,
+                  "identity": by_name[snapshot].identity, "created": rfc3339(by_name[snapshot].created),
+                  "base": since, "base_identity": by_name[since].identity if since else None,
+                  "options": dict(info.options), "resume": resume_token is not None}
+        return Transfer(header, argv, lambda: self._release(pinned, not holding_slot))
+
+    def move_base(self, volume: str, new: str, old: str | None) -> None:
+        """A replication target now holds *new*: hold it, and release *old* unless another
+        target still builds on it (ZFS user holds; no-ops on Btrfs)."""
+        with self._locks.hold(volume):
+            self._backend.hold(volume, new)
+            bases = self._replications.bases(volume) if self._replications else set()
+            if old and old != new and old not in bases:
+                try:
+                    self._backend.release(volume, old)
+                except PluginError as exc:
+                    log.warning("could not release %s@%s: %s", volume, old, exc)
+
+    def slot(self) -> AbstractContextManager[None]:
+        """Hold one transfer slot for a block (a replication, for its whole run).
+
+        :raises VolumeBusy: all slots are taken.
+        """
+        return self._inflight.slot()
+
+    def _release(self, pinned: list[Pin], slot: bool) -> None:
+        self._inflight.unpin(pinned)
+        if slot:
+            self._inflight.release_slot()
+
+    def receive(self, volume: object, source: Any) -> dict[str, Any]:
+        """Read a framed stream from *source* (a binary file) into *volume*: a new volume from
+        a full stream, the replica brought up to date by an incremental one.
+
+        The stream is checked before anything is published: a truncated, corrupted or
+        aborted stream, one for the other backend, or an incremental one whose base the
+        replica lacks is refused and leaves nothing behind.
+
+        :raises StreamRefused: the stream is bad or does not fit this replica.
+        :raises VolumeExists: a full stream for an existing volume.
+        :raises VolumeInUse: containers use the replica an incremental stream would change.
+        """
+        volume = names.volume_name(volume)
+        reader = stream.Reader(source)
+        try:
+            header = reader.header()
+        except stream.StreamError as exc:
+            raise StreamRefused(str(exc)) from None
+        if header.get("backend") != self._backend.kind:
+            raise StreamRefused(f"the stream is from a {header.get('backend')} volume; this "
+                                f"plugin stores volumes on {self._backend.kind}")
+        try:
+            snapshot = names.snapshot_name(header.get("snapshot"))
+            opts = options.validate({k: v for k, v in (header.get("options") or {}).items()
+                                     if k in options.REPLICA_OPTIONS},
+                                    self._backend.kind, self._backend.compressions)
+        except (InvalidName, InvalidOption) as exc:
+            raise StreamRefused(f"the stream's header is not acceptable: {exc}") from None
+        resume = header.get("resume") is True
+        if resume and not self._backend.resumable:
+            raise StreamRefused(f"the stream resumes an interrupted transfer; {self._backend.kind} "
+                                "here cannot resume (send the whole stream again)")
+        with self._inflight.receiving_into(volume):
+            base = self._replica_base(volume, header)   # after the mark: no Mount slips in
+            try:
+                with self._backend.receiving(volume, snapshot, base, opts, resume=resume) as pipe:
+                    for chunk in stream.prefetch(reader.data(hold_last=True)):
+                        pipe.write(chunk)
+            except stream.StreamError as exc:
+                raise StreamRefused(f"{exc}; nothing was kept") from None
+            except (BrokenPipeError, ConnectionError) as exc:
+                raise StreamRefused(f"the receiver stopped early ({exc}); nothing was kept") from None
+        log.info("received %s@%s: %d bytes (%s)", volume, snapshot, reader.bytes,
+                 "incremental from " + base if base else "full")
+        return {"volume": volume, "snapshot": snapshot, "base": base, "bytes": reader.bytes}
+
+    def resume_token(self, volume: object) -> str | None:
+        """The token of an interrupted receive into *volume*, where the backend can resume."""
+        return self._backend.resume_token(names.volume_name(volume))
+
+    def _replica_base(self, volume: str, header: dict[str, Any]) -> str | None:
+        """The replica's snapshot an incremental stream builds on (None for a full stream)."""
+        wanted = header.get("base_identity")
+        if not wanted:
+            return None
+        try:
+            have = self._backend.snapshots(volume)
+        except VolumeNotFound:
+            raise StreamRefused(f"the stream is incremental (from {header.get('base')}) but "
+                                f"there is no volume {volume} here to apply it to; send a full "
+                                "stream first") from None
+        users = self._mounts.users(volume)
+        if users:
+            raise VolumeInUse(f"volume {volume} is in use by {self._volumes.users_text(volume, users)}; "
+                              "a replica cannot be updated while containers use it")
+        for snap in reversed(have):
+            if snap.matches(str(wanted)):
+                return snap.name
+        raise StreamRefused(f"volume {volume} lacks the stream's base snapshot "
+                            f"{header.get('base')} (identity {str(wanted)[:12]}); send from a "
+                            "snapshot both sides have, or a full stream to a new volume")
+
+
+class StreamRefused(InvalidRequest):
+    """A stream that cannot be received here (bad, for the other backend, missing its base)."""
+
+
+class Transfer:
+    """A running send: iterate it for the framed stream; :meth:`close` (also called by the
+    WSGI server when the client goes away) stops the native sender and frees its slot."""
+
+    CHUNK = stream.FRAME
+
+    def __init__(self, header: dict[str, Any], argv: list[str],
+                 release: Callable[[], None]) -> None:
+        self.header = header
+        self.bytes = 0
+        self._argv = argv
+        self._release: Callable[[], None] | None = release
+        self._child: Any = None
+
+    def _native(self) -> Iterator[bytes]:
+        self._child = Streaming(self._argv, feed=False)
+        with self._child:
+            out = self._child.proc.stdout
+            while chunk := out.read(self.CHUNK):     # whole frames (a pipe gives 64 KiB reads)
+                self.bytes += len(chunk)
+                yield chunk
+            self._child.finish()
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from stream.encode(self.header, stream.prefetch(self._native()))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._child is not None and self._child.proc.poll() is None:
+            self._child.kill()
+        release, self._release = self._release, None
+        if release is not None:
+            release()
