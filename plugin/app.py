@@ -55,7 +55,7 @@ def build_domain(settings: Settings) -> Domain:
 
 def build_replicator(domain: Domain, settings: Settings) -> Replicator:
     assert domain.replications is not None
-    return Replicator(domain.volumes, domain.transfers, domain.replications,
+    return Replicator(domain.volumes, domain.transfers, domain.lifecycle, domain.replications,
                       ssh_key=settings.ssh_key,
                       known_hosts=settings.ssh_known_hosts, remote_snapvol=settings.remote_snapvol,
                       timeout=settings.transfer_timeout, workers=settings.transfers)

@@ -11,6 +11,7 @@ from .backends.base import Backend
 from .errors import VolumeNotFound
 from .history import ReplicationLog
 from .inflight import InFlight
+from .lifecycle import Lifecycle, owner
 from .locks import VolumeLocks
 from .mounts import MountTable
 from .statefile import quarantined
@@ -20,12 +21,13 @@ class Checker:
     """Finds (and, asked to, repairs) what disagrees between the state and the storage."""
 
     def __init__(self, backend: Backend, mounts: MountTable, locks: VolumeLocks,
-                 inflight: InFlight, *, replications: ReplicationLog | None = None,
+                 inflight: InFlight, lifecycle: Lifecycle, *, replications: ReplicationLog | None = None,
                  state_dirs: frozenset[Path] = frozenset()) -> None:
         self._backend = backend
         self._mounts = mounts
         self._locks = locks
         self._inflight = inflight
+        self._lifecycle = lifecycle
         self._replications = replications
         self._state_dirs = state_dirs
 
@@ -57,6 +59,8 @@ class Checker:
                     with self._locks.hold(volume):
                         if base not in self._snapshot_names(volume):
                             self._replications.forget_base(volume, target)
+        for volume, snapshot, why in self._unneeded():
+            self._lifecycle.retire(volume, [snapshot], why)
         left = self._problems()
         return {"problems": left, "repaired": [p for p in found if p not in left]}
 
@@ -83,7 +87,31 @@ class Checker:
                         "what": f"{volume}@{base}, the snapshot {target} last received, is gone "
                                 "here", "repair": "forget it (the next replication looks for "
                                 "another snapshot both sides hold)"})
+        problems += [{"kind": "unneeded snapshot",
+                      "what": f"{volume}@{snapshot}, taken for {owner(snapshot)}: {why}",
+                      "repair": "remove it"} for volume, snapshot, why in self._unneeded()]
         return problems
+
+    def _unneeded(self) -> list[tuple[str, str, str]]:
+        """(volume, snapshot, why) of the snapshots snapvol took for itself that nothing
+        needs any more (a crash between the operation and their removal); volumes an
+        operation holds right now are left out."""
+        volumes = {v.name: v for v in self._backend.volumes()}
+        found = []
+        for volume in sorted(volumes):
+            if self._locks.busy(volume):
+                continue
+            try:
+                listed = self._backend.snapshots(volume)
+            except VolumeNotFound:
+                continue
+            needed = self._lifecycle.needs(volume, volumes.values())
+            found += [(volume, s, "a newer one replaces it")
+                      for s in self._lifecycle.superseded(volume, listed) if s not in needed]
+            found += [(volume, s, "no clone needs it")
+                      for s in self._lifecycle.stale_clone_origins(volume, listed, volumes)
+                      if s not in needed]
+        return found
 
     def _snapshot_names(self, volume: str) -> set[str]:
         try:

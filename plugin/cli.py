@@ -84,8 +84,9 @@ def _add_common(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def render_snapshots(reply: dict[str, Any]) -> str:
-    rows = [["VOLUME", "SNAPSHOT", "CREATED"]]
-    rows += [[s["volume"], s["name"], s["created"]] for s in reply.get("Snapshots", [])]
+    rows = [["VOLUME", "SNAPSHOT", "CREATED", "OWNER", "KEPT FOR"]]
+    rows += [[s["volume"], s["name"], s["created"], s.get("owner", ""), s.get("kept_for") or ""]
+             for s in reply.get("Snapshots", [])]
     return _table(rows)
 
 

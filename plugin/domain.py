@@ -3,6 +3,7 @@ replication call, all sharing one backend, mount table, set of locks and in-flig
 
 Each service is a module of its own (dependencies point down the list):
 
+    lifecycle  whose each snapshot is, and when it may go
     volumes    Docker's lifecycle (Create ... Unmount) and snapshots
     transfers  send / receive
     schedules  automatic snapshots and retention
@@ -19,6 +20,7 @@ from .backends.base import Backend
 from .check import Checker
 from .history import AutoHistory, ReplicationLog
 from .inflight import InFlight
+from .lifecycle import Lifecycle
 from .locks import VolumeLocks
 from .mounts import MountTable
 from .quiesce import DockerQuiescer
@@ -34,6 +36,7 @@ class Domain:
     mounts: MountTable
     locks: VolumeLocks
     inflight: InFlight
+    lifecycle: Lifecycle
     volumes: VolumeService
     transfers: Transfers
     schedules: Schedules
@@ -54,16 +57,17 @@ class Domain:
         inflight = InFlight(locks, transfers)
         state_dirs = frozenset(s.path.parent for s in (mounts, history, replications)
                                if s is not None)
-        volumes = VolumeService(backend, mounts, locks, inflight, recover=recover,
+        lifecycle = Lifecycle(backend, locks, inflight, replications)
+        volumes = VolumeService(backend, mounts, locks, inflight, lifecycle, recover=recover,
                                 history=history, quiescer=quiescer, replications=replications)
-        schedules = Schedules(volumes, backend, locks, inflight, history=history,
-                              replications=replications)
+        schedules = Schedules(volumes, backend, locks, lifecycle, history=history)
         return cls(backend=backend, mounts=mounts, locks=locks, inflight=inflight,
-                   volumes=volumes,
-                   transfers=Transfers(volumes, backend, mounts, locks, inflight, replications),
+                   lifecycle=lifecycle, volumes=volumes,
+                   transfers=Transfers(volumes, backend, mounts, locks, inflight, lifecycle,
+                                       replications),
                    schedules=schedules,
-                   status=StatusView(backend, mounts, schedules, replications=replications,
-                                     state_dirs=state_dirs),
-                   checker=Checker(backend, mounts, locks, inflight, replications=replications,
-                                   state_dirs=state_dirs),
+                   status=StatusView(backend, mounts, schedules, lifecycle,
+                                     replications=replications, state_dirs=state_dirs),
+                   checker=Checker(backend, mounts, locks, inflight, lifecycle,
+                                   replications=replications, state_dirs=state_dirs),
                    replications=replications)

@@ -133,8 +133,12 @@ class ReplicationLog:
 
     def bases(self, volume: str) -> set[str]:
         """Snapshots of *volume* that a target holds as its newest replica: never prune them."""
+        return set(self.bases_by_target(volume).values())
+
+    def bases_by_target(self, volume: str) -> dict[str, str]:
+        """target -> the snapshot of *volume* it last received."""
         with self._guard:
-            return {k["ok"].snapshot for k in self._entries.get(volume, {}).values()
+            return {target: k["ok"].snapshot for target, k in self._entries.get(volume, {}).items()
                     if "ok" in k and k["ok"].snapshot}
 
     def recorded_bases(self) -> dict[str, dict[str, str]]:

@@ -27,6 +27,7 @@ from .errors import (CommandFailed, Conflict, InvalidRequest, NotFound, PluginEr
                      TransferFailed)
 from .history import Replication, ReplicationLog
 from .targets import Target
+from .lifecycle import Lifecycle
 from .snapshot_names import REPL_PREFIX, unique_name
 from .transfers import Transfers
 from .volumes import VolumeService
@@ -36,13 +37,14 @@ log = logging.getLogger(__name__)
 class Replicator:
     """Replicates the volumes of *volumes* to other snapvol instances through *transfers*."""
 
-    def __init__(self, volumes: VolumeService, transfers: Transfers,
+    def __init__(self, volumes: VolumeService, transfers: Transfers, lifecycle: Lifecycle,
                  replications: ReplicationLog, *,
                  ssh_key: str = "", known_hosts: str = "/root/.ssh/known_hosts",
                  remote_snapvol: str = "snapvol", timeout: float = 120.0, retries: int = 2,
                  workers: int = 4) -> None:
         self._volumes = volumes
         self._transfers = transfers
+        self._lifecycle = lifecycle
         self._log = replications
         self._ssh_key = ssh_key
         self._known_hosts = known_hosts
@@ -149,13 +151,9 @@ class Replicator:
     def _drop_old_replication_snapshots(self, volume: str, keep: str) -> None:
         """Older ``repl-`` snapshots were bases of earlier runs; the new one replaces them
         (unless another target still builds on one, or a clone was made from it)."""
-        protected = self._log.bases(volume) | {keep}
-        for snap in self._volumes.snapshots(volume):
-            if snap.name.startswith(REPL_PREFIX) and snap.name not in protected:
-                try:
-                    self._volumes.remove_snapshot(volume, snap.name)
-                except PluginError as exc:
-                    log.warning("keeping %s@%s: %s", volume, snap.name, exc)
+        older = [s.name for s in self._volumes.snapshots(volume)
+                 if s.name.startswith(REPL_PREFIX) and s.name != keep]
+        self._lifecycle.retire(volume, older, f"replaced by {keep} as replication base")
 
     # ------------------------------------------------------------------ targets
 

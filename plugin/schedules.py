@@ -9,7 +9,6 @@ a replication target builds on, or that is being sent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -17,8 +16,8 @@ from typing import Any
 from . import names, options, retention
 from .backends.base import Backend, SnapshotInfo, VolumeInfo
 from .errors import NotFound, PluginError
-from .history import AutoHistory, AutoRun, ReplicationLog
-from .inflight import InFlight
+from .history import AutoHistory, AutoRun
+from .lifecycle import Lifecycle
 from .locks import VolumeLocks
 from .snapshot_names import automatic, is_automatic
 from .units import parse_duration, rfc3339
@@ -50,16 +49,13 @@ class Schedules:
     """The automatic snapshots of every volume with a ``schedule`` option."""
 
     def __init__(self, volumes: VolumeService, backend: Backend, locks: VolumeLocks,
-                 inflight: InFlight, *, history: AutoHistory | None = None,
-                 replications: ReplicationLog | None = None) -> None:
-        """*history* keeps each volume's last run; *replications* names the snapshots
-        replication targets build on (never pruned)."""
+                 lifecycle: Lifecycle, *, history: AutoHistory | None = None) -> None:
+        """*history* keeps each volume's last run."""
         self._volumes = volumes
         self._backend = backend
         self._locks = locks
-        self._inflight = inflight
+        self._lifecycle = lifecycle
         self._history = history
-        self._replications = replications
 
     def schedules(self) -> list[Schedule]:
         """Every volume with a ``schedule`` option and its last automatic run (no lock)."""
@@ -119,7 +115,7 @@ class Schedules:
     def prune(self, volume: object = None, *, now: datetime | None = None,
               dry_run: bool = False) -> list[dict[str, Any]]:
         """Apply each scheduled volume's retention to its automatic snapshots (or only to
-        *volume*'s); manual snapshots and clone origins are never touched.
+        *volume*'s), keeping every snapshot something needs (:meth:`Lifecycle.needs`).
 
         Returns one decision per automatic snapshot: volume, snapshot, created, keep, reasons
         (and ``error`` where a deletion failed). Each deletion holds the volume's lock only
@@ -134,7 +130,6 @@ class Schedules:
         else:
             wanted = names.volume_name(volume)
             targets = [every.get(wanted) or self._backend.volume(wanted)]
-        origins = clone_origins(every.values())
         decisions = []
         for info in targets:
             schedule = schedule_of(info)
@@ -142,7 +137,7 @@ class Schedules:
                 continue
             autos = [s for s in self._backend.snapshots(info.name) if is_automatic(s.name)]
             plan = retention.plan(autos, schedule[1], now=now,
-                                  protected=frozenset(self._protected(info.name, origins)))
+                                  protected=frozenset(self._lifecycle.needs(info.name, every.values())))
             for d in plan:
                 row = {"volume": info.name, "snapshot": d.snapshot.name,
                        "created": rfc3339(d.snapshot.created), "keep": d.keep,
@@ -157,13 +152,6 @@ class Schedules:
                 decisions.append(row)
         return decisions
 
-    def _protected(self, volume: str, origins: dict[str, set[str]]) -> set[str]:
-        """Snapshots retention must keep: clone origins, replication bases, those being sent."""
-        protected = set(origins.get(volume, ()))
-        if self._replications is not None:
-            protected |= self._replications.bases(volume)
-        return protected | self._inflight.sending(volume)
-
 
 def schedule_of(info: VolumeInfo) -> tuple[timedelta, retention.Policy, str] | None:
     """(interval, retention, quiesce) of a volume with a ``schedule`` option, else None."""
@@ -172,13 +160,3 @@ def schedule_of(info: VolumeInfo) -> tuple[timedelta, retention.Policy, str] | N
     return (timedelta(seconds=parse_duration(info.options["schedule"])),
             retention.Policy.parse(info.options.get("keep", options.DEFAULT_KEEP)),
             info.options.get("quiesce", "none"))
-
-
-def clone_origins(volumes: Iterable[VolumeInfo]) -> dict[str, set[str]]:
-    """volume -> names of its snapshots that other volumes were cloned from (``from=V@S``)."""
-    origins: dict[str, set[str]] = {}
-    for info in volumes:
-        volume, _, snapshot = info.options.get("from", "").partition("@")
-        if snapshot:
-            origins.setdefault(volume, set()).add(snapshot)
-    return origins

@@ -5,8 +5,8 @@ A prefix per purpose, then the UTC time (sortable, no ``:``, which is awkward in
 
     auto-<time>               the scheduler (the only ones retention prunes)
     manual-<time>             ``snapvol snapshot create`` without ``--name``
-    send-<time>-<hex>         ``snapvol send`` without ``@SNAPSHOT``
-    repl-<time>-<hex>         a replication (replaced by the next one)
+    send-<time>-<µs><hex>     ``snapvol send`` without ``@SNAPSHOT``
+    repl-<time>-<µs><hex>     a replication (replaced by the next one)
     clone-<clone>-<time>      ``from=VOLUME`` without ``@SNAPSHOT``: the clone's origin
 
 ``auto-`` is reserved: a user cannot name a snapshot so.
@@ -30,8 +30,10 @@ def utc_stamp(now: datetime | None = None) -> str:
 
 
 def unique_name(prefix: str) -> str:
-    """prefix + UTC time + 4 hex digits: sorts by time, never collides within a second."""
-    return f"{prefix}{utc_stamp()}-{secrets.token_hex(2)}"
+    """prefix + UTC time + microseconds and 2 hex digits: sorts by time, also within one
+    second (the lifecycle keeps the newest by name), and never collides."""
+    now = datetime.now(timezone.utc)
+    return f"{prefix}{utc_stamp(now)}-{now.microsecond:06d}{secrets.token_hex(1)}"
 
 
 def automatic(now: datetime) -> str:

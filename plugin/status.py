@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, names, options
-from .backends.base import Backend, VolumeInfo
+from .backends.base import Backend, SnapshotInfo, VolumeInfo
 from .errors import BackendError, BackendUnavailable, PluginError, VolumeNotFound
 from .history import ReplicationLog
 from .mounts import MountTable
 from .schedules import Schedule, Schedules, schedule_of
+from .lifecycle import Lifecycle, owner
 from .snapshot_names import is_automatic
 from .statefile import quarantined
 from .units import rfc3339
@@ -41,13 +42,15 @@ class VolumeView:
 class StatusView:
     """What inspect, ``snapvol ls`` and ``snapvol status`` show."""
 
-    def __init__(self, backend: Backend, mounts: MountTable, schedules: Schedules, *,
+    def __init__(self, backend: Backend, mounts: MountTable, schedules: Schedules,
+                 lifecycle: Lifecycle, *,
                  replications: ReplicationLog | None = None,
                  state_dirs: frozenset[Path] = frozenset()) -> None:
         """*state_dirs* are where the state files live (their damaged ones are reported)."""
         self._backend = backend
         self._mounts = mounts
         self._schedules = schedules
+        self._lifecycle = lifecycle
         self._replications = replications
         self._state_dirs = state_dirs
         self._started = time.time()
@@ -78,6 +81,17 @@ class StatusView:
             status = {"backend": self._backend.kind, "options": dict(info.options),
                       "error": f"details unavailable for now: {exc}"}
         return VolumeView(info.name, info.mountpoint, info.created, status)
+
+    def snapshots(self, volume: object) -> list[dict[str, Any]]:
+        """``snapvol snapshot ls``: the volume's snapshots, oldest first, each with its owner
+        and, when something needs it, what (``kept_for``; see :mod:`plugin.lifecycle`).
+
+        :raises VolumeNotFound: no such volume.
+        """
+        volume = names.volume_name(volume)
+        listed = self._backend.snapshots(volume)
+        needed = self._lifecycle.needs(volume)
+        return [{**snapshot_row(s), "kept_for": needed.get(s.name)} for s in listed]
 
     def describe_volumes(self) -> list[dict[str, Any]]:
         """Every volume with usage and mount count, for ``snapvol ls``."""
@@ -112,7 +126,7 @@ class StatusView:
             mounts = in_use.get(info.name, 0)
         listed = self._backend.snapshots(info.name)
         snapshots = [{"name": s.name, "created": rfc3339(s.created),
-                      "automatic": is_automatic(s.name)} for s in listed]
+                      "automatic": is_automatic(s.name), "owner": owner(s.name)} for s in listed]
         status = {"backend": self._backend.kind, "options": dict(info.options),
                   "used_bytes": usage.used_bytes, "quota_bytes": usage.quota_bytes,
                   "mounts": mounts, "snapshots": snapshots}
@@ -133,3 +147,9 @@ class StatusView:
                     "at": rfc3339(last.at), "snapshot": last.snapshot, "result": last.result,
                     "error": last.error, "pruned": last.pruned}}
         return status
+
+
+def snapshot_row(info: SnapshotInfo) -> dict[str, Any]:
+    """A snapshot as the CLI's endpoints show it."""
+    return {"volume": info.volume, "name": info.name, "created": rfc3339(info.created),
+            "identity": info.identity, "received": info.received, "owner": owner(info.name)}

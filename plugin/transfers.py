@@ -19,7 +19,8 @@ from .backends.base import Backend
 from .errors import (InvalidName, InvalidOption, InvalidRequest, PluginError, SnapshotNotFound,
                      VolumeInUse, VolumeNotFound)
 from .history import ReplicationLog
-from .inflight import InFlight, Pin
+from .inflight import InFlight
+from .lifecycle import Lifecycle
 from .locks import VolumeLocks
 from .mounts import MountTable
 from .process import Streaming
@@ -34,7 +35,7 @@ class Transfers:
     """Send and receive for the volumes of *volumes*, within *inflight*'s slots."""
 
     def __init__(self, volumes: VolumeService, backend: Backend, mounts: MountTable,
-                 locks: VolumeLocks, inflight: InFlight,
+                 locks: VolumeLocks, inflight: InFlight, lifecycle: Lifecycle,
                  replications: ReplicationLog | None = None) -> None:
         """*replications* names the snapshots replication targets build on (their ZFS holds
         are kept while any target needs them)."""
@@ -43,12 +44,15 @@ class Transfers:
         self._mounts = mounts
         self._locks = locks
         self._inflight = inflight
+        self._lifecycle = lifecycle
         self._replications = replications
 
     def send(self, volume: object, snapshot: object = None, since: object = None, *,
              holding_slot: bool = False, resume_token: str | None = None) -> Transfer:
         """The framed stream of *volume*@*snapshot* (a snapshot taken now when None),
-        incremental from *since*, as a :class:`Transfer` to iterate (and close).
+        incremental from *since*, as a :class:`Transfer` to iterate (and close). A snapshot
+        taken here is the newest ``send-`` one once its stream is complete (the older ones
+        go then, see :mod:`plugin.lifecycle`), and is removed again if the send fails.
 
         Only choosing the snapshots takes the volume's lock; while the stream runs, they are
         pinned (retention skips them) and no lock is held, so Docker's calls go on.
@@ -59,9 +63,28 @@ class Transfers:
         """
         volume = names.volume_name(volume)
         since = None if since is None else names.snapshot_name(since)
-        if snapshot is None:
-            snapshot = self._volumes.snapshot([volume], unique_name(SEND_PREFIX))[0].name
-        snapshot = names.snapshot_name(snapshot)
+        if snapshot is not None:
+            return self._start(volume, names.snapshot_name(snapshot), since, holding_slot,
+                               resume_token, lambda complete: None)
+        taken = self._volumes.snapshot([volume], unique_name(SEND_PREFIX))[0].name
+
+        def retire(complete: bool) -> None:
+            if complete:        # names sort by time: older ones are those that sort before
+                older = [s.name for s in self._backend.snapshots(volume)
+                         if s.name.startswith(SEND_PREFIX) and s.name < taken]
+                self._lifecycle.retire(volume, older, f"a newer send ({taken}) completed")
+            else:
+                self._lifecycle.retire(volume, [taken], "taken for a send that failed")
+        try:
+            return self._start(volume, taken, since, holding_slot, resume_token, retire)
+        except PluginError:
+            retire(False)
+            raise
+
+    def _start(self, volume: str, snapshot: str, since: str | None, holding_slot: bool,
+               resume_token: str | None, finished: Callable[[bool], None]) -> Transfer:
+        """Check, pin and take a slot under the volume's lock; *finished* runs after the
+        stream ends (with whether it was whole), once the pins and the slot are released."""
         with self._locks.hold(volume):
             info = self._backend.volume(volume)
             by_name = {s.name: s for s in self._backend.snapshots(volume)}
@@ -79,7 +102,13 @@ class Transfers:
                   "identity": by_name[snapshot].identity, "created": rfc3339(by_name[snapshot].created),
                   "base": since, "base_identity": by_name[since].identity if since else None,
                   "options": dict(info.options), "resume": resume_token is not None}
-        return Transfer(header, argv, lambda: self._release(pinned, not holding_slot))
+
+        def done(complete: bool) -> None:
+            self._inflight.unpin(pinned)
+            if not holding_slot:
+                self._inflight.release_slot()
+            finished(complete)
+        return Transfer(header, argv, done)
 
     def move_base(self, volume: str, new: str, old: str | None) -> None:
         """A replication target now holds *new*: hold it, and release *old* unless another
@@ -99,11 +128,6 @@ class Transfers:
         :raises VolumeBusy: all slots are taken.
         """
         return self._inflight.slot()
-
-    def _release(self, pinned: list[Pin], slot: bool) -> None:
-        self._inflight.unpin(pinned)
-        if slot:
-            self._inflight.release_slot()
 
     def receive(self, volume: object, source: Any) -> dict[str, Any]:
         """Read a framed stream from *source* (a binary file) into *volume*: a new volume from
@@ -189,12 +213,14 @@ class Transfer:
     CHUNK = stream.FRAME
 
     def __init__(self, header: dict[str, Any], argv: list[str],
-                 release: Callable[[], None]) -> None:
+                 done: Callable[[bool], None]) -> None:
+        """*done* is called once, with whether the whole stream was produced."""
         self.header = header
         self.bytes = 0
         self._argv = argv
-        self._release: Callable[[], None] | None = release
+        self._done: Callable[[bool], None] | None = done
         self._child: Any = None
+        self._complete = False
 
     def _native(self) -> Iterator[bytes]:
         self._child = Streaming(self._argv, feed=False)
@@ -208,12 +234,13 @@ class Transfer:
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from stream.encode(self.header, stream.prefetch(self._native()))
+            self._complete = True
         finally:
             self.close()
 
     def close(self) -> None:
         if self._child is not None and self._child.proc.poll() is None:
             self._child.kill()
-        release, self._release = self._release, None
-        if release is not None:
-            release()
+        done, self._done = self._done, None
+        if done is not None:
+            done(self._complete)

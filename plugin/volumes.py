@@ -23,9 +23,10 @@ from pathlib import Path
 from . import names, options, snapshot_names
 from .backends.base import Backend, SnapshotInfo, VolumeInfo
 from .errors import (BackendError, BackendUnavailable, Conflict, InvalidName, InvalidOption,
-                     InvalidRequest, SnapshotNotFound, VolumeExists, VolumeInUse, VolumeNotFound)
+                     InvalidRequest, PluginError, SnapshotNotFound, VolumeExists, VolumeInUse, VolumeNotFound)
 from .history import AutoHistory, ReplicationLog
 from .inflight import InFlight
+from .lifecycle import Lifecycle, clone_of
 from .locks import VolumeLocks
 from .mounts import MountTable
 from .quiesce import DockerQuiescer, QuiesceFailed
@@ -37,7 +38,7 @@ class VolumeService:
     """Docker's volume operations, made safe: validated, locked, counted, persisted."""
 
     def __init__(self, backend: Backend, mounts: MountTable, locks: VolumeLocks,
-                 inflight: InFlight, *, recover: Callable[[], object] | None = None,
+                 inflight: InFlight, lifecycle: Lifecycle, *, recover: Callable[[], object] | None = None,
                  history: AutoHistory | None = None, quiescer: DockerQuiescer | None = None,
                  replications: ReplicationLog | None = None) -> None:
         """*recover* makes the storage reachable again (re-mounts it); Mount calls it when the
@@ -48,6 +49,7 @@ class VolumeService:
         self._mounts = mounts
         self._locks = locks
         self._inflight = inflight
+        self._lifecycle = lifecycle
         self._recover = recover
         self._history = history
         self._quiescer = quiescer
@@ -115,10 +117,16 @@ class VolumeService:
         origin, _, snapshot = opts["from"].partition("@")
         if origin == name:
             raise InvalidOption(f"option from={opts['from']}: a volume cannot be a clone of itself")
-        if not snapshot:
+        implicit = not snapshot
+        if implicit:
             snapshot = snapshot_names.clone_origin(name)
             self._backend.create_snapshot(origin, snapshot)
         self._backend.clone(origin, snapshot, name, opts)
+        if implicit and not self._backend.clones_need_origin:
+            try:                   # taken only to clone from, and the clone does not need it
+                self._backend.destroy_snapshot(origin, snapshot)
+            except PluginError as exc:
+                log.warning("keeping %s@%s, taken for clone %s: %s", origin, snapshot, name, exc)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -220,8 +228,20 @@ class VolumeService:
             self._history.forget(name)
         if self._replications is not None:
             self._replications.forget(name)
+        self._retire_clone_origin(name, info)
         if "schedule" in info.options:
             self._changed()      # only then has the scheduler anything to re-plan
+
+    def _retire_clone_origin(self, name: str, info: VolumeInfo) -> None:
+        """A removed clone made with from=VOLUME no longer needs the snapshot taken for it."""
+        origin, _, snapshot = info.options.get("from", "").partition("@")
+        if not origin or snapshot:
+            return                     # not a clone, or of a snapshot someone else owns
+        try:
+            mine = [s.name for s in self._backend.snapshots(origin) if clone_of(s.name) == name]
+        except PluginError:
+            return                     # the origin is gone (on ZFS: promoted, see zfs.py)
+        self._lifecycle.retire(origin, mine, f"origin of the removed clone {name}")
 
     def mount(self, name: object, mount_id: object) -> Path:
         """Record one more user of the volume and return the directory Docker bind-mounts.

@@ -24,6 +24,7 @@ class FakeBackend:
     kind: ClassVar[str] = "btrfs"     # accepts the Btrfs options
     compressions = frozenset({"zstd", "lzo", "zlib", "none"})
     rollback_keeps_newer: ClassVar[bool] = True
+    clones_need_origin: ClassVar[bool] = False     # copies: a clone shares nothing
     atomic_snapshots: ClassVar[bool] = False
 
     def __init__(self, root: Path) -> None:

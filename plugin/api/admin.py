@@ -18,17 +18,13 @@ from ..errors import InvalidRequest, PluginError, VolumeBusy
 from ..history import Replication
 from ..replication import Replicator
 from ..targets import Target
+from ..status import snapshot_row
 from ..units import rfc3339
-from ..volumes import SnapshotInfo
 from .wire import docker_request, reply, required
 
 log = logging.getLogger(__name__)
 STREAM_TYPE = "application/vnd.snapvol.stream"
 
-
-def _snapshot(info: SnapshotInfo) -> dict[str, object]:
-    return {"volume": info.volume, "name": info.name, "created": rfc3339(info.created),
-            "identity": info.identity, "received": info.received}
 
 bp = Blueprint("admin", __name__)
 
@@ -60,12 +56,12 @@ def snapshot_create() -> Response:
     body = docker_request()
     taken = domain().volumes.snapshot(required(body, "Volumes"), body.get("Name"),
                                body.get("Quiesce") or "none")
-    return reply(Snapshots=[_snapshot(s) for s in taken])
+    return reply(Snapshots=[snapshot_row(s) for s in taken])
 
 
 @bp.post("/Snapvol.SnapshotList")
 def snapshot_list() -> Response:
-    return reply(Snapshots=[_snapshot(s) for s in domain().volumes.snapshots(required(docker_request(), "Volume"))])
+    return reply(Snapshots=domain().status.snapshots(required(docker_request(), "Volume")))
 
 
 @bp.post("/Snapvol.SnapshotRemove")

@@ -71,6 +71,7 @@ class Backend(Protocol):
     kind: ClassVar[str]                      # "btrfs" | "zfs"
     compressions: frozenset[str]             # values the ``compression`` option accepts
     rollback_keeps_newer: ClassVar[bool]     # btrfs: True; zfs rollback destroys newer ones
+    clones_need_origin: ClassVar[bool]       # zfs: a clone depends on its origin snapshot
     atomic_snapshots: bool                   # several volumes in one atomic call (OpenZFS)
     resumable: bool                          # an interrupted receive can resume (OpenZFS -s)
 

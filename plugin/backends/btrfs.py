@@ -72,6 +72,7 @@ class BtrfsBackend:
 
     kind: ClassVar[str] = "btrfs"
     rollback_keeps_newer: ClassVar[bool] = True
+    clones_need_origin: ClassVar[bool] = False   # a snapshot of a snapshot shares no history
     atomic_snapshots: ClassVar[bool] = False   # one ioctl per subvolume: pause writers instead
     resumable: ClassVar[bool] = False          # an interrupted btrfs receive starts again
     compressions: frozenset[str] = frozenset({"zstd", "lzo", "zlib", "none"})

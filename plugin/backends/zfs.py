@@ -106,6 +106,7 @@ class ZfsBackend:
 
     kind: ClassVar[str] = "zfs"
     rollback_keeps_newer: ClassVar[bool] = False        # zfs rollback -r destroys them
+    clones_need_origin: ClassVar[bool] = True           # destroy refuses while a clone exists
 
     def __init__(self, root: str, mount_base: Path, lzc: Any | None = None) -> None:
         self.root = root

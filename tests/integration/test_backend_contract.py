@@ -1,4 +1,5 @@
-"""The backend contract, run unchanged against the fake and a real loop-mounted Btrfs."""
+"""The backend contract, run unchanged against the fake, a real loop-mounted Btrfs and a real
+ZFS pool (the ``backend`` fixture of ``conftest.py``)."""
 
 from __future__ import annotations
 
@@ -9,25 +10,6 @@ from pathlib import Path
 import pytest
 
 from plugin.errors import Conflict, SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound
-from tests.fakes import FakeBackend
-
-
-@pytest.fixture(params=["fake", "btrfs", "zfs"])
-def backend(request, tmp_path: Path):
-    if request.param == "fake":
-        b = FakeBackend(tmp_path / "fake")
-    elif request.param == "btrfs":
-        from plugin.backends.btrfs import BtrfsBackend
-        b = BtrfsBackend(request.getfixturevalue("btrfs_mount"))
-    else:
-        from plugin.backends.zfs import ZfsBackend, load_libzfs_core
-        pool = request.getfixturevalue("zfs_pool")
-        b = ZfsBackend(f"{pool}/snapvol", tmp_path / "mnt", load_libzfs_core())
-    b.check()
-    yield b
-    if request.param == "zfs":       # unmount before the pool goes (zfs-fuse keeps mounts busy)
-        for volume in b.volumes():
-            b.destroy_volume(volume.name)
 
 
 def test_create_list_get_destroy(backend):

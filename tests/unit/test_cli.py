@@ -37,7 +37,9 @@ def run(argv, replies, environ=None, calls=None):
 
 
 SNAPS = {"Snapshots": [{"volume": "db", "name": "s1", "created": "2026-11-29T07:33:23Z",
-                        "identity": "ab"}], "Err": ""}
+                        "identity": "ab", "owner": "user", "kept_for": "origin of clone c1"},
+                       {"volume": "db", "name": "send-x", "created": "2026-11-29T07:34:00Z",
+                        "identity": "cd", "owner": "send", "kept_for": None}], "Err": ""}
 
 
 @pytest.mark.parametrize("argv, endpoint, body", [
@@ -63,7 +65,10 @@ def test_snapshot_commands_send_the_right_request(argv, endpoint, body):
 
 def test_snapshot_ls_table_and_json():
     code, out, _ = run(["snapshot", "ls", "db"], {"Snapvol.SnapshotList": (200, SNAPS)})
-    assert out.splitlines() == ["VOLUME  SNAPSHOT  CREATED", "db      s1        2026-11-29T07:33:23Z"]
+    assert out.splitlines() == [
+        "VOLUME  SNAPSHOT  CREATED               OWNER  KEPT FOR",
+        "db      s1        2026-11-29T07:33:23Z  user   origin of clone c1",
+        "db      send-x    2026-11-29T07:34:00Z  send"]
     code, out, _ = run(["snapshot", "ls", "db", "--json"], {"Snapvol.SnapshotList": (200, SNAPS)})
     assert json.loads(out) == SNAPS
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "plugin"
-DOMAIN = ("volumes", "transfers", "schedules", "status", "check", "domain")
+DOMAIN = ("lifecycle", "volumes", "transfers", "schedules", "status", "check", "domain")
 FORBIDDEN = {  # module prefix -> imports it must never make
     "plugin.backends": ("flask", "plugin.api", "plugin.app", "plugin.volumes", "plugin.cli"),
     # the domain: each module may import only those before it in DOMAIN

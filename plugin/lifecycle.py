@@ -1,0 +1,142 @@
+"""Whose each snapshot is, and when it may go, so that the snapshots snapvol takes for its own
+purposes never pile up.
+
+The owner is read from the name (:mod:`plugin.snapshot_names`), so it survives the loss of
+every state file:
+
+    schedule      auto-*          pruned by the volume's ``keep`` policy (``schedules``)
+    user          manual-*, any name a user chose: never removed by snapvol
+    send          send-*          the newest is kept (the base for ``send --since``); older
+                                  ones go when a newer send completes, a failed send's at once
+    replication   repl-*          the newest and every target's base are kept; older ones go
+                                  after each replication
+    clone X       clone-X-<time>  the origin of clone X: on ZFS, where the clone depends on
+                                  it, removed with X; on Btrfs, where a clone shares nothing
+                                  with its origin, removed as soon as the clone exists
+
+Whatever its owner, a snapshot stays while something *needs* it (:meth:`Lifecycle.needs`):
+a clone made from it (``from=VOLUME@SNAPSHOT``), a replication target that builds on it, a
+send that is reading it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+
+from .backends.base import Backend, SnapshotInfo, VolumeInfo
+from .errors import NotFound, PluginError
+from .history import ReplicationLog
+from .inflight import InFlight
+from .locks import VolumeLocks
+from .snapshot_names import AUTO_PREFIX, CLONE_PREFIX, REPL_PREFIX, SEND_PREFIX
+
+log = logging.getLogger(__name__)
+
+_CLONE_ORIGIN = re.compile(re.escape(CLONE_PREFIX) + r"(?P<clone>.+)-\d{8}T\d{6}Z")
+SUPERSEDED = {SEND_PREFIX: "send", REPL_PREFIX: "replication"}   # only the newest is kept
+
+
+def owner(snapshot: str) -> str:
+    """Who took *snapshot*: schedule, send, replication, ``clone X`` or user."""
+    if snapshot.startswith(AUTO_PREFIX):
+        return "schedule"
+    for prefix, who in SUPERSEDED.items():
+        if snapshot.startswith(prefix):
+            return who
+    match = _CLONE_ORIGIN.fullmatch(snapshot)
+    return f"clone {match['clone']}" if match else "user"
+
+
+def clone_of(snapshot: str) -> str | None:
+    """The clone whose origin *snapshot* was taken for (``from=VOLUME``), if it is one."""
+    match = _CLONE_ORIGIN.fullmatch(snapshot)
+    return match["clone"] if match else None
+
+
+class Lifecycle:
+    """Says what the snapshots of a volume are kept for, and removes those nothing needs."""
+
+    def __init__(self, backend: Backend, locks: VolumeLocks, inflight: InFlight,
+                 replications: ReplicationLog | None = None) -> None:
+        self._backend = backend
+        self._locks = locks
+        self._inflight = inflight
+        self._replications = replications
+
+    def needs(self, volume: str, volumes: Iterable[VolumeInfo] | None = None) -> dict[str, str]:
+        """Snapshots of *volume* that something still needs -> what (``origin of clone X``,
+        ``base of replication to T``, ``being sent``). *volumes* saves a listing when the
+        caller has one."""
+        needed: dict[str, str] = {}
+        for info in self._backend.volumes() if volumes is None else volumes:
+            origin, _, snapshot = info.options.get("from", "").partition("@")
+            if origin == volume:
+                if not snapshot:       # from=VOLUME: the clone-NAME-<time> snapshot taken for it
+                    if not self._backend.clones_need_origin:
+                        continue
+                    snapshot = self._implicit_origin(volume, info)
+                if snapshot:
+                    needed[snapshot] = f"origin of clone {info.name}"
+        if self._replications is not None:
+            for target, base in self._replications.bases_by_target(volume).items():
+                needed[base] = f"base of replication to {target}"
+        for snapshot in self._inflight.sending(volume):
+            needed[snapshot] = "being sent"
+        return needed
+
+    def _implicit_origin(self, volume: str, clone: VolumeInfo) -> str | None:
+        """The clone-NAME-<time> snapshot of *volume* that *clone* was made from: the newest
+        one taken before the clone (older ones are from an earlier volume of that name)."""
+        try:
+            candidates = [s for s in self._backend.snapshots(volume)
+                          if clone_of(s.name) == clone.name and s.created <= clone.created]
+        except NotFound:
+            return None
+        return candidates[-1].name if candidates else None
+
+    def retire(self, volume: str, snapshots: Iterable[str], why: str) -> list[str]:
+        """Remove those of *snapshots* that nothing needs, each under the volume's lock;
+        one that cannot go is logged and kept. Returns the names removed."""
+        removed = []
+        for snapshot in snapshots:
+            try:
+                with self._locks.hold(volume):
+                    if snapshot in self.needs(volume):
+                        continue
+                    self._backend.destroy_snapshot(volume, snapshot)
+            except NotFound:
+                continue                                  # gone already: fine
+            except PluginError as exc:
+                log.warning("keeping %s@%s (%s): %s", volume, snapshot, why, exc)
+                continue
+            log.info("removed %s@%s: %s", volume, snapshot, why)
+            removed.append(snapshot)
+        return removed
+
+    def superseded(self, volume: str, listed: list[SnapshotInfo]) -> list[str]:
+        """Of *listed*, the send-/repl- snapshots a newer one of the same kind replaces (their
+        names sort by time); whether something still needs one is for the caller to check."""
+        found = []
+        for prefix in SUPERSEDED:
+            mine = sorted(s.name for s in listed if s.name.startswith(prefix))
+            found += mine[:-1]
+        return found
+
+    def stale_clone_origins(self, volume: str, listed: list[SnapshotInfo],
+                            volumes: dict[str, VolumeInfo]) -> list[str]:
+        """clone-NAME-<time> snapshots of *volume* no clone needs: the clone is gone (a crash
+        between removing it and its origin), is not a clone of *volume*, or the backend's
+        clones do not need their origin (Btrfs: a crash right after the clone was made)."""
+        stale = []
+        for snap in listed:
+            name = clone_of(snap.name)
+            if name is None:
+                continue
+            clone = volumes.get(name)
+            if (clone is None or not self._backend.clones_need_origin
+                    or clone.options.get("from", "").partition("@")[0] != volume
+                    or self._implicit_origin(volume, clone) != snap.name):
+                stale.append(snap.name)
+        return stale

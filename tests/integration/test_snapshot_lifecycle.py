@@ -1,0 +1,108 @@
+"""Every snapshot snapvol takes for itself goes when nothing needs it (issue 13, defect 6):
+clone origins, send snapshots, and what a crash left of them, on the fake, Btrfs and ZFS."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from plugin.domain import Domain
+from plugin.history import Replication, ReplicationLog
+from plugin.locks import VolumeLocks
+from plugin.mounts import MountTable
+
+
+@pytest.fixture
+def domain(backend, tmp_path: Path) -> Domain:
+    d = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(2),
+                        replications=ReplicationLog(tmp_path / "replication.json"))
+    d.volumes.open()
+    return d
+
+
+def rows(domain: Domain, volume: str) -> list[tuple[str, str, str | None]]:
+    """(name, owner, kept for) of each snapshot, by name (several are taken in one second)."""
+    return sorted((r["name"], r["owner"], r["kept_for"]) for r in domain.status.snapshots(volume))
+
+
+def test_a_clone_of_a_volume_keeps_its_origin_snapshot_only_while_it_needs_it(domain, backend):
+    domain.volumes.create("v1", {})
+    (domain.volumes.mount("v1", "m1") / "f").write_text("data")
+    domain.volumes.create("c1", {"from": "v1"})
+    listed = rows(domain, "v1")
+    if backend.clones_need_origin:          # ZFS: the clone depends on it
+        assert len(listed) == 1 and listed[0][0].startswith("clone-c1-"), listed
+        assert listed[0][1:] == ("clone c1", "origin of clone c1")
+    else:                                   # Btrfs: a clone shares nothing with its origin
+        assert listed == []
+    assert domain.checker.check()["problems"] == []
+    domain.volumes.remove("c1")
+    assert rows(domain, "v1") == []
+    domain.volumes.create("c1", {"from": "v1"})        # the name again: a fresh origin
+    assert (domain.volumes.mount("c1", "m2") / "f").read_text() == "data"
+    domain.volumes.unmount("c1", "m2")
+    domain.volumes.remove("c1")
+    assert rows(domain, "v1") == []
+
+
+def test_a_clone_of_a_named_snapshot_leaves_that_snapshot_to_its_user(domain):
+    domain.volumes.create("v1", {})
+    domain.volumes.snapshot(["v1"], "s1")
+    domain.volumes.create("c1", {"from": "v1@s1"})
+    assert rows(domain, "v1") == [("s1", "user", "origin of clone c1")]
+    domain.volumes.remove("c1")
+    assert rows(domain, "v1") == [("s1", "user", None)]
+
+
+def test_send_keeps_only_the_newest_snapshot_it_took(domain):
+    domain.volumes.create("v1", {})
+    domain.volumes.snapshot(["v1"], "mine")
+    first = domain.transfers.send("v1")
+    assert b"".join(first)                              # the whole stream: complete
+    taken = first.header["snapshot"]
+    assert rows(domain, "v1") == [("mine", "user", None), (taken, "send", None)]
+    second = domain.transfers.send("v1", since=taken)
+    assert rows(domain, "v1")[1][1:] == ("send", "being sent")   # its base, pinned
+    b"".join(second)
+    newest = second.header["snapshot"]
+    assert [r[0] for r in rows(domain, "v1")] == ["mine", newest]  # the older one went
+    failed = domain.transfers.send("v1")
+    failed.close()                                      # the client went away: not complete
+    assert [r[0] for r in rows(domain, "v1")] == ["mine", newest]
+    b"".join(domain.transfers.send("v1", "mine"))      # a named snapshot: nothing retired
+    assert [r[0] for r in rows(domain, "v1")] == ["mine", newest]
+    assert domain.checker.check()["problems"] == []
+
+
+def test_a_refused_send_leaves_no_snapshot(domain):
+    domain.volumes.create("v1", {})
+    with pytest.raises(Exception, match="no such snapshot: v1@ghost"):
+        domain.transfers.send("v1", since="ghost")
+    assert rows(domain, "v1") == []
+
+
+def test_check_reports_and_repairs_what_a_crash_left_of_the_lifecycle(domain, backend):
+    """A kill between an operation and the removal of the snapshot it no longer needs leaves
+    that snapshot: check names it, --repair removes it, and nothing that is needed."""
+    domain.volumes.create("v1", {})
+    for snapshot in ("keep-me", "send-20260101T000000Z-aaaa", "send-20260102T000000Z-bbbb",
+                     "repl-20260101T000000Z-aaaa", "repl-20260102T000000Z-bbbb",
+                     "clone-gone-20260101T000000Z"):
+        backend.create_snapshot("v1", snapshot)
+    domain.replications.record("v1", Replication("ssh://b", datetime.now(timezone.utc),
+                                                 "repl-20260101T000000Z-aaaa"))
+    problems = domain.checker.check()["problems"]
+    assert sorted((p["kind"], p["what"], p["repair"]) for p in problems) == [
+        ("unneeded snapshot", "v1@clone-gone-20260101T000000Z, taken for clone gone: no clone "
+         "needs it", "remove it"),
+        ("unneeded snapshot", "v1@send-20260101T000000Z-aaaa, taken for send: a newer one "
+         "replaces it", "remove it")]
+    result = domain.checker.check(repair=True)
+    assert result["problems"] == [] and len(result["repaired"]) == 2
+    assert rows(domain, "v1") == [
+        ("keep-me", "user", None), ("repl-20260101T000000Z-aaaa", "replication",
+                                    "base of replication to ssh://b"),
+        ("repl-20260102T000000Z-bbbb", "replication", None),
+        ("send-20260102T000000Z-bbbb", "send", None)]
