@@ -1,9 +1,10 @@
-"""``snapvol check [--repair]``: the state files compared with the filesystem and the mount
-table, one problem a row, each saying what ``--repair`` would do about it.
+"""``snapvol check [--repair]``: the state files compared with the filesystem, the mount table
+and Docker, one problem a row, each saying what ``--repair`` would do about it.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,14 @@ from .inflight import InFlight
 from .lifecycle import Lifecycle, owner
 from .locks import VolumeLocks
 from .mounts import MountTable
+from .quiesce import DockerQuiescer, QuiesceFailed
 from .statefile import quarantined
+
+log = logging.getLogger(__name__)
+
+# A container in one of these states may hold a mount of its volumes ("created": it may be
+# starting right now, its Mount done and its state not yet "running").
+HOLDING_STATES = frozenset({"created", "running", "paused", "restarting"})
 
 
 class Checker:
@@ -22,7 +30,10 @@ class Checker:
 
     def __init__(self, backend: Backend, mounts: MountTable, locks: VolumeLocks,
                  inflight: InFlight, lifecycle: Lifecycle, *, replications: ReplicationLog | None = None,
+                 quiescer: DockerQuiescer | None = None,
                  state_dirs: frozenset[Path] = frozenset()) -> None:
+        """*quiescer* asks Docker which containers use a volume (without one, mount IDs
+        are not compared with Docker)."""
         self._backend = backend
         self._mounts = mounts
         self._locks = locks
@@ -30,6 +41,7 @@ class Checker:
         self._lifecycle = lifecycle
         self._replications = replications
         self._state_dirs = state_dirs
+        self._quiescer = quiescer
 
     def check(self, repair: bool = False) -> dict[str, list[dict[str, Any]]]:
         """``snapvol check``: compare the state files with the filesystem and the mount
@@ -61,6 +73,15 @@ class Checker:
                             self._replications.forget_base(volume, target)
         for volume, snapshot, why in self._unneeded():
             self._lifecycle.retire(volume, [snapshot], why)
+        for volume, _ in self._unheld_mounts():
+            try:
+                with self._locks.hold(volume):
+                    if self._unheld(volume):        # asked again, under the lock
+                        log.warning("volume %s: forgetting mount IDs %s, which no container "
+                                    "holds", volume, self._mounts.forget(volume))
+                        self._backend.detach(volume)
+            except QuiesceFailed as exc:
+                log.warning("check --repair: mount IDs of %s kept: %s", volume, exc)
         left = self._problems()
         return {"problems": left, "repaired": [p for p in found if p not in left]}
 
@@ -87,10 +108,37 @@ class Checker:
                         "what": f"{volume}@{base}, the snapshot {target} last received, is gone "
                                 "here", "repair": "forget it (the next replication looks for "
                                 "another snapshot both sides hold)"})
+        problems += [{"kind": "mount no container holds",
+                      "what": f"volume {volume} counts {count} Docker mount ID(s), but no "
+                              "container Docker knows of uses it (dockerd was killed, or its "
+                              "Unmount never arrived)",
+                      "repair": "forget those mount IDs and detach the volume"}
+                     for volume, count in self._unheld_mounts()]
         problems += [{"kind": "unneeded snapshot",
                       "what": f"{volume}@{snapshot}, taken for {owner(snapshot)}: {why}",
                       "repair": "remove it"} for volume, snapshot, why in self._unneeded()]
         return problems
+
+    def _unheld_mounts(self) -> list[tuple[str, int]]:
+        """(volume, mount count) of existing volumes the mount table counts as in use that
+        no container holds; none when Docker cannot be asked (that is logged)."""
+        existing = {v.name for v in self._backend.volumes()}
+        counted = {v: n for v, n in sorted(self._mounts.in_use().items())
+                   if v in existing and not self._locks.busy(v)}
+        try:
+            return [(v, n) for v, n in counted.items() if self._unheld(v)]
+        except QuiesceFailed as exc:
+            log.warning("check: mount IDs not compared with Docker: %s", exc)
+            return []
+
+    def _unheld(self, volume: str) -> bool:
+        """Whether Docker knows of no container that may hold a mount of *volume*.
+
+        :raises QuiesceFailed: Docker cannot be asked.
+        """
+        if self._quiescer is None:
+            return False
+        return not any(c.state in HOLDING_STATES for c in self._quiescer.containers([volume]))
 
     def _unneeded(self) -> list[tuple[str, str, str]]:
         """(volume, snapshot, why) of the snapshots snapvol took for itself that nothing

@@ -69,5 +69,6 @@ class Domain:
                    status=StatusView(backend, mounts, schedules, lifecycle,
                                      replications=replications, state_dirs=state_dirs),
                    checker=Checker(backend, mounts, locks, inflight, lifecycle,
-                                   replications=replications, state_dirs=state_dirs),
+                                   replications=replications, quiescer=quiescer,
+                                   state_dirs=state_dirs),
                    replications=replications)

@@ -326,3 +326,39 @@ def test_check_finds_stale_state_and_repairs_only_what_is_provably_stale(tmp_pat
     assert cli() == (Exit.OK, "consistent: nothing left over, nothing stale\n")
     status, body = call(client, "Snapvol.Check", {"Repair": "yes"})
     assert status == 400 and "Repair must be true or false" in body["Err"]
+
+
+def test_check_compares_mount_ids_with_the_containers_docker_knows(tmp_path):
+    """Mount IDs of a volume no container may hold (dockerd was killed, an Unmount never came)
+    are reported and forgotten by --repair; those of a volume a container holds or may be
+    starting with, or when Docker cannot be asked, are left alone."""
+    from plugin.quiesce import Container, QuiesceFailed
+
+    class Docker:
+        states: dict[str, list[str]] = {"held": ["running"], "starting": ["created"],
+                                        "stale": ["exited"], "orphan": []}
+        reachable = True
+
+        def containers(self, volumes):
+            if not self.reachable:
+                raise QuiesceFailed("cannot reach Docker at unix:///x: refused")
+            return [Container(f"id-{v}-{i}", f"c-{v}", state, {})
+                    for v in volumes for i, state in enumerate(self.states[v])]
+
+    backend, docker = FakeBackend(tmp_path / "root"), Docker()
+    mounts = MountTable(tmp_path / "mounts.json")
+    domain = Domain.assemble(backend, mounts, VolumeLocks(0.5), quiescer=docker)
+    domain.volumes.open()
+    for name in Docker.states:
+        domain.volumes.create(name, {})
+        domain.volumes.mount(name, name + "-id")
+    docker.reachable = False
+    assert domain.checker.check(repair=True) == {"problems": [], "repaired": []}
+    docker.reachable = True
+    found = domain.checker.check()["problems"]
+    assert [(p["kind"], p["what"].split(" counts")[0], p["repair"]) for p in found] == [
+        ("mount no container holds", f"volume {name}", "forget those mount IDs and detach the volume")
+        for name in ("orphan", "stale")]
+    result = domain.checker.check(repair=True)
+    assert result["problems"] == [] and len(result["repaired"]) == 2
+    assert mounts.in_use() == {"held": 1, "starting": 1}
