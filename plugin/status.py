@@ -78,8 +78,7 @@ class StatusView:
             # A snapshot pruned, sent or received while we looked: the volume is there, only
             # its details are not, for now.
             log.warning("get %s: answering without all details: %s", name, exc)
-            status = {"backend": self._backend.kind, "options": dict(info.options),
-                      "error": f"details unavailable for now: {exc}"}
+            status = self._without_details(info, exc)
         return VolumeView(info.name, info.mountpoint, info.created, status)
 
     def snapshots(self, volume: object) -> list[dict[str, Any]]:
@@ -94,17 +93,27 @@ class StatusView:
         return [{**snapshot_row(s), "kept_for": needed.get(s.name)} for s in listed]
 
     def describe_volumes(self) -> list[dict[str, Any]]:
-        """Every volume with usage and mount count, for ``snapvol ls``."""
+        """Every volume with usage and mount count, for ``snapvol ls``; a volume whose details
+        fail is listed with the ``error`` (only one removed meanwhile is left out)."""
         in_use = self._mounts.in_use()
         rows = []
         for info in sorted(self._backend.volumes(), key=lambda v: v.name):
             try:
                 status = self.status(info, in_use)
-            except (VolumeNotFound, BackendError):
-                continue  # removed while listing
+            except VolumeNotFound:
+                continue                            # removed while listing
+            except (PluginError, OSError) as exc:
+                log.warning("ls: %s without all details: %s", info.name, exc)
+                status = {**self._without_details(info, exc), "mounts": in_use.get(info.name, 0)}
             rows.append({"name": info.name, "created": rfc3339(info.created),
                          "mountpoint": str(info.mountpoint), **status})
         return rows
+
+    def _without_details(self, info: VolumeInfo, exc: Exception) -> dict[str, Any]:
+        """The Status of a volume that is there but whose details failed (a snapshot pruned,
+        sent or received while we looked, or the filesystem refusing)."""
+        return {"backend": self._backend.kind, "options": dict(info.options),
+                "error": f"details unavailable for now: {exc}"}
 
     def describe(self) -> dict[str, Any]:
         """Facts about the plugin process and its storage, for ``snapvol status``."""

@@ -170,6 +170,25 @@ def test_admin_endpoints(client):
     assert reply["Status"]["volumes"] == 1 and reply["Status"]["backend"] == "btrfs"
 
 
+def test_ls_shows_a_volume_whose_details_fail_with_the_error(client, backend, monkeypatch):
+    """A filesystem error on one volume's usage must not hide it from `snapvol ls`."""
+    from plugin.errors import BackendError
+
+    for name in ("v1", "v2"):
+        call(client, "VolumeDriver.Create", {"Name": name})
+    real_usage = backend.usage
+
+    def usage(name: str):
+        if name == "v1":
+            raise BackendError("cannot read the quota of v1: EIO")
+        return real_usage(name)
+    monkeypatch.setattr(backend, "usage", usage)
+    status, reply = call(client, "Snapvol.Volumes", {})
+    assert status == 200
+    assert [(v["name"], v.get("error")) for v in reply["Volumes"]] == [
+        ("v1", "details unavailable for now: cannot read the quota of v1: EIO"), ("v2", None)]
+
+
 def test_get_answers_when_storage_is_unavailable(client, backend, monkeypatch):
     """dockerd purges its metadata of a volume whose Get errs: never err for a transient fault."""
     from plugin.errors import BackendUnavailable
