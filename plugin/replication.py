@@ -229,15 +229,31 @@ class Replicator:
 
     # ------------------------------------------------------------------ scheduled
 
-    def submit(self, volume: str, target: str, snapshot: str) -> Future[Replication]:
-        """Replicate in the background (after an automatic snapshot); errors are recorded."""
+    def submit(self, volume: str, target: str, snapshot: str,
+               then: Callable[[bool], None] | None = None) -> Future[Replication]:
+        """Replicate in the background (after an automatic snapshot); errors are recorded.
+        *then* is called afterwards with whether the replication succeeded."""
         def job() -> Replication:
+            replicated = False
             try:
-                return self.replicate(volume, target, snapshot)
+                run = self.replicate(volume, target, snapshot)
+                replicated = True
+                return run
             except PluginError as exc:
                 log.error("scheduled replication of %s: %s", volume, exc)
                 raise
+            finally:
+                if then is not None:
+                    then(replicated)
         return self._pool.submit(job)
+
+    def base_known(self, volume: str, target: str) -> bool:
+        """Whether the snapshot *target* (as given to :meth:`replicate`, same name there)
+        last received of *volume* is on record."""
+        try:
+            return self._log.base(volume, str(Target.parse(target))) is not None
+        except ValueError:
+            return False
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -68,15 +69,36 @@ class Scheduler:
         for schedule in sorted(schedules, key=lambda s: s.next_run):
             if schedule.next_run > now or self._stop.is_set():
                 continue
+            replicate = schedule.replicate if self._replicator is not None else None
             try:
-                run = done[schedule.volume] = self._schedules.run_automatic(schedule.volume, now)
+                run = done[schedule.volume] = self._schedules.run_automatic(
+                    schedule.volume, now, prune=replicate is None)
             except Exception as exc:    # the run is recorded; the other volumes still run
                 log.error("scheduler: automatic snapshot of %s failed: %s", schedule.volume, exc)
                 done[schedule.volume] = exc
                 continue
-            if schedule.replicate and self._replicator is not None and run.snapshot:
-                self._replicator.submit(schedule.volume, schedule.replicate, run.snapshot)
+            if replicate is not None and run.snapshot:
+                assert self._replicator is not None
+                self._replicator.submit(schedule.volume, replicate, run.snapshot,
+                                        then=partial(self._prune_after_replication,
+                                                     schedule.volume, replicate, run))
         return done
+
+    def _prune_after_replication(self, volume: str, target: str, run: AutoRun,
+                                 replicated: bool) -> None:
+        """A replicated volume is pruned after its replication, so that the snapshot the
+        target now holds is recorded as its base first and kept. Where the replication
+        failed and that base is unknown (replication.json lost or damaged: the replication
+        finds it again by asking the target), nothing is pruned: the snapshot the target
+        holds may be any of them."""
+        assert self._replicator is not None
+        known = replicated or self._replicator.base_known(volume, target)
+        hold = None if known else (f"the snapshot {target} holds is unknown until a "
+                                   "replication to it succeeds")
+        try:
+            self._schedules.prune_after(volume, run, hold=hold)
+        except PluginError as exc:
+            log.error("scheduler: pruning %s after its replication failed: %s", volume, exc)
 
     def seconds_to_next(self, now: datetime) -> float:
         """How long the loop may sleep after :meth:`run_once`: until the next volume it saw is

@@ -83,9 +83,10 @@ class Schedules:
         autos = [s for s in snapshots if is_automatic(s.name)]
         return AutoRun(autos[-1].created, autos[-1].name) if autos else None
 
-    def run_automatic(self, volume: str, now: datetime) -> AutoRun:
+    def run_automatic(self, volume: str, now: datetime, *, prune: bool = True) -> AutoRun:
         """Take *volume*'s automatic snapshot for *now* (quiesced as its options say), prune
-        by its policy, and record the run, failed or not.
+        by its policy (unless *prune* is false: the caller calls :meth:`prune_after` later),
+        and record the run, failed or not.
 
         :raises PluginError: the snapshot failed (recorded first); a pruning failure is
             recorded and logged but does not fail the run.
@@ -99,14 +100,27 @@ class Schedules:
             self._record(volume, AutoRun(now, None, str(exc)))
             raise
         log.info("automatic snapshot %s@%s taken", volume, snapshot)
+        run = AutoRun(now, snapshot)
+        if not prune:
+            self._record(volume, run)
+            return run
+        return self.prune_after(volume, run)
+
+    def prune_after(self, volume: str, run: AutoRun, *, hold: str | None = None) -> AutoRun:
+        """Prune *volume* after its automatic *run* and record the run with what was pruned;
+        with *hold* (the reason), prune nothing this time."""
         pruned, error = 0, None
-        try:
-            pruned = sum(1 for d in self.prune(volume, now=now) if not d["keep"])
-        except PluginError as exc:
-            log.error("pruning %s failed: %s", volume, exc)
-            error = f"snapshot taken, pruning failed: {exc}"
-        self._record(volume, AutoRun(now, snapshot, error, pruned))
-        return AutoRun(now, snapshot, error, pruned)
+        if hold:
+            log.warning("keeping every automatic snapshot of %s: %s", volume, hold)
+        else:
+            try:
+                pruned = sum(1 for d in self.prune(volume, now=run.at) if not d["keep"])
+            except PluginError as exc:
+                log.error("pruning %s failed: %s", volume, exc)
+                error = f"snapshot taken, pruning failed: {exc}"
+        done = AutoRun(run.at, run.snapshot, error, pruned)
+        self._record(volume, done)
+        return done
 
     def _record(self, volume: str, run: AutoRun) -> None:
         if self._history is not None:

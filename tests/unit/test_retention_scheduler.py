@@ -243,3 +243,53 @@ def test_automatic_names_are_reserved(tmp_path):
     world.domain.volumes.create("db", {})
     with pytest.raises(InvalidName, match="reserved"):
         world.domain.volumes.snapshot(["db"], "auto-20260101T000000Z")
+
+
+def test_a_replicated_volume_is_pruned_after_its_replication_and_never_loses_the_base(tmp_path):
+    """Pruning waits for the replication, so the snapshot the target now holds is recorded
+    first; when replication.json is lost and the target is down, nothing is pruned (the
+    target's newest snapshot may be any of them) until a replication succeeds again."""
+    from plugin.history import Replication, ReplicationLog
+
+    class Target:
+        """A replicator whose target is up or down; runs its jobs at once."""
+        up = True
+
+        def __init__(self, log: ReplicationLog) -> None:
+            self.log = log
+
+        def submit(self, volume, target, snapshot, then=None):
+            if self.up:
+                self.log.record(volume, Replication(target, world.now, snapshot))
+            if then is not None:       # (before this change, pruning came first)
+                then(self.up)
+
+        def base_known(self, volume, target):
+            return self.log.base(volume, target) is not None
+
+    world = World(tmp_path)
+    target = Target(ReplicationLog(tmp_path / "replication.json"))
+
+    def start(log: ReplicationLog) -> None:
+        target.log = log
+        world.domain = Domain.assemble(world.backend, MountTable(tmp_path / "mounts.json"),
+                                       VolumeLocks(2.0), replications=log,
+                                       history=AutoHistory(tmp_path / "schedule.json"))
+        world.scheduler = Scheduler(world.domain.schedules, world.domain.volumes,
+                                    clock=lambda: world.now, replicator=target)
+    start(target.log)
+    world.domain.volumes.create("db", {"schedule": "1h", "keep": "last=1",
+                                       "replicate": "unix:///run/b.sock"})
+    world.tick(), world.tick()
+    base = target.log.base("db", "unix:///run/b.sock")
+    assert world.names("db") == [base]                     # the older one went, after
+
+    (tmp_path / "replication.json").unlink()                       # the record is lost
+    start(ReplicationLog(tmp_path / "replication.json"))
+    target.up = False
+    world.tick(), world.tick()
+    assert world.names("db")[0] == base and len(world.names("db")) == 3   # nothing pruned
+    assert world.domain.status.get("db").status["schedule"]["last"]["pruned"] == 0
+    target.up = True
+    world.tick()
+    assert world.names("db") == [target.log.base("db", "unix:///run/b.sock")]
