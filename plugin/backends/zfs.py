@@ -55,6 +55,7 @@ _BUSY_WAIT = 10.0
 _ZFS_FUSE_COMPRESSION = frozenset(["on", "off", "lzjb", "gzip", "zle"]
                                   + [f"gzip-{n}" for n in range(1, 10)])
 _MISSING = re.compile(r"dataset does not exist|no such (pool|dataset)")
+_OUT_OF_SPACE = re.compile(r"out of space|no space left", re.IGNORECASE)
 
 
 def load_libzfs_core() -> Any | None:
@@ -291,7 +292,15 @@ class ZfsBackend:
         promoted first (they take over the snapshots they need), so they keep working."""
         dataset = self._owned(name)
         self._promote_clones(dataset)
-        self._set(dataset, OWNER, "removing")           # invisible from here on
+        try:
+            self._set(dataset, OWNER, "removing")       # invisible from here on
+        except CommandFailed as exc:
+            if not _OUT_OF_SPACE.search(exc.stderr):
+                raise
+            # A full pool refuses a property change but not a destroy (ZFS keeps slop space
+            # for it), and removing a volume is how a user frees space. Without the mark, a
+            # crash from here leaves the volume visible; a repeated Remove finishes it.
+            log.warning("pool full: removing volume %s without marking it first", name)
         self._destroy(dataset, mounted=True)
         log.info("removed volume %s", name)
 
