@@ -13,6 +13,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "plugin"
 FORBIDDEN = {  # module prefix -> imports it must never make
     "plugin.backends": ("flask", "plugin.api", "plugin.app", "plugin.volumes", "plugin.cli"),
+    # ZFS: libzfs_core or the CLI is decided in zfs_commands alone
+    "plugin.backends.zfs": ("plugin.process", "libzfs_core"),
+    "plugin.backends.zfs_layout": ("plugin.process", "libzfs_core"),
+    "plugin.backends.zfs_receive": ("libzfs_core",),
     "plugin.volumes": ("flask", "plugin.api", "plugin.app", "plugin.cli", "btrfsutil"),
     "plugin.mounts": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.process": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
