@@ -283,7 +283,12 @@ class ZfsCommands:
 
     def is_held(self, snapshot: str) -> bool:
         """Whether snapvol holds *snapshot* (always false without ``holds``)."""
-        return self._lzc is not None and HOLD_TAG.encode() in self._lzc.lzc_get_holds(snapshot.encode())
+        if self._lzc is None:
+            return False
+        try:
+            return HOLD_TAG.encode() in self._lzc.lzc_get_holds(snapshot.encode())
+        except Exception as exc:
+            raise lzc_failed(f"cannot read the holds of {snapshot}", exc) from None
 
     def hold(self, snapshot: str, action: str) -> None:
         """snapvol's user hold on *snapshot* (idempotent; a no-op without ``holds``)."""
