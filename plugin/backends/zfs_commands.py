@@ -9,9 +9,10 @@ which libzfs_core cannot do:
 
 * listing and reading properties (``zfs get -H -p``, one call for a whole level of the
   tree) and setting them on an existing dataset: upstream libzfs_core has no such calls
-  (pyzfs's ``lzc_list``/``lzc_get_props``/``lzc_set_props`` are uncommitted stubs); the
-  native properties of a new dataset are set with ``zfs set`` too, which parses ``16K`` or
-  ``lz4`` where ``lzc_create`` wants them encoded (user properties go to ``lzc_create``);
+  (pyzfs marks ``lzc_list``, ``lzc_get_props`` and ``lzc_set_props`` "uncommitted": they
+  need functions it lacks); the native properties of a new dataset are set with
+  ``zfs set`` too, which parses ``16K`` or ``lz4`` as users write them, where
+  ``lzc_create`` would want native values (user properties, plain strings, go to it);
 * mounting, unmounting, renaming and promoting (libzfs, not libzfs_core), and
   ``rollback -r`` (``lzc_rollback`` only goes back to the latest snapshot);
 * send and receive, as children whose pipe carries the stream (:mod:`.zfs_receive`).
