@@ -27,7 +27,8 @@ def open_backend(settings: Settings, *, libzfs_core: bool = True) -> Backend:
     :raises BackendUnavailable: the storage cannot be prepared.
     """
     if settings.backend == "zfs":
-        from .backends.zfs import ZfsBackend, load_libzfs_core
+        from .backends.zfs import ZfsBackend
+        from .backends.zfs_commands import load_libzfs_core
         return ZfsBackend(settings.zfs_root, settings.zfs_mounts,
                           load_libzfs_core() if libzfs_core else None)
     from .backends.btrfs import BtrfsBackend

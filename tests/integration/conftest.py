@@ -18,7 +18,8 @@ def backend(request, tmp_path: Path):
         from plugin.backends.btrfs import BtrfsBackend
         b = BtrfsBackend(request.getfixturevalue("btrfs_mount"))
     else:
-        from plugin.backends.zfs import ZfsBackend, load_libzfs_core
+        from plugin.backends.zfs import ZfsBackend
+        from plugin.backends.zfs_commands import load_libzfs_core
         pool = request.getfixturevalue("zfs_pool")
         b = ZfsBackend(f"{pool}/snapvol", tmp_path / "mnt", load_libzfs_core())
     b.check()

@@ -9,7 +9,8 @@ from pathlib import Path
 import btrfsutil
 import pytest
 
-from plugin.backends.btrfs import OWNER_XATTR, BtrfsBackend
+from plugin.backends.btrfs import BtrfsBackend
+from plugin.backends.btrfs_layout import OWNER_XATTR
 from plugin.errors import BackendError, BackendUnavailable
 from tests.conftest import assert_refuses_foreign, write_until_refused
 
@@ -139,16 +140,17 @@ def test_snapshot_listing_tolerates_a_snapshot_removed_meanwhile(backend, monkey
 CRASH_AT = """
 import os, sys
 from pathlib import Path
-from plugin.backends import btrfs
-backend = btrfs.BtrfsBackend(Path(sys.argv[1]))
+import btrfsutil
+from plugin.backends.btrfs import BtrfsBackend
+backend = BtrfsBackend(Path(sys.argv[1]))
 backend.check()
-real, calls, stop_after = getattr(btrfs.btrfsutil, sys.argv[2]), [], int(sys.argv[3])
+real, calls, stop_after = getattr(btrfsutil, sys.argv[2]), [], int(sys.argv[3])
 def dies_like_kill_9(*args, **kwargs):
     calls.append(args)
     if len(calls) > stop_after:
         os._exit(137)            # no finally, no cleanup: as SIGKILL
     return real(*args, **kwargs)
-setattr(btrfs.btrfsutil, sys.argv[2], dies_like_kill_9)
+setattr(btrfsutil, sys.argv[2], dies_like_kill_9)   # the backend modules call btrfsutil.<name>
 {action}
 """
 

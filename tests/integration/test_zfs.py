@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from plugin.backends.zfs import OWNER, ZfsBackend, load_libzfs_core
+from plugin.backends.zfs import ZfsBackend
+from plugin.backends.zfs_commands import load_libzfs_core
+from plugin.backends.zfs_layout import OWNER
 from plugin.errors import BackendError, BackendUnavailable, InvalidOption
 from plugin.locks import VolumeLocks
 from plugin.mounts import MountTable
@@ -135,17 +137,19 @@ def test_a_refused_snapshot_destroy_says_why_and_keeps_errno(backend):
 ZFS_CRASH_AT = """
 import os, sys
 from pathlib import Path
-from plugin.backends import zfs
-backend = zfs.ZfsBackend(sys.argv[1], Path(sys.argv[2]), zfs.load_libzfs_core())
+from plugin import process
+from plugin.backends.zfs import ZfsBackend
+from plugin.backends.zfs_commands import load_libzfs_core
+backend = ZfsBackend(sys.argv[1], Path(sys.argv[2]), load_libzfs_core())
 backend.check()
-real, sets, stop_after = zfs.process.run, [], int(sys.argv[3])
+real, sets, stop_after = process.run, [], int(sys.argv[3])
 def dies_like_kill_9(argv, *args, **kwargs):
     if argv[:2] == ["zfs", "set"]:
         sets.append(argv)
         if len(sets) > stop_after:
             os._exit(137)          # no finally, no cleanup: as SIGKILL
     return real(argv, *args, **kwargs)
-zfs.process.run = dies_like_kill_9
+process.run = dies_like_kill_9   # every zfs command goes through it
 with backend.receiving("r1", "s1", None, {"mode": "750"}) as pipe:
     pipe.write(sys.stdin.buffer.read())
 """

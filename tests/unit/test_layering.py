@@ -21,6 +21,10 @@ FORBIDDEN = {  # module prefix -> imports it must never make
        for i, m in enumerate(DOMAIN)},
     "plugin.inflight": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.snapshot_names": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
+    # ZFS: libzfs_core or the CLI is decided in zfs_commands alone
+    "plugin.backends.zfs": ("plugin.process", "libzfs_core"),
+    "plugin.backends.zfs_layout": ("plugin.process", "libzfs_core"),
+    "plugin.backends.zfs_receive": ("libzfs_core",),
     "plugin.mounts": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.process": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.pool": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),

@@ -107,7 +107,7 @@ def test_libzfs_core_errors_keep_errno_and_each_reason():
     MultipleOperationsError whose own message says only "one or more reasons"."""
     import errno
 
-    from plugin.backends.zfs import lzc_failed
+    from plugin.backends.zfs_commands import lzc_failed
 
     class ZFSError(Exception):
         def __init__(self, code, message, name=None):

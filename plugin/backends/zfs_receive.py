@@ -1,0 +1,146 @@
+"""Receiving ZFS streams into volumes: the ``recv:`` inboxes, resume tokens, ``zfs receive``.
+
+A full stream for volume ``<name>`` is received into the inbox ``<root>/recv:<name>`` (``:``
+never occurs in a volume name, so the name alone says whose it is), marked "creating" and only
+then renamed to ``<root>/<name>``: a crash at any point leaves either that inbox, which
+start-up destroys (or keeps for a resume, with its token, on OpenZFS), or a "creating" dataset,
+which start-up destroys too. An incremental stream goes into the volume's own dataset, where
+ZFS applies it atomically at the end of the stream, or not at all.
+
+On OpenZFS a receive is resumable (``zfs receive -s``): an interrupted one leaves its state in
+the inbox (full) or the dataset (incremental), :meth:`Receiver.resume_token` gives the token,
+and a stream from ``zfs send -t`` received with *resume* completes it. A new stream for the
+volume drops such a state first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import BinaryIO
+
+from .. import names, process
+from ..errors import BackendError, SnapshotExists, VolumeExists
+from .zfs_commands import ZfsCommands
+from .zfs_layout import OWNER, Layout
+
+log = logging.getLogger(__name__)
+
+INBOX = "recv:"                  # <root>/recv:<name>: a full stream being received for <name>
+_RECEIVE_TIMEOUT = 600.0          # to finish after the last byte of a stream
+
+
+class Receiver:
+    """Streams into the volumes of *layout* (the caller holds the volume lock)."""
+
+    def __init__(self, zfs: ZfsCommands, layout: Layout) -> None:
+        self._zfs = zfs
+        self._layout = layout
+
+    def inbox(self, volume: str) -> str:
+        return f"{self._layout.root}/{INBOX}{names.volume_name(volume)}"
+
+    def token(self, dataset: str) -> str | None:
+        """The resume token an interrupted receive left in *dataset*, if any (OpenZFS)."""
+        if not self._zfs.resumable:
+            return None
+        props = self._zfs.get(dataset, ["receive_resume_token"], missing_ok=True)
+        token = (props or {}).get("receive_resume_token", "-")
+        return None if token in ("-", "") else token
+
+    def resume_token(self, volume: str) -> str | None:
+        """The state of an interrupted resumable receive into *volume* (OpenZFS), if any."""
+        for dataset in (self._layout.dataset(volume), self.inbox(volume)):   # incremental, full
+            token = self.token(dataset)
+            if token:
+                return token
+        return None
+
+    def drop_inbox(self, inbox: str, *, keep_resumable: bool) -> None:
+        """Destroy the inbox of a full receive that did not finish (unless, with
+        *keep_resumable*, OpenZFS kept its state for a resume). Failing to destroy it is
+        logged: the next start tries again."""
+        if self._zfs.get(inbox, ["type"], missing_ok=True) is None:
+            return
+        if keep_resumable and self.token(inbox):
+            log.info("keeping the interrupted receive %s for a resume", inbox)
+            return
+        log.info("destroying %s, left by an interrupted receive", inbox)
+        try:
+            if self.token(inbox):
+                self._zfs.abort_receive(inbox)
+            if self._zfs.get(inbox, ["type"], missing_ok=True) is not None:
+                self._layout.destroy(inbox, mounted=False)
+        except BackendError as exc:
+            log.error("could not destroy %s: %s", inbox, exc)
+
+    @contextmanager
+    def receiving(self, volume: str, snapshot: str, base: str | None,
+                  options: Mapping[str, str], *, resume: bool = False) -> Iterator[BinaryIO]:
+        """:meth:`Backend.receiving <plugin.backends.base.Backend.receiving>` on ZFS
+        (``zfs receive -u``; an incremental stream with ``-F``: local changes since the last
+        snapshot are discarded)."""
+        dataset = self._layout.dataset(volume)
+        names.snapshot_name(snapshot)
+        if base is None:
+            if self._zfs.get(dataset, [OWNER], missing_ok=True) is not None:
+                raise VolumeExists(f"volume {volume} already exists; a full stream makes a new "
+                                   "volume (remove it, or send an incremental stream)")
+            target = self.inbox(volume)
+            if not (resume and self.token(target)):
+                self.drop_inbox(target, keep_resumable=False)
+        else:
+            target = dataset
+            if self.token(dataset) and not resume:
+                log.info("dropping the interrupted receive into %s", dataset)
+                self._zfs.abort_receive(dataset)
+            self._layout.owned_snapshot(volume, base)
+            if snapshot in self._layout.snapshots(dataset, volume):
+                raise SnapshotExists(f"snapshot {volume}@{snapshot} already exists")
+            # unmounted while it changes underneath (zfs-fuse would keep serving stale
+            # content); the caller made sure no container uses it
+            if self._layout.is_mounted(self._layout.mountpoint(volume)):
+                self._zfs.unmount(dataset)
+        argv = self._zfs.receive_argv(target, force=base is not None and not resume)
+        try:
+            with process.Streaming(argv, feed=True) as child:
+                try:
+                    yield child.proc.stdin   # type: ignore[misc]
+                except BaseException:
+                    if self._zfs.resumable:  # let it see the end of its input and save its state
+                        child.close_input_and_wait(timeout=60.0)
+                    raise
+                child.finish(timeout=_RECEIVE_TIMEOUT)
+        except BaseException:
+            if base is None and not self._zfs.resumable:
+                self.drop_inbox(target, keep_resumable=False)    # nothing half-made
+            raise
+        finally:
+            if base is not None:
+                self._zfs.mount(dataset, self._layout.mountpoint(volume))
+        if base is not None:
+            log.info("received %s@%s (incremental)", volume, snapshot)
+            return
+        self._adopt(target, volume, options)
+        log.info("received %s@%s (full)", volume, snapshot)
+
+    def _adopt(self, inbox: str, volume: str, options: Mapping[str, str]) -> None:
+        """Make the completely received *inbox* the volume *volume*, all or nothing."""
+        dataset = self._layout.dataset(volume)
+        try:
+            self._zfs.set(inbox, OWNER, "creating")          # from here on start-up knows it
+            self._zfs.rename(inbox, dataset)
+            for prop, value in self._layout.properties(volume, options).items():
+                self._zfs.set(dataset, prop, value)
+            self._zfs.mount(dataset, self._layout.mountpoint(volume))
+            self._zfs.set(dataset, OWNER, "snapvol")        # the commit point
+        except BaseException:
+            try:
+                self.drop_inbox(inbox, keep_resumable=False)
+                if (self._zfs.get(dataset, [OWNER], missing_ok=True) or {}).get(OWNER) == "creating":
+                    self._layout.destroy(dataset, mounted=True)
+            except BackendError as cleanup:
+                log.error("could not remove half-received %s (removed at next start): %s",
+                          dataset, cleanup)
+            raise
