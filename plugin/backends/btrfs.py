@@ -100,8 +100,12 @@ class BtrfsBackend:
         for entry in entries:
             try:
                 found.append(self._info(entry.name, Path(entry.path)))
-            except (VolumeNotFound, OSError):  # BtrfsUtilError is an OSError
-                continue  # not ours, or removed while we were listing
+            except VolumeNotFound:
+                continue                        # not ours
+            except OSError as exc:              # BtrfsUtilError is an OSError
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    log.warning("volume %s left out of the list: %s", entry.name, exc)
+                continue                        # removed while we were listing
         return found
 
     def volume(self, name: str) -> VolumeInfo:

@@ -117,10 +117,16 @@ class Layout:
         return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
     def is_ours(self, path: Path) -> bool:
+        """Whether *path* carries snapvol's mark.
+
+        :raises BackendError: the mark cannot be read (EIO, EACCES, ...): that is never
+            taken for "not ours", which would make Docker forget a volume that exists.
+        """
         try:
             return self.read_owner(path) is not None
-        except OSError:
-            return False
+        except OSError as exc:
+            raise BackendError(f"cannot read the owner mark of {path}: {exc.strerror or exc}",
+                               errno=exc.errno) from None
 
     def write_owner(self, path: Path, options: Mapping[str, str]) -> None:
         meta = {"format": FORMAT, "options": dict(sorted(options.items()))}

@@ -94,6 +94,33 @@ def test_start_finishes_interrupted_work(backend):
     assert sorted(p.name for p in backend.staging_dir.iterdir()) == ["not-ours"]
 
 
+def test_an_unreadable_mark_is_an_error_never_a_missing_volume(backend, tmp_path, monkeypatch):
+    """EIO on a volume's owner mark must not read as "no such volume": dockerd forgets a
+    volume whose Get answers that. Get answers with the problem in its Status instead."""
+    import errno as errnos
+
+    from plugin.domain import Domain
+    from plugin.locks import VolumeLocks
+    from plugin.mounts import MountTable
+
+    path = backend.create_volume("v1", {}).mountpoint
+    real = os.getxattr
+
+    def failing(target, attribute, *args, **kwargs):
+        if Path(target) == path and attribute == OWNER_XATTR:
+            raise OSError(errnos.EIO, "Input/output error")
+        return real(target, attribute, *args, **kwargs)
+    monkeypatch.setattr(os, "getxattr", failing)
+    for call in (lambda: backend.volume("v1"), lambda: backend.snapshots("v1"),
+                 lambda: backend.attach("v1")):
+        with pytest.raises(BackendError, match="Input/output error") as caught:
+            call()
+        assert caught.value.errno == errnos.EIO
+    domain = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(2))
+    view = domain.status.get("v1")
+    assert view.status["state"] == "unavailable" and "Input/output error" in view.status["error"]
+
+
 def test_destroy_removes_nested_subvolumes(backend):
     info = backend.create_volume("v1", {})
     btrfsutil.create_subvolume(info.mountpoint / "inner")
