@@ -255,8 +255,7 @@ class BtrfsBackend:
         except BaseException as exc:
             if not os.path.lexists(current) and os.path.lexists(replaced):
                 os.rename(replaced, current)
-            if self._layout.is_ours(fresh):
-                self._layout.delete_subvolume(fresh)
+            self._layout.discard(fresh)
             if isinstance(exc, OSError):
                 raise BackendError(f"cannot roll {volume} back to {snapshot}: {exc}", errno=exc.errno) from None
             raise

@@ -142,11 +142,21 @@ class Layout:
         try:
             yield work
         except BaseException as exc:
-            if self.is_ours(work):
-                self.delete_subvolume(work)
+            self.discard(work)
             if isinstance(exc, OSError):
                 raise BackendError(f"{failure}: {exc}", errno=exc.errno) from None
             raise
+
+    def discard(self, path: Path) -> None:
+        """Delete what a failed operation built at *path*, a fresh name in staging (so
+        whatever is there is its own, marked yet or not), without hiding the failure being
+        handled: a cleanup that fails too is logged, and what it leaves is a leftover the
+        next start removes (and ``snapvol check`` reports)."""
+        try:
+            if os.path.lexists(path) and btrfsutil.is_subvolume(path):
+                self.delete_subvolume(path)
+        except (OSError, BackendError) as exc:
+            log.error("cannot remove %s after a failure (the next start will): %s", path, exc)
 
     def delete_subvolume(self, path: Path) -> None:
         try:

@@ -7,7 +7,9 @@ says what it was doing (:mod:`.btrfs_layout`):
     replaced.<volume>.<hex>  the volume a rollback took out: put back if the volume is
                              missing (the rollback stopped between its two renames), else
                              removed
-    create. clone. rollback. remove.  half-made or half-destroyed volumes: removed
+    create. clone. rollback. remove.  half-made or half-destroyed volumes: removed (those
+                             of create, clone and rollback also before the mark was
+                             written: a subvolume under such a name in staging is ours)
 
 Snapshots in ``snapshots/<name>/`` of a volume that no longer exists (a Remove or a full
 receive interrupted by a crash) are orphans: deleted, so a new volume of that name never
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import btrfsutil
@@ -29,6 +32,20 @@ from .btrfs_layout import Layout
 
 log = logging.getLogger(__name__)
 
+# a subvolume made here by create, clone or rollback, marked only after it was made
+_BUILT = re.compile(r"(create|clone|rollback)\.[A-Za-z0-9][A-Za-z0-9_.-]*\.[0-9a-f]{8}")
+
+
+def _ours(layout: Layout, entry: os.DirEntry[str]) -> bool:
+    """Whether a staging entry is snapvol's: it carries the mark, or it is a subvolume an
+    interrupted create, clone or rollback made and had not marked yet."""
+    path = Path(entry.path)
+    if not entry.is_dir(follow_symlinks=False):
+        return False
+    if layout.is_ours(path):
+        return True
+    return bool(_BUILT.fullmatch(entry.name)) and btrfsutil.is_subvolume(path)
+
 
 def leftovers(layout: Layout) -> list[Leftover]:
     """What :func:`finish_interrupted` would do, found without changing anything."""
@@ -39,7 +56,7 @@ def leftovers(layout: Layout) -> list[Leftover]:
         volume = entry.name.partition(".")[2].rpartition(".")[0]
         if entry.name.startswith("recv.") and entry.is_dir(follow_symlinks=False):
             found.append(Leftover(volume, f"{path}: an interrupted receive", "remove it"))
-        elif not entry.is_dir(follow_symlinks=False) or not layout.is_ours(path):
+        elif not _ours(layout, entry):
             continue                            # not ours: never touched, not reported
         elif entry.name.startswith("replaced.") and not os.path.lexists(layout.volumes_dir / volume):
             found.append(Leftover(volume, f"{path}: a volume an interrupted rollback took "
@@ -65,7 +82,7 @@ def finish_interrupted(layout: Layout) -> None:
             log.info("removing the interrupted receive %s", path)
             empty_inbox(path)
             continue
-        if not entry.is_dir(follow_symlinks=False) or not layout.is_ours(path):
+        if not _ours(layout, entry):
             log.warning("leaving unknown entry %s in staging alone", path)
             continue
         if path.name.startswith("replaced."):

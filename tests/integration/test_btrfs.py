@@ -83,6 +83,27 @@ def test_failed_create_leaves_nothing(backend, monkeypatch):
     assert list(backend.volumes_dir.iterdir()) == [] and list(backend.staging_dir.iterdir()) == []
 
 
+def test_a_failed_cleanup_never_hides_the_failure(backend, monkeypatch):
+    """The cleanup after a failed create fails too: the caller hears why the create failed,
+    and what is left in staging is a leftover the next start removes."""
+    import errno as errnos
+
+    def full(*args, **kwargs):
+        raise OSError(errnos.ENOSPC, "No space left on device")
+
+    def stuck(path):
+        raise BackendError(f"cannot delete subvolume {path}: busy")
+    monkeypatch.setattr(backend._layout, "write_owner", full)
+    monkeypatch.setattr(backend._layout, "delete_subvolume", stuck)
+    with pytest.raises(BackendError, match="No space left on device") as caught:
+        backend.create_volume("v1", {})
+    assert caught.value.errno == errnos.ENOSPC
+    monkeypatch.undo()
+    assert len(list(backend.staging_dir.iterdir())) == 1
+    BtrfsBackend(backend.root).finish_interrupted()
+    assert list(backend.staging_dir.iterdir()) == [] and backend.volumes() == []
+
+
 def test_start_finishes_interrupted_work(backend):
     """A crash mid-create or mid-remove leaves a marked subvolume in staging: check() removes it."""
     half = backend.staging_dir / "create.v9.0000"
