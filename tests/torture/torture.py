@@ -811,9 +811,9 @@ def check_state(inst: Instance) -> list[str]:
     check = subprocess.run(
         [sys.executable, "-c", "import sys; from plugin.cli import main; sys.exit(main())",
          "--socket", inst.socket, "check"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    if check.returncode != 0:
-        failures.append(f"{inst.role}: snapvol check exits {check.returncode}: "
-                        f"{(check.stdout + check.stderr).strip()}")
+    if check.returncode != 0:       # one failure per problem it reports
+        failures += [f"{inst.role}: snapvol check exits {check.returncode}: {line}"
+                     for line in (check.stdout + check.stderr).strip().splitlines() or [""]]
     return failures
 
 
@@ -1217,9 +1217,10 @@ def run_all(kills: int, seed: int, backends: list[str], logs: Path | None = None
         thread.start()
 
     def forward(signum: int, _frame: object) -> None:
+        # SIGTERM: a child started from a background job inherits SIGINT ignored
         for proc in children.values():
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -1229,10 +1230,12 @@ def run_all(kills: int, seed: int, backends: list[str], logs: Path | None = None
         try:
             codes[backend] = proc.wait(timeout=kills * 120 + 600)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
             codes[backend] = proc.wait(timeout=300) or 1
     for thread in pumps:
         thread.join(10)
+    if any(code == 130 for code in codes.values()):
+        return 130
     bad = [b for b, code in codes.items() if code]
     out(f"torture: {', '.join(f'{b} exit {c}' for b, c in codes.items())}")
     if bad:
@@ -1262,6 +1265,7 @@ def main(argv: list[str] | None = None) -> int:
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     return run_backend(args.backend, args.kills, seed, args.logs)
 
 
