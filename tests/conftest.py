@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -67,17 +68,18 @@ def _zfs_answers() -> bool:
     return subprocess.run(["zpool", "list", "-H"], capture_output=True, timeout=30).returncode == 0
 
 
-@pytest.fixture(scope="session")
-def zfs_service() -> Iterator[None]:
+@contextmanager
+def zfs_running() -> Iterator[None]:
     """A ZFS that answers: the kernel's (/dev/zfs), a running zfs-fuse, or a zfs-fuse we start
-    (and stop again at the end; one that was already running is left alone)."""
+    (and stop again at the end; one that was already running is left alone). Also used
+    outside pytest (scripts/torture)."""
     need("zpool", "zfs")
     if os.path.exists("/dev/zfs") or (os.path.exists("/var/run/zfs/zfs_socket") and _zfs_answers()):
         yield
         return
     need("zfs-fuse")
     pidfile = Path(tempfile.mkdtemp(prefix="snapvol-zfs-fuse-")) / "zfs-fuse.pid"
-    subprocess.run(["zfs-fuse", "--pidfile", str(pidfile)], check=True)
+    subprocess.run(["zfs-fuse", "--pidfile", str(pidfile)], check=True, timeout=60)
     for _ in range(100):
         if _zfs_answers():
             break
@@ -96,6 +98,13 @@ def zfs_service() -> Iterator[None]:
                 break
             time.sleep(0.1)
         shutil.rmtree(pidfile.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def zfs_service() -> Iterator[None]:
+    """See :func:`zfs_running`."""
+    with zfs_running():
+        yield
 
 
 def make_pool(directory: Path, size: int = 512 << 20) -> str:
