@@ -12,6 +12,7 @@ setting ``removing``, so Docker never sees a half-made volume; start-up destroys
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # a full pool refuses property changes (ZFS keeps its slop space for destroys)
 _OUT_OF_SPACE = re.compile(r"out of space|no space left", re.IGNORECASE)
+_ROLLBACK_ROOM = 1 << 20          # below this, a rollback is refused before it destroys anything
 
 
 class ZfsBackend:
@@ -256,6 +258,13 @@ class ZfsBackend:
         """``zfs rollback -r``: snapshots newer than *snapshot* are destroyed (the caller
         agreed, see ``rollback_keeps_newer``)."""
         full = self._layout.owned_snapshot(volume, snapshot)
+        free = int(self._zfs.get(self._layout.dataset(volume), ["available"])["available"])
+        if free < _ROLLBACK_ROOM:
+            # zfs rollback -r destroys the newer snapshots first and then fails for lack of
+            # space: refuse before anything is lost
+            raise BackendError(f"cannot roll {volume} back to {snapshot}: the pool is full "
+                               f"({free} bytes available); free some space first",
+                               errno=errno.ENOSPC)
         try:
             self._zfs.rollback(full)
         except CommandFailed as exc:

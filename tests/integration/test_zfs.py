@@ -210,3 +210,24 @@ def test_check_lists_an_interrupted_receive_and_the_next_start_destroys_it(backe
                            VolumeLocks(2)).checker.check()["problems"] == []
     assert zget(backend.root, "type") == "filesystem"
     assert subprocess.run(["zfs", "list", f"{backend.root}/recv:r1"], capture_output=True).returncode != 0
+
+
+def test_a_full_pool_refuses_a_rollback_before_it_destroys_anything(backend):
+    """zfs rollback -r destroys the newer snapshots, then fails for lack of space: on a full
+    pool the rollback is refused first, and removing a volume still frees space."""
+    import errno as errnos
+
+    path = backend.attach(backend.create_volume("v1", {}).name)
+    (path / "f").write_text("one")
+    backend.create_snapshot("v1", "s1")
+    (path / "f").write_text("two")
+    backend.create_snapshot("v1", "s2")
+    filler = backend.attach(backend.create_volume("filler", {}).name)
+    assert write_until_refused(filler / "big", 1024).errno in (errnos.ENOSPC, errnos.EDQUOT)
+    with pytest.raises(BackendError, match="the pool is full") as caught:
+        backend.rollback("v1", "s1")
+    assert caught.value.errno == errnos.ENOSPC
+    assert [s.name for s in backend.snapshots("v1")] == ["s1", "s2"]
+    backend.destroy_volume("filler")          # the way out of a full pool
+    backend.rollback("v1", "s1")
+    assert (path / "f").read_text() == "one"
