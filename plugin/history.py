@@ -62,6 +62,11 @@ class AutoHistory:
             if self._runs.pop(volume, None) is not None:
                 self._save()
 
+    def volumes(self) -> set[str]:
+        """The volumes with a recorded run."""
+        with self._guard:
+            return set(self._runs)
+
     def _save(self) -> None:
         # Not fsynced: after a power loss the worst case is one extra automatic snapshot.
         data = {name: {**asdict(run), "at": run.at.isoformat()} for name, run in self._runs.items()}
@@ -159,6 +164,11 @@ class ReplicationLog:
         with self._guard:
             if self._entries.pop(volume, None) is not None:
                 self._save()
+
+    def volumes(self) -> set[str]:
+        """The volumes with a recorded replication."""
+        with self._guard:
+            return set(self._entries)
 
     def _save(self) -> None:
         data = {volume: {target: {kind: {**asdict(run), "at": run.at.isoformat()}

@@ -96,6 +96,22 @@ class Lifecycle:
             return None
         return candidates[-1].name if candidates else None
 
+    def forget_lost_bases(self, volume: str) -> None:
+        """Forget the recorded replication bases of *volume* whose snapshot is gone (a
+        rollback destroyed it, or one was killed midway): the next replication to that target
+        asks it for another snapshot both hold. What ``check --repair`` would do."""
+        if self._replications is None or not self._replications.bases_by_target(volume):
+            return
+        try:
+            have = {s.name for s in self._backend.snapshots(volume)}
+        except NotFound:
+            have = set()
+        for target, base in self._replications.bases_by_target(volume).items():
+            if base not in have:
+                log.warning("%s@%s, the replication base of %s, is gone; forgetting it",
+                            volume, base, target)
+                self._replications.forget_base(volume, target)
+
     def retire(self, volume: str, snapshots: Iterable[str], why: str) -> list[str]:
         """Remove those of *snapshots* that nothing needs, each under the volume's lock;
         one that cannot go is logged and kept. Returns the names removed."""

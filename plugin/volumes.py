@@ -81,6 +81,18 @@ class VolumeService:
                 self._backend.attach(name)  # re-provision what running containers still use
             except BackendError as exc:
                 log.error("volume %s is in use but cannot be attached: %s", name, exc)
+        self._forget_what_is_gone(existing)
+
+    def _forget_what_is_gone(self, existing: set[str]) -> None:
+        """What a kill in the middle of a Remove or a rollback left on record: the runs and
+        replications of volumes that no longer exist, replication bases whose snapshot is
+        gone."""
+        for store in (self._history, self._replications):
+            for name in sorted(store.volumes() - existing) if store is not None else ():
+                log.warning("volume %s is gone; forgetting its record in %s", name, store.path)
+                store.forget(name)
+        for name in sorted(self._replications.volumes()) if self._replications is not None else ():
+            self._lifecycle.forget_lost_bases(name)
 
     # ------------------------------------------------------------------ Docker calls
 
@@ -205,7 +217,11 @@ class VolumeService:
                 raise Conflict(f"rolling {volume} back to {snapshot} destroys the newer "
                                f"snapshot(s) {', '.join(newer)} on {self._backend.kind}; "
                                "pass --destroy-newer to do it")
-            self._backend.rollback(volume, snapshot)
+            try:
+                self._backend.rollback(volume, snapshot)
+            finally:                # also after a failure: ZFS may have destroyed them first
+                if newer and not self._backend.rollback_keeps_newer:
+                    self._lifecycle.forget_lost_bases(volume)
 
     def remove(self, name: object) -> None:
         """Destroy a volume that no container uses.

@@ -106,3 +106,36 @@ def test_check_reports_and_repairs_what_a_crash_left_of_the_lifecycle(domain, ba
                                     "base of replication to ssh://b"),
         ("repl-20260102T000000Z-bbbb", "replication", None),
         ("send-20260102T000000Z-bbbb", "send", None)]
+
+
+def test_a_rollback_that_destroys_a_replication_base_forgets_it(domain, backend):
+    domain.volumes.create("v1", {})
+    for snapshot in ("s1", "s2"):
+        domain.volumes.snapshot(["v1"], snapshot)
+    domain.replications.record("v1", Replication("ssh://b", datetime.now(timezone.utc), "s2"))
+    domain.volumes.rollback("v1", "s1", destroy_newer=True)
+    kept = domain.replications.base("v1", "ssh://b")
+    assert kept == (None if not backend.rollback_keeps_newer else "s2")
+    assert domain.checker.check()["problems"] == []
+
+
+def test_the_next_start_forgets_the_records_of_what_a_kill_left_gone(domain, backend, tmp_path):
+    """A Remove killed after its destroy, a rollback killed after zfs destroyed newer
+    snapshots: their records outlive what they describe, until the next start."""
+    from plugin.history import AutoHistory, AutoRun
+
+    history = AutoHistory(tmp_path / "schedule.json")
+    domain.volumes.create("v1", {})
+    domain.volumes.snapshot(["v1"], "s1")
+    now = datetime.now(timezone.utc)
+    domain.replications.record("v1", Replication("ssh://b", now, "gone-since"))
+    domain.replications.record("v2", Replication("ssh://b", now, "s1"))
+    history.record("v2", AutoRun(now, "auto-x"))
+    assert len(domain.checker.check()["problems"]) == 2
+    restarted = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(2),
+                                history=AutoHistory(tmp_path / "schedule.json"),
+                                replications=ReplicationLog(tmp_path / "replication.json"))
+    restarted.volumes.open()
+    assert restarted.checker.check()["problems"] == []
+    assert ReplicationLog(tmp_path / "replication.json").volumes() == {"v1"}
+    assert AutoHistory(tmp_path / "schedule.json").volumes() == set()
