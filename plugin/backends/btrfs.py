@@ -164,7 +164,7 @@ class BtrfsBackend:
         except OSError as exc:
             raise BackendError(f"cannot remove volume {name}: {exc.strerror}", errno=exc.errno) from None
         self._layout.delete_subvolume(doomed)
-        btrfs_recovery.sweep_orphan_snapshots(self._layout, name)
+        btrfs_recovery.sweep_orphan_snapshots(self._layout, name, level=logging.INFO)
         log.info("removed volume %s", name)
 
     # ------------------------------------------------------------------ snapshots

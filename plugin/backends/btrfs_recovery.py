@@ -106,10 +106,11 @@ def finish_interrupted(layout: Layout) -> None:
                 log.error("could not remove the orphan snapshots in %s: %s", entry.path, exc)
 
 
-def sweep_orphan_snapshots(layout: Layout, name: str) -> None:
+def sweep_orphan_snapshots(layout: Layout, name: str, *, level: int = logging.WARNING) -> None:
     """Delete the snapshots left in snapshots/<name>/ by a volume that no longer exists
     (a Remove or a full receive interrupted by a crash), so a new volume of that name never
-    inherits them. Caller: the volume does not exist, and nothing is creating it.
+    inherits them. Caller: the volume does not exist, and nothing is creating it; *level*
+    is INFO where this is the normal end of a Remove, not a repair.
     Idempotent: a crash midway leaves the rest for the next call."""
     directory = layout.snapshots_dir / names.volume_name(name)
     if not directory.is_dir() or os.path.lexists(layout.path(name)):
@@ -117,8 +118,8 @@ def sweep_orphan_snapshots(layout: Layout, name: str) -> None:
     for entry in os.scandir(directory):
         path = Path(entry.path)
         if layout.is_ours(path):
-            log.warning("deleting snapshot %s@%s of a volume that no longer exists", name,
-                        entry.name)
+            log.log(level, "deleting snapshot %s@%s of a volume that no longer exists", name,
+                    entry.name)
             layout.delete_subvolume(path)
     try:
         directory.rmdir()
