@@ -71,7 +71,7 @@ class Checker:
                     with self._locks.hold(volume):
                         if base not in self._snapshot_names(volume):
                             self._replications.forget_base(volume, target)
-        for volume, snapshot, why in self._unneeded():
+        for volume, snapshot, why in self._lifecycle.unneeded(busy=self._locks.busy):
             self._lifecycle.retire(volume, [snapshot], why)
         for volume, _ in self._unheld_mounts():
             try:
@@ -116,7 +116,7 @@ class Checker:
                      for volume, count in self._unheld_mounts()]
         problems += [{"kind": "unneeded snapshot",
                       "what": f"{volume}@{snapshot}, taken for {owner(snapshot)}: {why}",
-                      "repair": "remove it"} for volume, snapshot, why in self._unneeded()]
+                      "repair": "remove it"} for volume, snapshot, why in self._lifecycle.unneeded(busy=self._locks.busy)]
         return problems
 
     def _unheld_mounts(self) -> list[tuple[str, int]]:
@@ -139,27 +139,6 @@ class Checker:
         if self._quiescer is None:
             return False
         return not any(c.state in HOLDING_STATES for c in self._quiescer.containers([volume]))
-
-    def _unneeded(self) -> list[tuple[str, str, str]]:
-        """(volume, snapshot, why) of the snapshots snapvol took for itself that nothing
-        needs any more (a crash between the operation and their removal); volumes an
-        operation holds right now are left out."""
-        volumes = {v.name: v for v in self._backend.volumes()}
-        found = []
-        for volume in sorted(volumes):
-            if self._locks.busy(volume):
-                continue
-            try:
-                listed = self._backend.snapshots(volume)
-            except VolumeNotFound:
-                continue
-            needed = self._lifecycle.needs(volume, volumes.values())
-            found += [(volume, s, "a newer one replaces it")
-                      for s in self._lifecycle.superseded(volume, listed) if s not in needed]
-            found += [(volume, s, "no clone needs it")
-                      for s in self._lifecycle.stale_clone_origins(volume, listed, volumes)
-                      if s not in needed]
-        return found
 
     def _snapshot_names(self, volume: str) -> set[str]:
         try:

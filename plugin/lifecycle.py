@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .backends.base import Backend, SnapshotInfo, VolumeInfo
 from .errors import NotFound, PluginError
@@ -130,6 +130,46 @@ class Lifecycle:
             log.info("removed %s@%s: %s", volume, snapshot, why)
             removed.append(snapshot)
         return removed
+
+    def unneeded(self, busy: Callable[[str], bool] = lambda volume: False
+                 ) -> list[tuple[str, str, str]]:
+        """(volume, snapshot, why) of the snapshots snapvol took for itself that nothing
+        needs any more (a kill between an operation and their removal), from one listing of
+        every volume's snapshots; volumes for which *busy* is true are left out."""
+        volumes = {v.name: v for v in self._backend.volumes()}
+        found = []
+        for volume, listed in sorted(self._backend.all_snapshots().items()):
+            if busy(volume) or volume not in volumes:
+                continue
+            candidates = [(s, "a newer one replaces it") for s in self.superseded(volume, listed)]
+            candidates += [(s, "no clone needs it")
+                           for s in self.stale_clone_origins(volume, listed, volumes)]
+            if candidates:
+                needed = self.needs(volume, volumes.values())
+                found += [(volume, s, why) for s, why in candidates if s not in needed]
+        return found
+
+    def tidy(self) -> int:
+        """At start: remove what :meth:`unneeded` finds, each logged. Returns how many."""
+        removed = 0
+        for volume, snapshot, why in self.unneeded():
+            log.warning("%s@%s was left by an interrupted operation (%s, %s)", volume, snapshot,
+                        owner(snapshot), why)
+            removed += len(self.retire(volume, [snapshot], why))
+        return removed
+
+    def retire_older(self, volume: str, newest: str, why: str) -> list[str]:
+        """*newest*, a send-/repl- snapshot, now replaces the older ones of its kind (their
+        names sort by time): retire them. Nothing for other snapshots."""
+        prefix = next((p for p in SUPERSEDED if newest.startswith(p)), None)
+        if prefix is None:
+            return []
+        try:
+            older = [s.name for s in self._backend.snapshots(volume)
+                     if s.name.startswith(prefix) and s.name < newest]
+        except NotFound:
+            return []
+        return self.retire(volume, older, why)
 
     def superseded(self, volume: str, listed: list[SnapshotInfo]) -> list[str]:
         """Of *listed*, the send-/repl- snapshots a newer one of the same kind replaces (their

@@ -151,9 +151,7 @@ class Replicator:
     def _drop_old_replication_snapshots(self, volume: str, keep: str) -> None:
         """Older ``repl-`` snapshots were bases of earlier runs; the new one replaces them
         (unless another target still builds on one, or a clone was made from it)."""
-        older = [s.name for s in self._volumes.snapshots(volume)
-                 if s.name.startswith(REPL_PREFIX) and s.name != keep]
-        self._lifecycle.retire(volume, older, f"replaced by {keep} as replication base")
+        self._lifecycle.retire_older(volume, keep, f"replaced by {keep} as replication base")
 
     # ------------------------------------------------------------------ targets
 

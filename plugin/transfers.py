@@ -69,10 +69,8 @@ class Transfers:
         taken = self._volumes.snapshot([volume], unique_name(SEND_PREFIX))[0].name
 
         def retire(complete: bool) -> None:
-            if complete:        # names sort by time: older ones are those that sort before
-                older = [s.name for s in self._backend.snapshots(volume)
-                         if s.name.startswith(SEND_PREFIX) and s.name < taken]
-                self._lifecycle.retire(volume, older, f"a newer send ({taken}) completed")
+            if complete:
+                self._lifecycle.retire_older(volume, taken, f"a newer send ({taken}) completed")
             else:
                 self._lifecycle.retire(volume, [taken], "taken for a send that failed")
         try:
@@ -173,6 +171,8 @@ class Transfers:
                 raise StreamRefused(f"the receiver stopped early ({exc}); nothing was kept") from None
         log.info("received %s@%s: %d bytes (%s)", volume, snapshot, reader.bytes,
                  "incremental from " + base if base else "full")
+        # a replica keeps what its source keeps: the newest send-/repl- snapshot of each kind
+        self._lifecycle.retire_older(volume, snapshot, f"replaced by {snapshot}, received")
         return {"volume": volume, "snapshot": snapshot, "base": base, "bytes": reader.bytes}
 
     def resume_token(self, volume: object) -> str | None:

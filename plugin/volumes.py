@@ -84,15 +84,19 @@ class VolumeService:
         self._forget_what_is_gone(existing)
 
     def _forget_what_is_gone(self, existing: set[str]) -> None:
-        """What a kill in the middle of a Remove or a rollback left on record: the runs and
-        replications of volumes that no longer exist, replication bases whose snapshot is
-        gone."""
+        """What a kill in the middle of an operation left behind: the runs and replications
+        of volumes that no longer exist, replication bases whose snapshot is gone, and
+        snapshots snapvol took for itself that nothing needs any more."""
         for store in (self._history, self._replications):
             for name in sorted(store.volumes() - existing) if store is not None else ():
                 log.warning("volume %s is gone; forgetting its record in %s", name, store.path)
                 store.forget(name)
         for name in sorted(self._replications.volumes()) if self._replications is not None else ():
             self._lifecycle.forget_lost_bases(name)
+        try:
+            self._lifecycle.tidy()
+        except PluginError as exc:          # never a reason not to start
+            log.error("could not look for snapshots left by interrupted operations: %s", exc)
 
     # ------------------------------------------------------------------ Docker calls
 

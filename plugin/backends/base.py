@@ -124,6 +124,10 @@ class Backend(Protocol):
     def snapshots(self, volume: str) -> list[SnapshotInfo]:
         """The volume's snapshots, oldest first (one bulk query)."""
 
+    def all_snapshots(self) -> dict[str, list[SnapshotInfo]]:
+        """Every volume's snapshots, oldest first, as cheaply as the filesystem allows (ZFS:
+        one query); a volume removed meanwhile is simply left out."""
+
     def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
         """Take a read-only snapshot, in constant time.
 

@@ -191,6 +191,15 @@ class BtrfsBackend:
                 # pruned (or sent and released) while we listed: it is simply gone
         return [info for _, info in sorted(found, key=lambda pair: (pair[1].created, pair[0]))]
 
+    def all_snapshots(self) -> dict[str, list[SnapshotInfo]]:
+        found = {}
+        for info in self.volumes():
+            try:
+                found[info.name] = self.snapshots(info.name)
+            except VolumeNotFound:
+                continue                        # removed while we listed
+        return found
+
     def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
         source = self._layout.owned_path(volume)
         target = self._layout.snapshot_path(volume, snapshot)

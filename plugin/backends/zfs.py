@@ -201,6 +201,14 @@ class ZfsBackend:
         return sorted(self._layout.snapshots(self._layout.owned(volume), volume).values(),
                       key=lambda s: s.created)
 
+    def all_snapshots(self) -> dict[str, list[SnapshotInfo]]:
+        owned = {v.name for v in self.volumes()}
+        found: dict[str, list[SnapshotInfo]] = {name: [] for name in owned}
+        for snap in self._layout.snapshots_below():
+            if snap.volume in owned:
+                found[snap.volume].append(snap)
+        return {name: sorted(snaps, key=lambda s: s.created) for name, snaps in found.items()}
+
     def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
         dataset = self._layout.owned(volume)
         full = f"{dataset}@{names.snapshot_name(snapshot)}"

@@ -164,8 +164,13 @@ class ZfsCommands:
     def get_with_children(self, dataset: str, props: list[str]) -> dict[str, dict[str, str]]:
         """*props* of *dataset* and of its children and snapshots, one level down, in one call
         (snapshots in creation order)."""
-        out = process.run(["zfs", "get", "-H", "-p", "-r", "-d", "1", "-o", "name,property,value",
-                           ",".join(props), dataset], timeout=TIMEOUT).stdout
+        return self.get_below(dataset, props, depth=1)
+
+    def get_below(self, dataset: str, props: list[str], *, depth: int) -> dict[str, dict[str, str]]:
+        """*props* of *dataset* and of what lies *depth* levels below it (a child's snapshots
+        are one level below the child), in one call."""
+        out = process.run(["zfs", "get", "-H", "-p", "-r", "-d", str(depth), "-o",
+                           "name,property,value", ",".join(props), dataset], timeout=TIMEOUT).stdout
         found: dict[str, dict[str, str]] = {}
         for line in out.splitlines():
             name, prop, value = line.split("\t", 2)

@@ -76,6 +76,16 @@ class Layout:
                                    format(int(p["guid"]), "x"), format(int(p["guid"]), "x"))
                 for snap, p in self._zfs.snapshots(dataset).items()}
 
+    def snapshots_below(self) -> list[SnapshotInfo]:
+        """The snapshots of every dataset directly below the root, in one query (whose
+        they are is the caller's to check)."""
+        prefix = self.root + "/"
+        return [SnapshotInfo(volume, snap, datetime.fromtimestamp(int(p["creation"]), tz=timezone.utc),
+                             format(int(p["guid"]), "x"), format(int(p["guid"]), "x"))
+                for name, p in self._zfs.get_below(self.root, ["creation", "guid"], depth=2).items()
+                if name.startswith(prefix) and "@" in name
+                for volume, _, snap in [name[len(prefix):].partition("@")] if "/" not in volume]
+
     def children(self) -> dict[str, dict[str, str]]:
         """Volume-like datasets directly below the root, with the properties we list by."""
         try:
