@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from .. import names, process
-from ..errors import BackendError, SnapshotExists, VolumeExists
+from ..errors import BackendError, PluginError, SnapshotExists, VolumeExists
 from .zfs_commands import ZfsCommands
 from .zfs_layout import OWNER, Layout
 
@@ -115,6 +115,8 @@ class Receiver:
         except BaseException:
             if base is None and not self._zfs.resumable:
                 self.drop_inbox(target, keep_resumable=False)    # nothing half-made
+            elif base is not None:
+                self._drop_unaccepted(dataset, volume, snapshot)
             raise
         finally:
             if base is not None:
@@ -124,6 +126,19 @@ class Receiver:
             return
         self._adopt(target, volume, options)
         log.info("received %s@%s (full)", volume, snapshot)
+
+    def _drop_unaccepted(self, dataset: str, volume: str, snapshot: str) -> None:
+        """A failed incremental receive must leave no snapshot: zfs-fuse has been seen to
+        answer "I/O error" with the snapshot made, and a stream whose envelope failed its
+        checksum may have been whole to zfs. Either way it was never accepted."""
+        try:
+            if snapshot in self._layout.snapshots(dataset, volume):
+                log.warning("the failed receive left %s@%s; removing it", volume, snapshot)
+                self._zfs.destroy_snapshot(f"{dataset}@{snapshot}",
+                                           f"cannot remove {volume}@{snapshot}")
+        except PluginError as exc:
+            log.error("could not check for or remove %s@%s after a failed receive: %s",
+                      volume, snapshot, exc)
 
     def _adopt(self, inbox: str, volume: str, options: Mapping[str, str]) -> None:
         """Make the completely received *inbox* the volume *volume*, all or nothing."""

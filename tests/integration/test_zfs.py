@@ -231,3 +231,29 @@ def test_a_full_pool_refuses_a_rollback_before_it_destroys_anything(backend):
     backend.destroy_volume("filler")          # the way out of a full pool
     backend.rollback("v1", "s1")
     assert (path / "f").read_text() == "one"
+
+
+def test_a_failed_incremental_receive_leaves_no_snapshot_even_if_zfs_made_it(backend):
+    """Our envelope failed (or zfs-fuse said "I/O error") after zfs had received the whole
+    stream: the snapshot zfs made was never accepted, so it is removed."""
+    import time
+
+    path = backend.attach(backend.create_volume("v1", {}).name)
+    (path / "f").write_text("one")
+    backend.create_snapshot("v1", "s1")
+    full = subprocess.run(backend.send_argv("v1", "s1", None), capture_output=True, check=True).stdout
+    (path / "f").write_text("two")
+    backend.create_snapshot("v1", "s2")
+    inc = subprocess.run(backend.send_argv("v1", "s2", "s1"), capture_output=True, check=True).stdout
+    with backend.receiving("copy", "s1", None, {}) as pipe:
+        pipe.write(full)
+    with pytest.raises(RuntimeError, match="checksum"):
+        with backend.receiving("copy", "s2", "s1", {}) as pipe:
+            pipe.write(inc)
+            pipe.close()                                 # zfs has it all and finishes
+            deadline = time.monotonic() + 30
+            while "s2" not in [s.name for s in backend.snapshots("copy")]:
+                assert time.monotonic() < deadline, "zfs never finished the receive"
+                time.sleep(0.1)
+            raise RuntimeError("the envelope's checksum did not match")
+    assert [s.name for s in backend.snapshots("copy")] == ["s1"]
