@@ -115,6 +115,8 @@ class ZfsBackend:
                 log.info("destroying %s/%s left %s by an interrupted operation",
                          self.root, name, props[OWNER])
                 try:
+                    if props[OWNER] == "removing":      # clones first, as destroy_volume does
+                        self._promote_clones(f"{self.root}/{name}")
                     self._layout.destroy(f"{self.root}/{name}", mounted=props.get("mounted") == "yes")
                 except BackendError as exc:
                     log.error("could not destroy %s/%s: %s", self.root, name, exc)
@@ -167,9 +169,11 @@ class ZfsBackend:
 
     def destroy_volume(self, name: str) -> None:
         """Destroy the dataset and its snapshots; volumes cloned from one of them are
-        promoted first (they take over the snapshots they need), so they keep working."""
+        promoted first (they take over the snapshots they need), so they keep working.
+
+        The mark comes first: promoting moves snapshots away, so a kill after it must not
+        leave the volume visible without them; start-up finishes a marked removal."""
         dataset = self._layout.owned(name)
-        self._promote_clones(dataset)
         try:
             self._zfs.set(dataset, OWNER, "removing")       # invisible from here on
         except CommandFailed as exc:
@@ -178,6 +182,7 @@ class ZfsBackend:
             # Removing a volume is how a user frees space on a full pool: without the mark,
             # a crash from here leaves the volume visible, and a repeated Remove finishes it.
             log.warning("pool full: removing volume %s without marking it first", name)
+        self._promote_clones(dataset)
         self._layout.destroy(dataset, mounted=True)
         log.info("removed volume %s", name)
 

@@ -257,3 +257,41 @@ def test_a_failed_incremental_receive_leaves_no_snapshot_even_if_zfs_made_it(bac
                 time.sleep(0.1)
             raise RuntimeError("the envelope's checksum did not match")
     assert [s.name for s in backend.snapshots("copy")] == ["s1"]
+
+
+KILLED_AT_PROMOTE = """
+import os, sys
+from pathlib import Path
+from plugin import process
+from plugin.backends.zfs import ZfsBackend
+from plugin.backends.zfs_commands import load_libzfs_core
+backend = ZfsBackend(sys.argv[1], Path(sys.argv[2]), load_libzfs_core())
+real = process.run
+def dies_like_kill_9(argv, *args, **kwargs):
+    result = real(argv, *args, **kwargs)
+    if argv[:2] == ["zfs", "promote"]:
+        os._exit(137)              # right after the clone took the snapshots over
+    return result
+process.run = dies_like_kill_9
+backend.destroy_volume("v1")
+"""
+
+
+def test_a_remove_killed_after_promoting_a_clone_is_finished_by_the_next_start(backend):
+    """Promoting a clone moves the removed volume's older snapshots to it: a kill right
+    after must not leave the volume visible without them; the next start finishes it."""
+    import sys
+    path = backend.attach(backend.create_volume("v1", {}).name)
+    (path / "f").write_text("data")
+    backend.create_snapshot("v1", "s1")
+    backend.clone("v1", "s1", "c1", {"from": "v1@s1"})
+    child = subprocess.run([sys.executable, "-c", KILLED_AT_PROMOTE, backend.root,
+                            str(backend.mount_base)], capture_output=True,
+                           cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert child.returncode == 137, child.stderr.decode()[-2000:]
+    assert [v.name for v in backend.volumes()] == ["c1"]          # never v1 without s1
+    restarted = ZfsBackend(backend.root, backend.mount_base, load_libzfs_core())
+    restarted.check()
+    assert restarted.leftovers() == []
+    assert subprocess.run(["zfs", "list", f"{backend.root}/v1"], capture_output=True).returncode != 0
+    assert (restarted.attach("c1") / "f").read_text() == "data"
