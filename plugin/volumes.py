@@ -253,15 +253,20 @@ class VolumeService:
             self._changed()      # only then has the scheduler anything to re-plan
 
     def _retire_clone_origin(self, name: str, info: VolumeInfo) -> None:
-        """A removed clone made with from=VOLUME no longer needs the snapshot taken for it."""
+        """A removed clone made with from=VOLUME no longer needs the snapshot taken for it;
+        nor does a clone of the removed volume whose origin snapshot its promotion made its
+        own (ZFS)."""
         origin, _, snapshot = info.options.get("from", "").partition("@")
-        if not origin or snapshot:
-            return                     # not a clone, or of a snapshot someone else owns
-        try:
-            mine = [s.name for s in self._backend.snapshots(origin) if clone_of(s.name) == name]
-        except PluginError:
-            return                     # the origin is gone (on ZFS: promoted, see zfs.py)
-        self._lifecycle.retire(origin, mine, f"origin of the removed clone {name}")
+        owners = [(origin, name)] if origin and not snapshot else []
+        owners += [(clone.name, clone.name) for clone in self._backend.volumes()
+                   if clone.options.get("from") == name]
+        for volume, clone in owners:
+            try:
+                mine = [s.name for s in self._backend.snapshots(volume) if clone_of(s.name) == clone]
+            except PluginError:
+                continue               # gone meanwhile (the origin: promoted, see zfs.py)
+            self._lifecycle.retire(volume, mine, f"origin of clone {clone}, no longer needed "
+                                                 f"after the removal of {name}")
 
     def mount(self, name: object, mount_id: object) -> Path:
         """Record one more user of the volume and return the directory Docker bind-mounts.

@@ -166,3 +166,16 @@ def test_a_replica_keeps_only_the_newest_replication_snapshot(domain, backend):
                                             "repl-20260101T000000Z-000000aa"))
     domain.transfers.receive("copy", io.BytesIO(second))
     assert [r[0] for r in rows(domain, "copy")] == ["repl-20260102T000000Z-000000bb"]
+
+
+def test_removing_the_origin_of_a_clone_leaves_the_clone_nothing_to_carry(domain):
+    """On ZFS, removing v1 promotes its clone c1, which takes over the snapshot it was made
+    from: a snapshot of c1 now, that nothing needs."""
+    domain.volumes.create("v1", {})
+    (domain.volumes.mount("v1", "m1") / "f").write_text("data")
+    domain.volumes.unmount("v1", "m1")
+    domain.volumes.create("c1", {"from": "v1"})
+    domain.volumes.remove("v1")
+    assert rows(domain, "c1") == []
+    assert (domain.volumes.mount("c1", "m2") / "f").read_text() == "data"
+    assert domain.checker.check()["problems"] == []
