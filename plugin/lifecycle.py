@@ -131,14 +131,24 @@ class Lifecycle:
             removed.append(snapshot)
         return removed
 
-    def unneeded(self, busy: Callable[[str], bool] = lambda volume: False
-                 ) -> list[tuple[str, str, str]]:
+    def unneeded(self, busy: Callable[[str], bool] = lambda volume: False,
+                 only: Iterable[str] | None = None) -> list[tuple[str, str, str]]:
         """(volume, snapshot, why) of the snapshots snapvol took for itself that nothing
-        needs any more (a kill between an operation and their removal), from one listing of
-        every volume's snapshots; volumes for which *busy* is true are left out."""
+        needs any more (a kill between an operation and their removal, or the last clone
+        made from one removed), from one listing of every volume's snapshots (or of those
+        *only*); volumes for which *busy* is true are left out."""
         volumes = {v.name: v for v in self._backend.volumes()}
+        if only is None:
+            listing = self._backend.all_snapshots()
+        else:
+            listing = {}
+            for name in set(only) & set(volumes):
+                try:
+                    listing[name] = self._backend.snapshots(name)
+                except NotFound:
+                    continue
         found = []
-        for volume, listed in sorted(self._backend.all_snapshots().items()):
+        for volume, listed in sorted(listing.items()):
             if busy(volume) or volume not in volumes:
                 continue
             candidates = [(s, "a newer one replaces it") for s in self.superseded(volume, listed)]
@@ -149,12 +159,15 @@ class Lifecycle:
                 found += [(volume, s, why) for s, why in candidates if s not in needed]
         return found
 
-    def tidy(self) -> int:
-        """At start: remove what :meth:`unneeded` finds, each logged. Returns how many."""
+    def tidy(self, only: Iterable[str] | None = None) -> int:
+        """Remove what :meth:`unneeded` finds (at start: everywhere, each logged as left by
+        an interrupted operation; after a Remove: on the volumes it concerned). Returns how
+        many went."""
         removed = 0
-        for volume, snapshot, why in self.unneeded():
-            log.warning("%s@%s was left by an interrupted operation (%s, %s)", volume, snapshot,
-                        owner(snapshot), why)
+        for volume, snapshot, why in self.unneeded(only=only):
+            if only is None:
+                log.warning("%s@%s was left by an interrupted operation (%s, %s)", volume,
+                            snapshot, owner(snapshot), why)
             removed += len(self.retire(volume, [snapshot], why))
         return removed
 

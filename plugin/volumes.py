@@ -26,7 +26,7 @@ from .errors import (BackendError, BackendUnavailable, Conflict, InvalidName, In
                      InvalidRequest, PluginError, SnapshotNotFound, VolumeExists, VolumeInUse, VolumeNotFound)
 from .history import AutoHistory, ReplicationLog
 from .inflight import InFlight
-from .lifecycle import Lifecycle, clone_of
+from .lifecycle import Lifecycle
 from .locks import VolumeLocks
 from .mounts import MountTable
 from .quiesce import DockerQuiescer, QuiesceFailed
@@ -253,20 +253,15 @@ class VolumeService:
             self._changed()      # only then has the scheduler anything to re-plan
 
     def _retire_clone_origin(self, name: str, info: VolumeInfo) -> None:
-        """A removed clone made with from=VOLUME no longer needs the snapshot taken for it;
-        nor does a clone of the removed volume whose origin snapshot its promotion made its
-        own (ZFS)."""
-        origin, _, snapshot = info.options.get("from", "").partition("@")
-        owners = [(origin, name)] if origin and not snapshot else []
-        owners += [(clone.name, clone.name) for clone in self._backend.volumes()
-                   if clone.options.get("from") == name]
-        for volume, clone in owners:
-            try:
-                mine = [s.name for s in self._backend.snapshots(volume) if clone_of(s.name) == clone]
-            except PluginError:
-                continue               # gone meanwhile (the origin: promoted, see zfs.py)
-            self._lifecycle.retire(volume, mine, f"origin of clone {clone}, no longer needed "
-                                                 f"after the removal of {name}")
+        """The snapshots a removed volume's clone relations kept may be unneeded now: the
+        one it was cloned from (on its origin), and those its clones took over when they
+        were promoted (ZFS). Nothing else is looked at."""
+        origin = info.options.get("from", "").partition("@")[0]
+        concerned = {origin} if origin else set()
+        concerned |= {c.name for c in self._backend.volumes()
+                      if c.options.get("from", "").partition("@")[0] == name}
+        if concerned:
+            self._lifecycle.tidy(only=concerned)
 
     def mount(self, name: object, mount_id: object) -> Path:
         """Record one more user of the volume and return the directory Docker bind-mounts.

@@ -179,3 +179,16 @@ def test_removing_the_origin_of_a_clone_leaves_the_clone_nothing_to_carry(domain
     assert rows(domain, "c1") == []
     assert (domain.volumes.mount("c1", "m2") / "f").read_text() == "data"
     assert domain.checker.check()["problems"] == []
+
+
+def test_the_last_clone_of_an_unneeded_snapshot_takes_it_along(domain, backend):
+    """A clone keeps a superseded send- snapshot it was made from; removing the clone lets
+    it go (check would otherwise report it until --repair)."""
+    domain.volumes.create("v1", {})
+    for snapshot in ("send-20260101T000000Z-000000aa", "send-20260102T000000Z-000000bb"):
+        backend.create_snapshot("v1", snapshot)
+    domain.volumes.create("c1", {"from": "v1@send-20260101T000000Z-000000aa"})
+    assert domain.checker.check()["problems"] == []          # needed by c1
+    domain.volumes.remove("c1")
+    assert [r[0] for r in rows(domain, "v1")] == ["send-20260102T000000Z-000000bb"]
+    assert domain.checker.check()["problems"] == []
