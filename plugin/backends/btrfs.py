@@ -247,8 +247,15 @@ class BtrfsBackend:
     def rollback(self, volume: str, snapshot: str) -> None:
         """Replace the volume's subvolume by a writable snapshot of *snapshot*; other
         snapshots are untouched (Btrfs snapshots are independent subvolumes)."""
+        self._replace(volume, self._layout.owned_snapshot(volume, snapshot),
+                      f"cannot roll {volume} back to {snapshot}")
+        log.info("rolled volume %s back to snapshot %s", volume, snapshot)
+
+    def _replace(self, volume: str, origin: Path, failure: str) -> None:
+        """Make the volume a writable snapshot of the subvolume *origin*, its options kept:
+        built in staging, then swapped in by two renames (start-up puts the old one back if
+        a kill comes between them)."""
         current = self._layout.owned_path(volume)
-        origin = self._layout.owned_snapshot(volume, snapshot)
         meta = self._layout.read_owner(current) or {}
         token = secrets.token_hex(4)
         fresh = names.under(self.staging_dir, f"rollback.{volume}.{token}")
@@ -266,10 +273,9 @@ class BtrfsBackend:
                 os.rename(replaced, current)
             self._layout.discard(fresh)
             if isinstance(exc, OSError):
-                raise BackendError(f"cannot roll {volume} back to {snapshot}: {exc}", errno=exc.errno) from None
+                raise BackendError(f"{failure}: {exc}", errno=exc.errno) from None
             raise
-        self._layout.delete_subvolume(replaced)
-        log.info("rolled volume %s back to snapshot %s", volume, snapshot)
+        self._layout.discard(replaced)          # a leftover at worst: start-up removes it
 
     # ------------------------------------------------------------------ send / receive
 
@@ -291,7 +297,12 @@ class BtrfsBackend:
                   options: Mapping[str, str], *, resume: bool = False) -> Iterator[BinaryIO]:
         """``btrfs receive`` into a directory of staging (invisible to Docker); on success the
         snapshot moves to snapshots/<volume>/ and the volume becomes a writable snapshot of
-        it (made, for a full stream; replaced, for an incremental one)."""
+        it (made, for a full stream; replaced, for an incremental one).
+
+        An incremental stream replaces the volume *before* its snapshot is published: a kill
+        in between leaves the volume new and the snapshot absent (the next replication sends
+        it again), never the snapshot present over the old content, which the source would
+        then take as replicated."""
         if resume:
             raise InvalidOption("btrfs streams cannot be resumed")
         target = self._layout.snapshot_path(volume, snapshot)
@@ -313,6 +324,8 @@ class BtrfsBackend:
             received = inbox / snapshot
             if not self._layout.is_ours(received):
                 raise BackendError(f"the stream did not hold snapshot {snapshot} made by snapvol")
+            if base is not None:
+                self._replace(volume, received, f"cannot update volume {volume} to {snapshot}")
             target.parent.mkdir(mode=0o700, exist_ok=True)
             # a read-only subvolume cannot change its parent directory: flip it for the
             # rename (the ioctl keeps its received UUID, which incremental streams rely on)
@@ -321,8 +334,8 @@ class BtrfsBackend:
             btrfsutil.set_subvolume_read_only(target, True)
         finally:
             btrfs_recovery.empty_inbox(inbox)
-        try:
-            if base is None:
+        if base is None:
+            try:
                 with self._layout.staged(f"create.{volume}", f"cannot create volume {volume}") as work:
                     btrfsutil.create_snapshot(target, work)
                     self._layout.write_owner(work, options)
@@ -330,12 +343,9 @@ class BtrfsBackend:
                         self._layout.ensure_quotas()
                         self._layout.limit(work, options["size"])
                     os.rename(work, self._layout.path(volume))
-            else:
-                self.rollback(volume, snapshot)
-        except BaseException:
-            if base is None:   # nothing half-made: the snapshot goes with the failed volume
+            except BaseException:   # nothing half-made: the snapshot goes with the failed volume
                 self._layout.delete_subvolume(target)
-            raise
+                raise
         log.info("received %s@%s (%s)", volume, snapshot, "incremental" if base else "full")
 
     @staticmethod

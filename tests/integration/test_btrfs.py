@@ -218,6 +218,36 @@ def native_stream(backend: BtrfsBackend, volume: str, snapshot: str) -> bytes:
                           check=True).stdout
 
 
+@pytest.mark.parametrize("call", ["create_snapshot", "set_subvolume_read_only"])
+def test_an_incremental_receive_killed_midway_never_shows_its_snapshot_over_old_data(backend, call):
+    """kill -9 while an incremental receive updates a replica: its snapshot must never be
+    there while the volume still holds the old data (the source would take it as
+    replicated, found by scripts/torture); and the same stream, sent again, completes."""
+    source = backend.attach(backend.create_volume("v1", {}).name)
+    (source / "f").write_text("old")
+    backend.create_snapshot("v1", "s1")
+    (source / "f").write_text("new")
+    backend.create_snapshot("v1", "s2")
+    full = native_stream(backend, "v1", "s1")
+    inc = subprocess.run(backend.send_argv("v1", "s2", "s1"), capture_output=True, check=True).stdout
+    with backend.receiving("r1", "s1", None, {}) as pipe:
+        pipe.write(full)
+    crash_in_child(backend.root, call, 0, """
+with backend.receiving("r1", "s2", "s1", {}) as pipe:
+    pipe.write(sys.stdin.buffer.read())
+""", stdin=inc)
+    restarted = BtrfsBackend(backend.root)
+    restarted.check()
+    replica = restarted.attach("r1") / "f"
+    if "s2" in [s.name for s in restarted.snapshots("r1")]:
+        assert replica.read_text() == "new"
+    else:
+        with restarted.receiving("r1", "s2", "s1", {}) as pipe:
+            pipe.write(inc)
+        assert replica.read_text() == "new"
+    assert restarted.leftovers() == []
+
+
 def test_a_receive_killed_before_its_volume_was_made_leaves_nothing_at_next_start(backend):
     """kill -9 after the received snapshot was moved in, before the volume was made: the next
     start removes the orphan snapshot, the same stream is received again, and nothing of the
