@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import destroy_pool, make_pool
 from tests.e2e.conftest import LANE, docker_socket
 from tests.e2e.harness import PluginProcess, inspect_volume, mounts_under, unique
-from tests.e2e.test_replication import (DeadTarget, children_running, cli, digest, fill,
+from tests.e2e.test_replication import (children_running, cli, digest, every_slot_hanging, fill,
                                         ssh_target)
 
 RUN = ("run", "--rm", "--network", "none")
@@ -157,23 +157,10 @@ def test_a_refused_receive_leaves_the_replica_usable(docker, busybox, host_plugi
     assert cli(plugin, "snapshot", "create", vol, "--name", "s2")[0] == 0
     assert cli(plugin, "send", f"{vol}@s2", "--since", "s1", "-o", str(inc))[0] == 0
 
-    dead = DeadTarget(Path("/tmp") / f"snapvol-dead-{os.getpid()}.sock")
-    threads = [threading.Thread(target=cli, args=(plugin, "replicate", vol, f"unix://{dead.path}"))
-               for _ in range(4)]
-    try:
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while len(dead.held) < 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(dead.held) >= 4, plugin.log_tail()
+    with every_slot_hanging(plugin, vol):
         code, _, err = cli(plugin, "receive", copy, "-i", str(inc))
         assert code == 4 and "transfers are running already" in err, err
         assert run_on(docker, busybox, plugin, copy, "cat /data/f").strip() == "one"
-    finally:
-        dead.close()
-        for t in threads:
-            t.join(120)
     code, out, err = cli(plugin, "receive", copy, "-i", str(inc))
     assert code == 0 and "(incremental from s1)" in out, err
     assert run_on(docker, busybox, plugin, copy, "cat /data/f").strip() == "two"

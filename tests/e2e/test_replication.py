@@ -9,6 +9,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -237,14 +239,14 @@ class DeadTarget:
         self.path.unlink(missing_ok=True)
 
 
-def test_transfers_hanging_on_a_dead_target_never_block_docker(docker, busybox, plugin, tmp_path: Path):
-    vol = unique("hang")
-    docker("volume", "create", "-d", plugin.driver, vol)
-    fill(docker, busybox, plugin, vol, "dd if=/dev/urandom of=/data/a bs=1M count=16 2>/dev/null")
+@contextmanager
+def every_slot_hanging(plugin, volume: str) -> Iterator[tuple[DeadTarget, list]]:
+    """Four replications of *volume* (all the plugin's transfer slots) to a target that
+    accepts and never reads; released on exit. Yields the target and the CLI results."""
     dead = DeadTarget(Path("/tmp") / f"snapvol-dead-{os.getpid()}.sock")
     results: list[tuple[int, str, str]] = []
     threads = [threading.Thread(target=lambda: results.append(
-        cli(plugin, "replicate", vol, f"unix://{dead.path}"))) for _ in range(4)]
+        cli(plugin, "replicate", volume, f"unix://{dead.path}"))) for _ in range(4)]
     try:
         for t in threads:
             t.start()
@@ -252,6 +254,18 @@ def test_transfers_hanging_on_a_dead_target_never_block_docker(docker, busybox, 
         while len(dead.held) < 4 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(dead.held) >= 4, plugin.log_tail()
+        yield dead, results
+    finally:
+        dead.close()
+        for t in threads:
+            t.join(120)
+
+
+def test_transfers_hanging_on_a_dead_target_never_block_docker(docker, busybox, plugin, tmp_path: Path):
+    vol = unique("hang")
+    docker("volume", "create", "-d", plugin.driver, vol)
+    fill(docker, busybox, plugin, vol, "dd if=/dev/urandom of=/data/a bs=1M count=16 2>/dev/null")
+    with every_slot_hanging(plugin, vol) as (dead, results):
         time.sleep(1)
         slowest = 0.0
         for _ in range(20):
@@ -266,10 +280,6 @@ def test_transfers_hanging_on_a_dead_target_never_block_docker(docker, busybox, 
         assert slowest < 1.0, f"Get/List took {slowest:.3f} s while transfers hung"
         code, _, err = cli(plugin, "replicate", vol, f"unix://{dead.path}")
         assert code == 4 and "transfers are running already" in err, err
-    finally:
-        dead.close()
-        for t in threads:
-            t.join(120)
     assert len(results) == 4 and all(code != 0 for code, _, _ in results), results
     docker("volume", "rm", vol)
 
