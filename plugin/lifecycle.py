@@ -70,15 +70,23 @@ class Lifecycle:
         ``base of replication to T``, ``being sent``). *volumes* saves a listing when the
         caller has one."""
         needed: dict[str, str] = {}
-        for info in self._backend.volumes() if volumes is None else volumes:
+        every = {v.name: v for v in (self._backend.volumes() if volumes is None else volumes)}
+        for info in every.values():
             origin, _, snapshot = info.options.get("from", "").partition("@")
-            if origin == volume:
-                if not snapshot:       # from=VOLUME: the clone-NAME-<time> snapshot taken for it
-                    if not self._backend.clones_need_origin:
-                        continue
-                    snapshot = self._implicit_origin(volume, info)
-                if snapshot:
-                    needed[snapshot] = f"origin of clone {info.name}"
+            if origin == volume and snapshot:
+                needed[snapshot] = f"origin of clone {info.name}"
+        if self._backend.clones_need_origin:
+            # from=VOLUME: the clone-NAME-<time> snapshot taken for it, looked for on this
+            # volume whatever from= says (on ZFS, removing the origin volume promoted a clone,
+            # which took such snapshots over)
+            try:
+                listed = self._backend.snapshots(volume)
+            except NotFound:
+                listed = []
+            for snap in listed:
+                clone = every.get(clone_of(snap.name) or "")
+                if clone is not None and self._is_origin_of(snap, clone, listed):
+                    needed[snap.name] = f"origin of clone {clone.name}"
         if self._replications is not None:
             for target, base in self._replications.bases_by_target(volume).items():
                 needed[base] = f"base of replication to {target}"
@@ -86,15 +94,16 @@ class Lifecycle:
             needed[snapshot] = "being sent"
         return needed
 
-    def _implicit_origin(self, volume: str, clone: VolumeInfo) -> str | None:
-        """The clone-NAME-<time> snapshot of *volume* that *clone* was made from: the newest
-        one taken before the clone (older ones are from an earlier volume of that name)."""
-        try:
-            candidates = [s for s in self._backend.snapshots(volume)
-                          if clone_of(s.name) == clone.name and s.created <= clone.created]
-        except NotFound:
-            return None
-        return candidates[-1].name if candidates else None
+    @staticmethod
+    def _is_origin_of(snap: SnapshotInfo, clone: VolumeInfo, listed: list[SnapshotInfo]) -> bool:
+        """Whether *snap*, a clone-NAME-<time> snapshot among *listed*, is the one *clone*
+        was made from: the newest of them taken before the clone (older ones are from an
+        earlier volume of that name), on another volume (on the clone itself, after ZFS
+        promoted it, the snapshot is only history)."""
+        if snap.volume == clone.name:
+            return False
+        mine = [s for s in listed if clone_of(s.name) == clone.name and s.created <= clone.created]
+        return bool(mine) and max(mine, key=lambda s: (s.created, s.name)) == snap
 
     def forget_lost_bases(self, volume: str) -> None:
         """Forget the recorded replication bases of *volume* whose snapshot is gone (a
@@ -196,8 +205,9 @@ class Lifecycle:
     def stale_clone_origins(self, volume: str, listed: list[SnapshotInfo],
                             volumes: dict[str, VolumeInfo]) -> list[str]:
         """clone-NAME-<time> snapshots of *volume* no clone needs: the clone is gone (a crash
-        between removing it and its origin), is not a clone of *volume*, or the backend's
-        clones do not need their origin (Btrfs: a crash right after the clone was made)."""
+        between removing it and its origin), the snapshot is an earlier volume's of that
+        name, or the backend's clones do not need their origin (Btrfs: a crash right after
+        the clone was made)."""
         stale = []
         for snap in listed:
             name = clone_of(snap.name)
@@ -205,7 +215,6 @@ class Lifecycle:
                 continue
             clone = volumes.get(name)
             if (clone is None or not self._backend.clones_need_origin
-                    or clone.options.get("from", "").partition("@")[0] != volume
-                    or self._implicit_origin(volume, clone) != snap.name):
+                    or not self._is_origin_of(snap, clone, listed)):
                 stale.append(snap.name)
         return stale

@@ -192,3 +192,22 @@ def test_the_last_clone_of_an_unneeded_snapshot_takes_it_along(domain, backend):
     domain.volumes.remove("c1")
     assert [r[0] for r in rows(domain, "v1")] == ["send-20260102T000000Z-000000bb"]
     assert domain.checker.check()["problems"] == []
+
+
+def test_a_promoted_clone_keeps_the_origin_another_clone_still_needs(domain):
+    """Two clones of v1 (from=v1); removing v1 makes ZFS promote one, which takes over the
+    other's origin snapshot too: that one is still needed, though from= names v1 (found by
+    scripts/torture)."""
+    domain.volumes.create("v1", {})
+    (domain.volumes.mount("v1", "m1") / "f").write_text("data")
+    domain.volumes.unmount("v1", "m1")
+    domain.volumes.create("c3", {"from": "v1"})
+    domain.volumes.create("c15", {"from": "v1"})       # promoted first: it sorts first
+    domain.volumes.remove("v1")
+    assert domain.checker.check()["problems"] == []
+    for clone in ("c3", "c15"):
+        assert (domain.volumes.mount(clone, "m-" + clone) / "f").read_text() == "data"
+        domain.volumes.unmount(clone, "m-" + clone)
+    domain.volumes.remove("c3")
+    domain.volumes.remove("c15")
+    assert domain.checker.check()["problems"] == []
