@@ -68,42 +68,25 @@ class Lifecycle:
     def needs(self, volume: str, volumes: Iterable[VolumeInfo] | None = None) -> dict[str, str]:
         """Snapshots of *volume* that something still needs -> what (``origin of clone X``,
         ``base of replication to T``, ``being sent``). *volumes* saves a listing when the
-        caller has one."""
+        caller has one.
+
+        Clone origins are what the options say (``from=VOLUME@SNAPSHOT``) and, where clones
+        depend on their origin (ZFS), what the filesystem says: promoting a clone when its
+        origin volume is removed moves origins between volumes, so names and options alone
+        cannot tell."""
         needed: dict[str, str] = {}
-        every = {v.name: v for v in (self._backend.volumes() if volumes is None else volumes)}
-        for info in every.values():
+        for info in self._backend.volumes() if volumes is None else volumes:
             origin, _, snapshot = info.options.get("from", "").partition("@")
             if origin == volume and snapshot:
                 needed[snapshot] = f"origin of clone {info.name}"
-        if self._backend.clones_need_origin:
-            # from=VOLUME: the clone-NAME-<time> snapshot taken for it, looked for on this
-            # volume whatever from= says (on ZFS, removing the origin volume promoted a clone,
-            # which took such snapshots over)
-            try:
-                listed = self._backend.snapshots(volume)
-            except NotFound:
-                listed = []
-            for snap in listed:
-                clone = every.get(clone_of(snap.name) or "")
-                if clone is not None and self._is_origin_of(snap, clone, listed):
-                    needed[snap.name] = f"origin of clone {clone.name}"
+        for snapshot, clone in self._backend.clone_origins().get(volume, {}).items():
+            needed[snapshot] = f"origin of clone {clone}"
         if self._replications is not None:
             for target, base in self._replications.bases_by_target(volume).items():
                 needed[base] = f"base of replication to {target}"
         for snapshot in self._inflight.sending(volume):
             needed[snapshot] = "being sent"
         return needed
-
-    @staticmethod
-    def _is_origin_of(snap: SnapshotInfo, clone: VolumeInfo, listed: list[SnapshotInfo]) -> bool:
-        """Whether *snap*, a clone-NAME-<time> snapshot among *listed*, is the one *clone*
-        was made from: the newest of them taken before the clone (older ones are from an
-        earlier volume of that name), on another volume (on the clone itself, after ZFS
-        promoted it, the snapshot is only history)."""
-        if snap.volume == clone.name:
-            return False
-        mine = [s for s in listed if clone_of(s.name) == clone.name and s.created <= clone.created]
-        return bool(mine) and max(mine, key=lambda s: (s.created, s.name)) == snap
 
     def forget_lost_bases(self, volume: str) -> None:
         """Forget the recorded replication bases of *volume* whose snapshot is gone (a
@@ -161,8 +144,7 @@ class Lifecycle:
             if busy(volume) or volume not in volumes:
                 continue
             candidates = [(s, "a newer one replaces it") for s in self.superseded(volume, listed)]
-            candidates += [(s, "no clone needs it")
-                           for s in self.stale_clone_origins(volume, listed, volumes)]
+            candidates += [(s, "no clone needs it") for s in self.stale_clone_origins(listed)]
             if candidates:
                 needed = self.needs(volume, volumes.values())
                 found += [(volume, s, why) for s, why in candidates if s not in needed]
@@ -202,19 +184,9 @@ class Lifecycle:
             found += mine[:-1]
         return found
 
-    def stale_clone_origins(self, volume: str, listed: list[SnapshotInfo],
-                            volumes: dict[str, VolumeInfo]) -> list[str]:
-        """clone-NAME-<time> snapshots of *volume* no clone needs: the clone is gone (a crash
-        between removing it and its origin), the snapshot is an earlier volume's of that
-        name, or the backend's clones do not need their origin (Btrfs: a crash right after
-        the clone was made)."""
-        stale = []
-        for snap in listed:
-            name = clone_of(snap.name)
-            if name is None:
-                continue
-            clone = volumes.get(name)
-            if (clone is None or not self._backend.clones_need_origin
-                    or not self._is_origin_of(snap, clone, listed)):
-                stale.append(snap.name)
-        return stale
+    @staticmethod
+    def stale_clone_origins(listed: list[SnapshotInfo]) -> list[str]:
+        """The clone-NAME-<time> snapshots among *listed*: taken for a clone, they are
+        unneeded unless :meth:`needs` says otherwise (on Btrfs they are removed as soon as
+        the clone exists; on ZFS the filesystem says whether a clone still depends on one)."""
+        return [s.name for s in listed if clone_of(s.name) is not None]

@@ -242,22 +242,25 @@ class VolumeService:
             if users:
                 raise VolumeInUse(f"volume {name} is in use by {len(users)} container "
                                   "mount(s); stop or remove those containers first")
+            depended_on = {volume for volume, clones in self._backend.clone_origins().items()
+                           if name in clones.values()}
             self._backend.destroy_volume(name)
             self._mounts.forget(name)
         if self._history is not None:
             self._history.forget(name)
         if self._replications is not None:
             self._replications.forget(name)
-        self._retire_clone_origin(name, info)
+        self._retire_clone_origin(name, info, depended_on)
         if "schedule" in info.options:
             self._changed()      # only then has the scheduler anything to re-plan
 
-    def _retire_clone_origin(self, name: str, info: VolumeInfo) -> None:
+    def _retire_clone_origin(self, name: str, info: VolumeInfo, depended_on: set[str]) -> None:
         """The snapshots a removed volume's clone relations kept may be unneeded now: the
-        one it was cloned from (on its origin), and those its clones took over when they
-        were promoted (ZFS). Nothing else is looked at."""
+        one it was cloned from (on its origin as from= names it, or as the filesystem had it:
+        *depended_on*, since ZFS moves origins when it promotes clones), and those its clones
+        took over when they were promoted. Nothing else is looked at."""
         origin = info.options.get("from", "").partition("@")[0]
-        concerned = {origin} if origin else set()
+        concerned = ({origin} if origin else set()) | depended_on
         concerned |= {c.name for c in self._backend.volumes()
                       if c.options.get("from", "").partition("@")[0] == name}
         if concerned:

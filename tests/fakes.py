@@ -97,6 +97,9 @@ class FakeBackend:
         self.volume(volume)
         return sorted(self._snapshots.get(volume, {}).values(), key=lambda s: (s.created, s.name))
 
+    def clone_origins(self) -> dict[str, dict[str, str]]:
+        return {}
+
     def all_snapshots(self) -> dict[str, list[SnapshotInfo]]:
         return {name: self.snapshots(name) for name in self._volumes}
 

@@ -124,6 +124,10 @@ class Backend(Protocol):
     def snapshots(self, volume: str) -> list[SnapshotInfo]:
         """The volume's snapshots, oldest first (one bulk query)."""
 
+    def clone_origins(self) -> dict[str, dict[str, str]]:
+        """volume -> {snapshot: the volume cloned from it} for every snapshot a clone
+        depends on (``clones_need_origin`` backends; empty where clones never depend)."""
+
     def all_snapshots(self) -> dict[str, list[SnapshotInfo]]:
         """Every volume's snapshots, oldest first, as cheaply as the filesystem allows (ZFS:
         one query); a volume removed meanwhile is simply left out."""

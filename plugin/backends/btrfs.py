@@ -191,6 +191,9 @@ class BtrfsBackend:
                 # pruned (or sent and released) while we listed: it is simply gone
         return [info for _, info in sorted(found, key=lambda pair: (pair[1].created, pair[0]))]
 
+    def clone_origins(self) -> dict[str, dict[str, str]]:
+        return {}                               # a clone never depends on its origin
+
     def all_snapshots(self) -> dict[str, list[SnapshotInfo]]:
         found = {}
         for info in self.volumes():

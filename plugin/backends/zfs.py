@@ -206,6 +206,16 @@ class ZfsBackend:
         return sorted(self._layout.snapshots(self._layout.owned(volume), volume).values(),
                       key=lambda s: s.created)
 
+    def clone_origins(self) -> dict[str, dict[str, str]]:
+        prefix = self.root + "/"
+        found: dict[str, dict[str, str]] = {}
+        for name, props in self._layout.children().items():
+            origin = props.get("origin", "")
+            if props.get(OWNER) == "snapvol" and origin.startswith(prefix) and "@" in origin:
+                volume, _, snapshot = origin[len(prefix):].partition("@")
+                found.setdefault(volume, {})[snapshot] = name
+        return found
+
     def all_snapshots(self) -> dict[str, list[SnapshotInfo]]:
         owned = {v.name for v in self.volumes()}
         found: dict[str, list[SnapshotInfo]] = {name: [] for name in owned}

@@ -89,7 +89,7 @@ class Layout:
     def children(self) -> dict[str, dict[str, str]]:
         """Volume-like datasets directly below the root, with the properties we list by."""
         try:
-            found = self._zfs.get_with_children(self.root, ["type", "creation", "mounted",
+            found = self._zfs.get_with_children(self.root, ["type", "creation", "mounted", "origin",
                                                             OWNER, OPTIONS])
         except CommandFailed as exc:
             raise BackendUnavailable(f"cannot list {self.root}: {exc}") from None
