@@ -191,9 +191,17 @@ class VolumeService:
         return self._backend.snapshots(names.volume_name(volume))
 
     def remove_snapshot(self, volume: object, snapshot: object) -> None:
+        """:raises Conflict: a clone depends on the snapshot (ZFS), or it is being sent."""
         volume = names.volume_name(volume)
         snapshot = names.snapshot_name(snapshot)
         with self._locks.hold(volume):
+            clone = self._backend.clone_origins().get(volume, {}).get(snapshot)
+            if clone is not None:
+                raise Conflict(f"snapshot {volume}@{snapshot} is the origin of volume {clone}, "
+                               "which depends on it; remove that volume first")
+            if snapshot in self._inflight.sending(volume):
+                raise Conflict(f"snapshot {volume}@{snapshot} is being sent; try again when "
+                               "the transfer is done")
             self._backend.destroy_snapshot(volume, snapshot)
 
     def rollback(self, volume: object, snapshot: object, *, destroy_newer: bool = False) -> None:

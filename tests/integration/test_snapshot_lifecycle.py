@@ -228,3 +228,18 @@ def test_a_clone_of_a_clone_keeps_what_it_depends_on_after_promotion(domain):
     domain.volumes.unmount("c2", "m2")
     domain.volumes.remove("c2")
     assert rows(domain, "v1") == [] and domain.checker.check()["problems"] == []
+
+
+def test_removing_a_snapshot_a_clone_depends_on_is_a_clear_conflict(domain, backend):
+    from plugin.errors import Conflict
+
+    domain.volumes.create("v1", {})
+    domain.volumes.snapshot(["v1"], "s1")
+    domain.volumes.create("c1", {"from": "v1@s1"})
+    if backend.clones_need_origin:
+        with pytest.raises(Conflict, match="snapshot v1@s1 is the origin of volume c1, which "
+                                           "depends on it; remove that volume first"):
+            domain.volumes.remove_snapshot("v1", "s1")
+        domain.volumes.remove("c1")
+    domain.volumes.remove_snapshot("v1", "s1")          # Btrfs: a clone never depends on it
+    assert rows(domain, "v1") == []
