@@ -1005,6 +1005,11 @@ def run_backend(backend: str, kills: int, seed: int, logs: Path | None = None) -
                 code = torture(backend, kills, seed, base, source, target)
                 return code
             finally:
+                # a second Ctrl-C (or the parent forwarding the first one) must not cut the
+                # clean-up short: an instance left running would answer dockerd's calls for
+                # every volume name on a storage that is gone
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 for inst in instances:       # before their storage goes
                     inst.stop()
                 if logs is not None or code:
