@@ -66,7 +66,7 @@ class Domain:
                    transfers=Transfers(volumes, backend, mounts, locks, inflight, lifecycle,
                                        replications),
                    schedules=schedules,
-                   status=StatusView(backend, mounts, schedules, lifecycle,
+                   status=StatusView(backend, mounts, schedules, lifecycle, volumes.known,
                                      replications=replications, state_dirs=state_dirs),
                    checker=Checker(backend, mounts, locks, inflight, lifecycle,
                                    replications=replications, quiescer=quiescer,

@@ -25,6 +25,7 @@ from .lifecycle import Lifecycle, owner
 from .snapshot_names import is_automatic
 from .statefile import quarantined
 from .units import rfc3339
+from .volumes import KnownVolumes
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class StatusView:
     """What inspect, ``snapvol ls`` and ``snapvol status`` show."""
 
     def __init__(self, backend: Backend, mounts: MountTable, schedules: Schedules,
-                 lifecycle: Lifecycle, *,
+                 lifecycle: Lifecycle, known: KnownVolumes, *,
                  replications: ReplicationLog | None = None,
                  state_dirs: frozenset[Path] = frozenset()) -> None:
         """*state_dirs* are where the state files live (their damaged ones are reported)."""
@@ -51,6 +52,7 @@ class StatusView:
         self._mounts = mounts
         self._schedules = schedules
         self._lifecycle = lifecycle
+        self._known = known
         self._replications = replications
         self._state_dirs = state_dirs
         self._started = time.time()
@@ -60,19 +62,27 @@ class StatusView:
 
         Only a volume that really does not exist is an error: dockerd purges its own
         metadata (options, labels) of a volume whose Get fails, so when the storage itself is
-        unavailable we still answer, with the problem in ``Status``.
+        unavailable we still answer, with the problem in ``Status``, for the volumes there
+        were (:class:`~plugin.volumes.KnownVolumes`), and for no other name.
 
-        :raises VolumeNotFound: no such volume.
+        :raises VolumeNotFound: no such volume (or none known while the storage is down).
         """
         name = names.volume_name(name)
         try:
             info = self._backend.volume(name)
+        except VolumeNotFound:
+            self._known.discard(name)
+            raise
         except (BackendUnavailable, BackendError) as exc:
+            if name not in self._known:
+                raise VolumeNotFound(name) from None
             log.warning("get %s: answering without details: %s", name, exc)
             return VolumeView(name, None, None, {"state": "unavailable", "error": str(exc)})
+        self._known.add(name)
         try:
             status = self.status(info)
         except VolumeNotFound:
+            self._known.discard(name)
             raise                                   # removed since: really gone
         except (PluginError, OSError) as exc:
             # A snapshot pruned, sent or received while we looked: the volume is there, only

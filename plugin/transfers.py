@@ -169,6 +169,7 @@ class Transfers:
                 raise StreamRefused(f"{exc}; nothing was kept") from None
             except (BrokenPipeError, ConnectionError) as exc:
                 raise StreamRefused(f"the receiver stopped early ({exc}); nothing was kept") from None
+        self._volumes.known.add(volume)
         log.info("received %s@%s: %d bytes (%s)", volume, snapshot, reader.bytes,
                  "incremental from " + base if base else "full")
         # a replica keeps what its source keeps: the newest send-/repl- snapshot of each kind

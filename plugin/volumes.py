@@ -16,7 +16,8 @@ The other domain modules build on this one: ``transfers`` (send, receive), ``sch
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -32,6 +33,39 @@ from .mounts import MountTable
 from .quiesce import DockerQuiescer, QuiesceFailed
 
 log = logging.getLogger(__name__)
+
+
+class KnownVolumes:
+    """The names of the volumes there were when the storage last answered.
+
+    While the storage is unavailable, Get answers for these, with the problem in Status
+    (dockerd drops a volume's options and labels when its Get fails), and for no other name:
+    dockerd asks every driver about a name it does not know, and an answer claims the name.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._names: set[str] = set()
+
+    def reset(self, names: Iterable[str]) -> None:
+        with self._guard:
+            self._names = set(names)
+
+    def update(self, names: Iterable[str]) -> None:
+        with self._guard:
+            self._names.update(names)
+
+    def add(self, name: str) -> None:
+        with self._guard:
+            self._names.add(name)
+
+    def discard(self, name: str) -> None:
+        with self._guard:
+            self._names.discard(name)
+
+    def __contains__(self, name: object) -> bool:
+        with self._guard:
+            return name in self._names
 
 
 class VolumeService:
@@ -55,6 +89,7 @@ class VolumeService:
         self._quiescer = quiescer
         self._replications = replications
         self._listeners: list[Callable[[], None]] = []
+        self.known = KnownVolumes()
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call *listener* after a scheduled volume is created or removed (the scheduler
@@ -72,6 +107,7 @@ class VolumeService:
         """
         self._backend.check()
         existing = {v.name for v in self._backend.volumes()}
+        self.known.reset(existing)
         for name in self._mounts.in_use():
             if name not in existing:
                 log.warning("volume %s is gone; forgetting its mount IDs %s",
@@ -119,6 +155,7 @@ class VolumeService:
                     self._clone(name, opts)
                 else:
                     self._backend.create_volume(name, opts)
+                self.known.add(name)
                 if "schedule" in opts:
                     self._changed()
                 return
@@ -253,6 +290,7 @@ class VolumeService:
             depended_on = {volume for volume, clones in self._backend.clone_origins().items()
                            if name in clones.values()}
             self._backend.destroy_volume(name)
+            self.known.discard(name)
             self._mounts.forget(name)
         if self._history is not None:
             self._history.forget(name)
@@ -321,7 +359,9 @@ class VolumeService:
 
     def list(self) -> list[VolumeInfo]:
         """Every volume, cheaply (one bulk backend pass, no usage figures; no lock)."""
-        return self._backend.volumes()
+        found = self._backend.volumes()
+        self.known.update(v.name for v in found)   # one left out (unreadable) is not gone
+        return found
 
     def users_text(self, volume: str, mount_ids: list[str]) -> str:
         """"container(s) db, web" when Docker can tell, else a count of mounts."""

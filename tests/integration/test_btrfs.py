@@ -125,6 +125,8 @@ def test_an_unreadable_mark_is_an_error_never_a_missing_volume(backend, tmp_path
     from plugin.mounts import MountTable
 
     path = backend.create_volume("v1", {}).mountpoint
+    domain = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(2))
+    domain.volumes.open()
     real = os.getxattr
 
     def failing(target, attribute, *args, **kwargs):
@@ -137,7 +139,6 @@ def test_an_unreadable_mark_is_an_error_never_a_missing_volume(backend, tmp_path
         with pytest.raises(BackendError, match="Input/output error") as caught:
             call()
         assert caught.value.errno == errnos.EIO
-    domain = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(2))
     view = domain.status.get("v1")
     assert view.status["state"] == "unavailable" and "Input/output error" in view.status["error"]
 

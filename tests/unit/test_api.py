@@ -190,8 +190,13 @@ def test_ls_shows_a_volume_whose_details_fail_with_the_error(client, backend, mo
 
 
 def test_get_answers_when_storage_is_unavailable(client, backend, monkeypatch):
-    """dockerd purges its metadata of a volume whose Get errs: never err for a transient fault."""
+    """dockerd purges its metadata of a volume whose Get errs: never err for a transient
+    fault, for a volume there was. And never claim a name there was not: dockerd asks every
+    driver about a name it does not know, and takes the first that answers (an instance whose
+    storage was gone answered for every name, and broke Compose for the other drivers)."""
     from plugin.errors import BackendUnavailable
+
+    call(client, "VolumeDriver.Create", {"Name": "v1"})
 
     def unavailable(name: str):
         raise BackendUnavailable("btrfs root /x is not usable: gone")
@@ -200,6 +205,8 @@ def test_get_answers_when_storage_is_unavailable(client, backend, monkeypatch):
     assert status == 200
     assert reply["Volume"] == {"Name": "v1", "Status": {
         "state": "unavailable", "error": "btrfs root /x is not usable: gone"}}
+    assert call(client, "VolumeDriver.Get", {"Name": "projzzz_data"}) == (
+        404, {"Err": "no such volume: projzzz_data"})
 
 
 def test_snapshot_clone_rollback_through_the_api(client, backend):
