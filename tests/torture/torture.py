@@ -619,6 +619,11 @@ class Workload:
         if status == 200 and not reply.get("Err"):
             self.tvols[volume] = self.vols[volume].content.copy()
             return None
+        if status == 409 and "no snapshot in common" in str(reply.get("Err")):
+            # what the replication answers with no kill at all once a rollback with
+            # destroy_newer took the base away (ZFS): a clean refusal, not the kill's doing
+            self.refused["re-replicate 409"] += 1
+            return None
         return f"re-replicate of {volume}: {status} {reply.get('Err')!r}"
 
     def op_remove(self) -> None:
