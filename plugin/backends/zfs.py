@@ -174,16 +174,29 @@ class ZfsBackend:
         The mark comes first: promoting moves snapshots away, so a kill after it must not
         leave the volume visible without them; start-up finishes a marked removal."""
         dataset = self._layout.owned(name)
+        marked = False
         try:
             self._zfs.set(dataset, OWNER, "removing")       # invisible from here on
+            marked = True
         except CommandFailed as exc:
             if not _OUT_OF_SPACE.search(exc.stderr):
                 raise
             # Removing a volume is how a user frees space on a full pool: without the mark,
             # a crash from here leaves the volume visible, and a repeated Remove finishes it.
             log.warning("pool full: removing volume %s without marking it first", name)
-        self._promote_clones(dataset)
-        self._layout.destroy(dataset, mounted=True)
+        try:
+            self._promote_clones(dataset)
+            self._layout.destroy(dataset, mounted=True)
+        except BackendError:
+            # refused (a promote out of space, a busy dataset): visible again, so that the
+            # Remove can be retried, never an invisible volume nobody can remove
+            if marked:
+                try:
+                    self._zfs.set(dataset, OWNER, "snapvol")
+                except BackendError as exc:
+                    log.error("volume %s stays marked for removal (the next start finishes "
+                              "it): %s", name, exc)
+            raise
         log.info("removed volume %s", name)
 
     def _promote_clones(self, dataset: str) -> None:

@@ -295,3 +295,21 @@ def test_a_remove_killed_after_promoting_a_clone_is_finished_by_the_next_start(b
     assert restarted.leftovers() == []
     assert subprocess.run(["zfs", "list", f"{backend.root}/v1"], capture_output=True).returncode != 0
     assert (restarted.attach("c1") / "f").read_text() == "data"
+
+
+def test_a_remove_the_filesystem_refuses_leaves_the_volume_visible_to_retry(backend, monkeypatch):
+    """A promote refused for lack of space (seen with scripts/torture on a full pool) must not
+    leave the volume marked for removal: invisible to Docker, yet never removed."""
+    from plugin.errors import CommandFailed
+
+    backend.attach(backend.create_volume("v1", {}).name)
+
+    def refused(dataset):
+        raise CommandFailed(["zfs", "promote", "x"], 1, "cannot promote 'x': out of space")
+    monkeypatch.setattr(backend, "_promote_clones", refused)
+    with pytest.raises(BackendError, match="out of space"):
+        backend.destroy_volume("v1")
+    assert [v.name for v in backend.volumes()] == ["v1"] and backend.leftovers() == []
+    monkeypatch.undo()
+    backend.destroy_volume("v1")
+    assert backend.volumes() == []
