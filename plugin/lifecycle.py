@@ -177,12 +177,16 @@ class Lifecycle:
 
     def superseded(self, volume: str, listed: list[SnapshotInfo]) -> list[str]:
         """Of *listed*, the send-/repl- snapshots a newer one of the same kind replaces (their
-        names sort by time); whether something still needs one is for the caller to check."""
-        found = []
-        for prefix in SUPERSEDED:
-            mine = sorted(s.name for s in listed if s.name.startswith(prefix))
-            found += mine[:-1]
-        return found
+        names sort by time); whether something still needs one is for the caller to check.
+
+        A repl- snapshot is replaced only by a newer one a target is known to hold (a
+        recorded base): one taken by a replication that failed may be on its target all
+        the same (the answer lost), and be the only snapshot both sides still share."""
+        sends = sorted(s.name for s in listed if s.name.startswith(SEND_PREFIX))
+        bases = self._replications.bases(volume) if self._replications is not None else set()
+        newest_base = max((b for b in bases if b.startswith(REPL_PREFIX)), default="")
+        return sends[:-1] + sorted(s.name for s in listed
+                                   if s.name.startswith(REPL_PREFIX) and s.name < newest_base)
 
     @staticmethod
     def stale_clone_origins(listed: list[SnapshotInfo]) -> list[str]:

@@ -88,9 +88,11 @@ def test_check_reports_and_repairs_what_a_crash_left_of_the_lifecycle(domain, ba
     """A kill between an operation and the removal of the snapshot it no longer needs leaves
     that snapshot: check names it, --repair removes it, and nothing that is needed."""
     domain.volumes.create("v1", {})
+    # repl-…0102 and …0103: taken by replications that failed after the last recorded base
+    # (…0101), so kept: a target may hold one all the same
     for snapshot in ("keep-me", "send-20260101T000000Z-aaaa", "send-20260102T000000Z-bbbb",
                      "repl-20260101T000000Z-aaaa", "repl-20260102T000000Z-bbbb",
-                     "clone-gone-20260101T000000Z"):
+                     "repl-20260103T000000Z-cccc", "clone-gone-20260101T000000Z"):
         backend.create_snapshot("v1", snapshot)
     domain.replications.record("v1", Replication("ssh://b", datetime.now(timezone.utc),
                                                  "repl-20260101T000000Z-aaaa"))
@@ -106,6 +108,7 @@ def test_check_reports_and_repairs_what_a_crash_left_of_the_lifecycle(domain, ba
         ("keep-me", "user", None), ("repl-20260101T000000Z-aaaa", "replication",
                                     "base of replication to ssh://b"),
         ("repl-20260102T000000Z-bbbb", "replication", None),
+        ("repl-20260103T000000Z-cccc", "replication", None),
         ("send-20260102T000000Z-bbbb", "send", None)]
 
 
