@@ -174,7 +174,16 @@ class VolumeService:
         if implicit:
             snapshot = snapshot_names.clone_origin(name)
             self._backend.create_snapshot(origin, snapshot)
-        self._backend.clone(origin, snapshot, name, opts)
+        try:
+            self._backend.clone(origin, snapshot, name, opts)
+        except PluginError:
+            if implicit:           # a refused Create leaves nothing, its snapshot included
+                try:
+                    self._backend.destroy_snapshot(origin, snapshot)
+                except PluginError as exc:
+                    log.warning("keeping %s@%s after the failed clone %s: %s", origin,
+                                snapshot, name, exc)
+            raise
         if implicit and not self._backend.clones_need_origin:
             try:                   # taken only to clone from, and the clone does not need it
                 self._backend.destroy_snapshot(origin, snapshot)

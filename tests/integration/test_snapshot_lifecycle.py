@@ -246,3 +246,18 @@ def test_removing_a_snapshot_a_clone_depends_on_is_a_clear_conflict(domain, back
         domain.volumes.remove("c1")
     domain.volumes.remove_snapshot("v1", "s1")          # Btrfs: a clone never depends on it
     assert rows(domain, "v1") == []
+
+
+def test_a_refused_clone_leaves_no_snapshot_behind(domain, backend, monkeypatch):
+    """A Create from=VOLUME the filesystem refuses (a full pool, seen with scripts/torture)
+    takes its origin snapshot away again."""
+    from plugin.errors import BackendError
+
+    domain.volumes.create("v1", {})
+
+    def refused(*args, **kwargs):
+        raise BackendError("cannot clone: out of space")
+    monkeypatch.setattr(backend, "clone", refused)
+    with pytest.raises(BackendError, match="out of space"):
+        domain.volumes.create("c1", {"from": "v1"})
+    assert rows(domain, "v1") == [] and domain.checker.check()["problems"] == []
