@@ -65,10 +65,11 @@ class Lifecycle:
         self._inflight = inflight
         self._replications = replications
 
-    def needs(self, volume: str, volumes: Iterable[VolumeInfo] | None = None) -> dict[str, str]:
+    def needs(self, volume: str, volumes: Iterable[VolumeInfo] | None = None,
+              origins: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
         """Snapshots of *volume* that something still needs -> what (``origin of clone X``,
-        ``base of replication to T``, ``being sent``). *volumes* saves a listing when the
-        caller has one.
+        ``base of replication to T``, ``being sent``). *volumes* and *origins* (of
+        ``Backend.clone_origins``) save a listing when the caller has them.
 
         Clone origins are what the options say (``from=VOLUME@SNAPSHOT``) and, where clones
         depend on their origin (ZFS), what the filesystem says: promoting a clone when its
@@ -79,7 +80,9 @@ class Lifecycle:
             origin, _, snapshot = info.options.get("from", "").partition("@")
             if origin == volume and snapshot:
                 needed[snapshot] = f"origin of clone {info.name}"
-        for snapshot, clone in self._backend.clone_origins().get(volume, {}).items():
+        if origins is None:
+            origins = self._backend.clone_origins()
+        for snapshot, clone in origins.get(volume, {}).items():
             needed[snapshot] = f"origin of clone {clone}"
         if self._replications is not None:
             for target, base in self._replications.bases_by_target(volume).items():
@@ -140,13 +143,14 @@ class Lifecycle:
                 except NotFound:
                     continue
         found = []
+        origins = self._backend.clone_origins()         # one query, not one per volume
         for volume, listed in sorted(listing.items()):
             if busy(volume) or volume not in volumes:
                 continue
             candidates = [(s, "a newer one replaces it") for s in self.superseded(volume, listed)]
             candidates += [(s, "no clone needs it") for s in self.stale_clone_origins(listed)]
             if candidates:
-                needed = self.needs(volume, volumes.values())
+                needed = self.needs(volume, volumes.values(), origins)
                 found += [(volume, s, why) for s, why in candidates if s not in needed]
         return found
 
