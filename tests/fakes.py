@@ -11,6 +11,7 @@ import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
@@ -82,6 +83,18 @@ class FakeBackend:
         self._snapshots.pop(name, None)
         del self._volumes[name]
         self.calls.append(("destroy", name))
+
+    def rename_volume(self, name: str, new_name: str) -> None:
+        if new_name in self._volumes:
+            raise VolumeExists(new_name)
+        info = self.volume(name)
+        path = info.mountpoint.parent / new_name
+        info.mountpoint.rename(path)
+        self._volumes[new_name] = replace(self._volumes.pop(name), name=new_name, mountpoint=path)
+        if name in self._snapshots:
+            self._snapshots[new_name] = {k: replace(s, volume=new_name)
+                                         for k, s in self._snapshots.pop(name).items()}
+        self.calls.append(("rename", name, new_name))
 
     def attach(self, name: str) -> Path:
         self.attached.add(name)

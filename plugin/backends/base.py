@@ -115,6 +115,13 @@ class Backend(Protocol):
     def destroy_volume(self, name: str) -> None:
         """Destroy the volume and its data; it disappears from listings at once."""
 
+    def rename_volume(self, name: str, new_name: str) -> None:
+        """Give the unmounted volume *name*, with its snapshots, the name *new_name*. Called
+        again after an interruption, it finishes the rename (the caller keeps the intent).
+
+        :raises VolumeExists: both names exist. :raises VolumeNotFound: neither does.
+        """
+
     def attach(self, name: str) -> Path:
         """Make the volume reachable and return the directory to hand to Docker (idempotent)."""
 

@@ -167,6 +167,27 @@ class BtrfsBackend:
         btrfs_recovery.sweep_orphan_snapshots(self._layout, name, level=logging.INFO)
         log.info("removed volume %s", name)
 
+    def rename_volume(self, name: str, new_name: str) -> None:
+        """Two renames, the snapshots' directory first: repeated after a kill between them,
+        the second one finishes it (the volume never shows without its snapshots once the
+        intent is finished; start-up finishes it, see ``plugin.standby``)."""
+        old, new = self._layout.path(name), self._layout.path(new_name)
+        old_snaps = names.under(self.snapshots_dir, names.volume_name(name))
+        new_snaps = names.under(self.snapshots_dir, names.volume_name(new_name))
+        if os.path.lexists(old) and os.path.lexists(new):
+            raise VolumeExists(f"cannot rename volume {name} to {new_name}: it exists")
+        if not os.path.lexists(old) and not os.path.lexists(new):
+            raise VolumeNotFound(name)
+        try:
+            if os.path.lexists(old_snaps) and not os.path.lexists(new_snaps):
+                os.rename(old_snaps, new_snaps)
+            if os.path.lexists(old):
+                os.rename(self._layout.owned_path(name), new)
+        except OSError as exc:
+            raise BackendError(f"cannot rename volume {name} to {new_name}: {exc.strerror}",
+                               errno=exc.errno) from None
+        log.info("renamed volume %s to %s", name, new_name)
+
     # ------------------------------------------------------------------ snapshots
 
     def snapshots(self, volume: str) -> list[SnapshotInfo]:

@@ -167,6 +167,28 @@ class ZfsBackend:
         log.info("created volume %s (options: %s)", name, ", ".join(sorted(options)) or "none")
         return self.volume(name)
 
+    def rename_volume(self, name: str, new_name: str) -> None:
+        """One ``zfs rename`` (the snapshots go with the dataset), then the mount point
+        follows the name; repeated after a kill, only what is left is done."""
+        old, new = self._layout.dataset(name), self._layout.dataset(new_name)
+        old_props = self._zfs.get(old, [OWNER], missing_ok=True)
+        new_props = self._zfs.get(new, [OWNER], missing_ok=True)
+        if old_props is not None and new_props is not None:
+            raise VolumeExists(f"cannot rename volume {name} to {new_name}: it exists")
+        if old_props is None and new_props is None:
+            raise VolumeNotFound(name)
+        if old_props is not None:
+            self._layout.owned(name)
+            if self._layout.is_mounted(self._layout.mountpoint(name)):
+                self._zfs.unmount(old)
+            self._zfs.rename(old, new)
+        self._zfs.set(new, "mountpoint", str(self._layout.mountpoint(new_name)))
+        try:
+            self._layout.mountpoint(name).rmdir()
+        except OSError:
+            pass
+        log.info("renamed volume %s to %s", name, new_name)
+
     def destroy_volume(self, name: str) -> None:
         """Destroy the dataset and its snapshots; volumes cloned from one of them are
         promoted first (they take over the snapshots they need), so they keep working.
