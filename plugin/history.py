@@ -130,6 +130,11 @@ class ReplicationLog:
             runs = [k["last"] for k in self._entries.get(volume, {}).values() if "last" in k]
         return max(runs, key=lambda r: r.at) if runs else None
 
+    def last_to(self, volume: str, target: str) -> Replication | None:
+        """The last replication of *volume* to *target*, failed or not."""
+        with self._guard:
+            return self._entries.get(volume, {}).get(target, {}).get("last")
+
     def base(self, volume: str, target: str) -> str | None:
         """The snapshot *target* last received of *volume*."""
         with self._guard:

@@ -57,9 +57,10 @@ class Replicator:
 
     def replicate(self, volume: object, target: object, snapshot: object = None,
                   progress: Callable[[int], None] | None = None,
-                  remote_name: object = None) -> Replication:
+                  remote_name: object = None, role: dict[str, Any] | None = None) -> Replication:
         """Bring *target*'s copy of *volume* (named *remote_name* there, by default the same
-        name) up to *snapshot* (a snapshot taken now when None).
+        name) up to *snapshot* (a snapshot taken now when None). *role* goes in the stream's
+        header (a standby sync: the primary's epoch, see :mod:`plugin.standby`).
 
         :raises InvalidRequest: a bad target; :raises NotFound: no such volume or snapshot;
         :raises Conflict: the target has the volume but no snapshot in common with us;
@@ -78,7 +79,7 @@ class Replicator:
                 snapshot = self._volumes.snapshot([volume], unique_name(REPL_PREFIX))[0].name
             snapshot = names.snapshot_name(snapshot)
             attempt = 0
-            plan: dict[str, Any] = {}          # what the last attempt sent: base, resume token
+            plan: dict[str, Any] = {"role": role}   # what the last attempt sent: base, token
             while True:
                 attempt += 1
                 try:
@@ -124,8 +125,10 @@ class Replicator:
             if local[snapshot].identity in held:
                 log.info("%s@%s is already on %s", volume, snapshot, label)
                 return Replication(label, _now(), snapshot, None, 0, None, attempt)
+            # by identity or by what ours was received from: after a hand-off, the new
+            # primary's base is the snapshot it received from the host it now sends back to
             common = [s for s in local.values()
-                      if s.identity in held and s.created <= local[snapshot].created]
+                      if ({s.identity, s.received} & held) and s.created <= local[snapshot].created]
             if not common:
                 raise Conflict(f"{where} has a volume {remote_name} with no snapshot in common "
                                f"with {volume}; remove it there to start over with a full stream")
@@ -138,7 +141,7 @@ class Replicator:
                   plan: dict[str, Any], resume_token: str | None = None) -> Replication:
         plan.update(base=base, token=None)
         transfer = self._transfers.send(volume, snapshot, base, holding_slot=True,
-                                      resume_token=resume_token)
+                                        resume_token=resume_token, role=plan.get("role"))
         try:
             reply = self._send_to(where, remote_name, _counted(transfer, progress))
         finally:
@@ -154,6 +157,31 @@ class Replicator:
         self._lifecycle.retire_older(volume, keep, f"replaced by {keep} as replication base")
 
     # ------------------------------------------------------------------ targets
+
+    def call(self, target: object, endpoint: str, body: dict[str, Any],
+             timeout: float | None = None) -> tuple[int, dict[str, Any]]:
+        """Call *endpoint* of the snapvol at *target* (over its socket, or ``snapvol call``
+        through ssh); returns the HTTP status and the reply.
+
+        :raises TransferFailed: the target cannot be reached or gave no answer we read.
+        """
+        where = target if isinstance(target, Target) else Target.parse(target)
+        timeout = self._timeout if timeout is None else timeout
+        if where.kind == "unix":
+            try:
+                return PluginClient(str(where.socket), timeout=timeout).call(endpoint, body)
+            except (OSError, ValueError) as exc:
+                raise TransferFailed(f"{where}: {exc}") from None
+        try:
+            result = process.run(self._ssh(where, "call", endpoint, json.dumps(body)),
+                                 timeout=timeout, ok_codes=(0,))
+            answer = json.loads(result.stdout)
+            return int(answer["Status"]), dict(answer["Reply"])
+        except CommandFailed as exc:
+            raise TransferFailed(f"{where}: {exc.stderr.strip()[-300:] or exc}") from None
+        except (ValueError, KeyError, TypeError):
+            raise TransferFailed(f"{where}: unexpected answer to snapvol call: "
+                                 f"{result.stdout[:200]!r}") from None
 
     def _remote_snapshots(self, where: Target, volume: str) -> list[dict[str, Any]] | None:
         """The target's snapshots of *volume* (identity, received), or None without a volume."""
@@ -244,6 +272,16 @@ class Replicator:
                 if then is not None:
                     then(replicated)
         return self._pool.submit(job)
+
+    def run(self, job: Callable[[], object]) -> Future[object]:
+        """Run *job* in the replication pool (a standby sync); its exceptions are logged."""
+        def logged() -> object:
+            try:
+                return job()
+            except Exception:
+                log.exception("background replication job failed")
+                raise
+        return self._pool.submit(logged)
 
     def base_known(self, volume: str, target: str) -> bool:
         """Whether the snapshot *target* (as given to :meth:`replicate`, same name there)

@@ -46,9 +46,15 @@ class Transfers:
         self._inflight = inflight
         self._lifecycle = lifecycle
         self._replications = replications
+        # set by the standby roles (plugin.standby), above this module: called with the
+        # volume and the stream's header before anything is received (may refuse), and
+        # after the stream was received whole
+        self.admit: Callable[[str, dict[str, Any]], None] | None = None
+        self.admitted: Callable[[str, dict[str, Any]], None] | None = None
 
     def send(self, volume: object, snapshot: object = None, since: object = None, *,
-             holding_slot: bool = False, resume_token: str | None = None) -> Transfer:
+             holding_slot: bool = False, resume_token: str | None = None,
+             role: dict[str, Any] | None = None) -> Transfer:
         """The framed stream of *volume*@*snapshot* (a snapshot taken now when None),
         incremental from *since*, as a :class:`Transfer` to iterate (and close). A snapshot
         taken here is the newest ``send-`` one once its stream is complete (the older ones
@@ -65,7 +71,7 @@ class Transfers:
         since = None if since is None else names.snapshot_name(since)
         if snapshot is not None:
             return self._start(volume, names.snapshot_name(snapshot), since, holding_slot,
-                               resume_token, lambda complete: None)
+                               resume_token, lambda complete: None, role)
         taken = self._volumes.snapshot([volume], unique_name(SEND_PREFIX))[0].name
 
         def retire(complete: bool) -> None:
@@ -74,13 +80,14 @@ class Transfers:
             else:
                 self._lifecycle.retire(volume, [taken], "taken for a send that failed")
         try:
-            return self._start(volume, taken, since, holding_slot, resume_token, retire)
+            return self._start(volume, taken, since, holding_slot, resume_token, retire, role)
         except PluginError:
             retire(False)
             raise
 
     def _start(self, volume: str, snapshot: str, since: str | None, holding_slot: bool,
-               resume_token: str | None, finished: Callable[[bool], None]) -> Transfer:
+               resume_token: str | None, finished: Callable[[bool], None],
+               role: dict[str, Any] | None = None) -> Transfer:
         """Check, pin and take a slot under the volume's lock; *finished* runs after the
         stream ends (with whether it was whole), once the pins and the slot are released."""
         with self._locks.hold(volume):
@@ -99,7 +106,10 @@ class Transfers:
         header = {"backend": self._backend.kind, "volume": volume, "snapshot": snapshot,
                   "identity": by_name[snapshot].identity, "created": rfc3339(by_name[snapshot].created),
                   "base": since, "base_identity": by_name[since].identity if since else None,
+                  "base_received": by_name[since].received if since else None,
                   "options": dict(info.options), "resume": resume_token is not None}
+        if role is not None:
+            header["role"] = role
 
         def done(complete: bool) -> None:
             self._inflight.unpin(pinned)
@@ -160,6 +170,8 @@ class Transfers:
             raise StreamRefused(f"the stream resumes an interrupted transfer; {self._backend.kind} "
                                 "here cannot resume (send the whole stream again)")
         with self._inflight.receiving_into(volume):
+            if self.admit is not None:
+                self.admit(volume, header)
             base = self._replica_base(volume, header)   # after the mark: no Mount slips in
             try:
                 with self._backend.receiving(volume, snapshot, base, opts, resume=resume) as pipe:
@@ -169,6 +181,8 @@ class Transfers:
                 raise StreamRefused(f"{exc}; nothing was kept") from None
             except (BrokenPipeError, ConnectionError) as exc:
                 raise StreamRefused(f"the receiver stopped early ({exc}); nothing was kept") from None
+            if self.admitted is not None:
+                self.admitted(volume, header)
         self._volumes.known.add(volume)
         log.info("received %s@%s: %d bytes (%s)", volume, snapshot, reader.bytes,
                  "incremental from " + base if base else "full")
@@ -195,8 +209,9 @@ class Transfers:
         if users:
             raise VolumeInUse(f"volume {volume} is in use by {self._volumes.users_text(volume, users)}; "
                               "a replica cannot be updated while containers use it")
+        also = header.get("base_received") or None   # the sender's base was received from it
         for snap in reversed(have):
-            if snap.matches(str(wanted)):
+            if snap.matches(str(wanted)) or (also and snap.matches(str(also))):
                 return snap.name
         raise StreamRefused(f"volume {volume} lacks the stream's base snapshot "
                             f"{header.get('base')} (identity {str(wanted)[:12]}); send from a "
