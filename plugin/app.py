@@ -25,6 +25,8 @@ from .mounts import MountTable
 from .pool import prepare_root
 from .quiesce import DockerQuiescer
 from .replication import Replicator
+from .roles import RoleBook
+from .standby import Standbys
 from .scheduler import Scheduler
 from .storage import open_backend
 from .domain import Domain
@@ -68,12 +70,20 @@ def create_app(domain: Domain | None = None,
     if domain is None:
         domain = build_domain(settings)
     replicator = build_replicator(domain, settings) if domain.replications is not None else None
+    standbys = None
+    if replicator is not None and domain.replications is not None:
+        standbys = Standbys(domain.volumes, domain.transfers, domain.backend, domain.mounts,
+                            domain.locks, RoleBook(settings.state_dir / "roles.json"),
+                            domain.replications, replicator, advertise=settings.advertise or None)
+        standbys.recover()
+        domain.status.role_of = standbys.describe
     app = Flask(__name__)
     app.extensions["snapvol.domain"] = domain
     app.extensions["snapvol.replicator"] = replicator
+    app.extensions["snapvol.standbys"] = standbys
     # started by gunicorn's hooks
     app.extensions["snapvol.scheduler"] = Scheduler(domain.schedules, domain.volumes,
-                                                     replicator=replicator)
+                                                     replicator=replicator, standbys=standbys)
     app.extensions["snapvol.streams"] = StreamSocket(
         domain.transfers, stream_socket_path(settings.socket), timeout=settings.transfer_timeout)
     app.register_blueprint(volume_driver.bp)

@@ -10,6 +10,7 @@ import argparse
 import enum
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
@@ -117,6 +118,44 @@ def render_done(reply: dict[str, Any]) -> str:
     return "done"
 
 
+def render_role(reply: dict[str, Any]) -> str:
+    detail = reply.get("Detail") or {}
+    lines = [f"role:     {reply.get('Role')} (epoch {reply.get('Epoch')}, since "
+             f"{detail.get('since', '-')})"]
+    if reply.get("Fenced"):
+        lines.append(f"fenced:   {reply['Fenced']}")
+    if reply.get("Role") == "standby":
+        lines.append(f"primary:  {reply.get('Primary') or 'unknown'}")
+        return "\n".join(lines)
+    rows = [["STANDBY", "SYNCED", "LAG", "LAST ERROR"]]
+    for s in detail.get("standbys", []):
+        lag = "-" if s.get("lag_seconds") is None else f"{s['lag_seconds']} s"
+        rows.append([s["target"], s.get("synced") or "-", lag, s.get("last_error") or "-"])
+    if len(rows) > 1:
+        lines.append(_table(rows))
+    return "\n".join(lines)
+
+
+def render_sync(reply: dict[str, Any]) -> str:
+    results = reply.get("Results") or {}
+    return "\n".join(f"{t}: {e or 'synced'}" for t, e in results.items()) or \
+        "nothing to do (a sync or hand-off of the volume is running)"
+
+
+def render_handoff(reply: dict[str, Any]) -> str:
+    h = reply.get("Handoff", {})
+    if h.get("note"):
+        return f"{h['volume']}: {h['note']} (primary {h.get('primary')})"
+    return (f"{h['volume']} is primary on {h['primary']} now (epoch {h['epoch']}); this host "
+            f"is its standby. Final delta {h.get('bytes', 0)} bytes, {h.get('seconds')} s.")
+
+
+def render_promote(reply: dict[str, Any]) -> str:
+    p = reply.get("Promoted", {})
+    text = f"{p['volume']} is primary here (epoch {p['epoch']})"
+    return text + (f"; {p['note']}" if p.get("note") else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snapvol", description="Manage snapvol volumes through the running plugin.")
@@ -205,6 +244,40 @@ def build_parser() -> argparse.ArgumentParser:
     repl.add_argument("--as", dest="remote_name", metavar="NAME",
                       help="the volume's name on the target (default: the same name)")
     repl.set_defaults(run=run_replicate)
+
+    role = sub.add_parser("role", parents=[common],
+                          help="a volume's standby role here: primary or standby, epoch, and "
+                          "each standby's last synced snapshot and lag")
+    role.add_argument("volume", metavar="VOLUME")
+    role.set_defaults(endpoint="Snapvol.Role", render=render_role,
+                      body=lambda a: {"Volume": a.volume})
+    sync = sub.add_parser("sync", parents=[common],
+                          help="bring a primary's standbys up to date now")
+    sync.add_argument("volume", metavar="VOLUME")
+    sync.set_defaults(endpoint="Snapvol.Sync", render=render_sync,
+                      body=lambda a: {"Volume": a.volume},
+                      outcome=lambda r: Exit.ERROR if any((r.get("Results") or {}).values()) else Exit.OK)
+    handoff = sub.add_parser("handoff", parents=[common],
+                             help="planned move: hand a primary volume to its standby TARGET "
+                             "(waits for its containers to stop; loses nothing)")
+    handoff.add_argument("volume", metavar="VOLUME")
+    handoff.add_argument("target", metavar="TARGET", help="the standby's ssh:// or unix:// address")
+    handoff.set_defaults(endpoint="Snapvol.Handoff", render=render_handoff,
+                         body=lambda a: {"Volume": a.volume, "Target": a.target})
+    promote = sub.add_parser("promote", parents=[common],
+                             help="failover: make a standby primary here, serving its last "
+                             "synced snapshot (refused while the primary still serves it)")
+    promote.add_argument("volume", metavar="VOLUME")
+    promote.add_argument("--force", action="store_true",
+                         help="promote even though the primary answers (or unfence a primary "
+                         "whose hand-off is in doubt)")
+    promote.set_defaults(endpoint="Snapvol.Promote", render=render_promote,
+                         body=lambda a: {"Volume": a.volume, "Force": a.force})
+    # how one snapvol calls another through ssh (replication, hand-off): not for people
+    call = sub.add_parser("call", parents=[common], help=argparse.SUPPRESS)
+    call.add_argument("endpoint", metavar="ENDPOINT")
+    call.add_argument("body", metavar="JSON")
+    call.set_defaults(run=run_call)
     return parser
 
 
@@ -358,6 +431,27 @@ def run_replicate(args: argparse.Namespace, socket_path: str, stdout: TextIO, st
         kind = f"incremental from {run['base']}" if run["base"] else "full"
         print(f"replicated {args.volume}@{run['snapshot']} to {run['target']} ({kind}): "
               f"{run['bytes']} bytes, {run['attempts']} attempt(s)", file=stdout)
+    return Exit.OK
+
+
+def run_call(args: argparse.Namespace, socket_path: str, stdout: TextIO, stderr: TextIO) -> int:
+    """``snapvol call ENDPOINT JSON``: one extension endpoint, the HTTP status and reply
+    printed as JSON (exit 0 whenever the plugin answered; 5 when it cannot be reached)."""
+    if not re.fullmatch(r"Snapvol\.[A-Za-z]{1,40}", args.endpoint):
+        print("snapvol call: ENDPOINT must be Snapvol.<Name>", file=stderr)
+        return Exit.USAGE
+    try:
+        body = json.loads(args.body)
+    except ValueError as exc:
+        print(f"snapvol call: JSON: {exc}", file=stderr)
+        return Exit.USAGE
+    try:
+        status, reply = PluginClient(socket_path, timeout=300).call(args.endpoint, body)
+    except OSError as exc:
+        print(f"snapvol: cannot reach the plugin at {socket_path}: {exc.strerror or exc}",
+              file=stderr)
+        return Exit.UNREACHABLE
+    print(json.dumps({"Status": status, "Reply": reply}), file=stdout)
     return Exit.OK
 
 

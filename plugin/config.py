@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from .errors import ConfigError
+from .targets import Target
 from .units import parse_size
 
 
@@ -40,6 +41,15 @@ def _transfers(raw: str) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= 16:
         raise ValueError("must be a number from 1 to 16")
     return int(raw)
+
+
+def _advertise(value: str) -> str:
+    if not value:
+        return ""
+    try:
+        return str(Target.parse(value))
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _text(raw: str) -> str:
@@ -106,6 +116,7 @@ class Settings:
     ssh_key: str
     ssh_known_hosts: str
     remote_snapvol: str
+    advertise: str
 
     # field -> (environment variable, default, parser, help)
     SPEC: ClassVar[dict[str, tuple[str, str, Callable[[str], object], str]]] = {
@@ -152,6 +163,10 @@ class Settings:
                     "private key for ssh:// replication targets; empty: ssh's defaults"),
         "ssh_known_hosts": ("SNAPVOL_SSH_KNOWN_HOSTS", "/root/.ssh/known_hosts", _text,
                             "known_hosts file for ssh:// targets (host keys are always checked)"),
+        "advertise": ("SNAPVOL_ADVERTISE", "", _advertise,
+                      "how other snapvol hosts reach this one (ssh://[user@]host[:port]"
+                      "[/plugin.sock]): standbys ask it for hand-offs, a new primary syncs "
+                      "back to it; empty: standbys of volumes here cannot ask for hand-offs"),
         "remote_snapvol": ("SNAPVOL_REMOTE_SNAPVOL", "snapvol", _text,
                            "the snapvol command on ssh:// targets (a name on their PATH or a path)"),
     }

@@ -87,6 +87,20 @@ def _target(value: str) -> str:
     return str(targets.Target.parse(value))
 
 
+MAX_STANDBYS = 4
+
+
+def _targets(value: str) -> str:
+    parts = [p.strip() for p in value.split(",")]
+    if not 1 <= len(parts) <= MAX_STANDBYS or not all(parts):
+        raise ValueError(f"give 1 to {MAX_STANDBYS} targets separated by commas, each "
+                         + targets.GRAMMAR)
+    parsed = [str(targets.Target.parse(p)) for p in parts]
+    if len(set(parsed)) != len(parsed):
+        raise ValueError("a standby is given twice")
+    return ",".join(parsed)
+
+
 def _boolean(value: str) -> str:
     lowered = value.lower()
     if lowered in ("true", "yes", "on", "1"):
@@ -126,6 +140,11 @@ SPECS: dict[str, OptionSpec] = {spec.name: spec for spec in (
                "pause: pause the volume's containers (and run their hooks) for automatic snapshots"),
     OptionSpec("replicate", _target, _BOTH,
                "send each automatic snapshot to another snapvol: " + targets.GRAMMAR),
+    OptionSpec("standby", _targets, _BOTH,
+               "keep standby copies on other snapvol hosts, which can take the volume over "
+               "(snapvol handoff / promote, or a Mount there): TARGET[,TARGET]"),
+    OptionSpec("sync", _schedule, _BOTH,
+               "how often the standbys are brought up to date (default 1m): the most they lag"),
 )}
 # A clone keeps its source's data, owner and mode; only these may go with from=.
 WITH_FROM = frozenset({"from", "size", "schedule", "keep", "quiesce", "replicate"})
@@ -186,6 +205,9 @@ def validate(raw: object, backend: str,
         raise InvalidOption(f"option(s) {extra} cannot be combined with from= (a clone keeps "
                             "its source's data, owner and mode; only size, schedule, keep, "
                             "quiesce and replicate may be given)")
+    if "sync" in result and "standby" not in result:
+        raise InvalidOption("option sync applies to standby copies; give standby= too "
+                            "(e.g. -o standby=ssh://nodeB -o sync=1m)")
     for key in NEED_SCHEDULE:
         if key in result and "schedule" not in result:
             raise InvalidOption(f"option {key} applies to automatic snapshots; give schedule= "

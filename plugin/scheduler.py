@@ -21,6 +21,7 @@ from .errors import PluginError
 from .history import AutoRun
 from .replication import Replicator
 from .schedules import Schedules
+from .standby import Standbys
 from .volumes import VolumeService
 
 log = logging.getLogger(__name__)
@@ -37,18 +38,24 @@ class Scheduler:
 
     def __init__(self, schedules: Schedules, volumes: VolumeService, *,
                  clock: Callable[[], datetime] = utc_now,
-                 replicator: Replicator | None = None) -> None:
+                 replicator: Replicator | None = None,
+                 standbys: Standbys | None = None) -> None:
         """Runs *schedules*, re-planning when *volumes* creates or removes a scheduled
         volume. *replicator* sends each automatic snapshot of a volume with ``replicate=TARGET``
-        there, in its own bounded pool (a slow target never delays other schedules)."""
+        there, in its own bounded pool (a slow target never delays other schedules);
+        *standbys* syncs primaries to their standbys, each every ``sync``, in that pool too
+        (a standby takes no automatic snapshots: its primary's come with the syncs)."""
         self._schedules = schedules
         self._replicator = replicator
+        self._standbys = standbys
         self._clock = clock
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_due: datetime | None = None      # from the last run_once's listing
         volumes.on_change(self._wake.set)
+        if standbys is not None:
+            standbys.on_change(self._wake.set)
 
     def run_once(self, now: datetime) -> dict[str, AutoRun | Exception]:
         """Run every volume that is due at *now*; one failing volume never stops the others.
@@ -66,8 +73,11 @@ class Scheduler:
         # interval from now, the others at their next_run
         upcoming = [s.next_run if s.next_run > now else now + s.interval for s in schedules]
         self._next_due = min(upcoming, default=None)
+        self._run_syncs()
         for schedule in sorted(schedules, key=lambda s: s.next_run):
             if schedule.next_run > now or self._stop.is_set():
+                continue
+            if self._standbys is not None and self._standbys.is_standby(schedule.volume):
                 continue
             replicate = schedule.replicate if self._replicator is not None else None
             try:
@@ -83,6 +93,13 @@ class Scheduler:
                                         then=partial(self._prune_after_replication,
                                                      schedule.volume, replicate, run))
         return done
+
+    def _run_syncs(self) -> None:
+        """Start the standby syncs that are due, in the replication pool."""
+        if self._standbys is None or self._replicator is None:
+            return
+        for volume in self._standbys.due():
+            self._replicator.run(partial(self._standbys.sync, volume))
 
     def _prune_after_replication(self, volume: str, target: str, run: AutoRun,
                                  replicated: bool) -> None:
@@ -103,9 +120,11 @@ class Scheduler:
     def seconds_to_next(self, now: datetime) -> float:
         """How long the loop may sleep after :meth:`run_once`: until the next volume it saw is
         due, at most a minute (a volume created meanwhile wakes the loop)."""
-        if self._next_due is None:
-            return MAX_SLEEP
-        return max(0.05, min(MAX_SLEEP, (self._next_due - now).total_seconds()))
+        pause = MAX_SLEEP if self._next_due is None else (self._next_due - now).total_seconds()
+        sync = self._standbys.seconds_to_next() if self._standbys is not None else None
+        if sync is not None:
+            pause = min(pause, max(sync, 1.0))     # a sync running now is not due again at once
+        return max(0.05, min(MAX_SLEEP, pause))
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -56,6 +57,8 @@ class StatusView:
         self._replications = replications
         self._state_dirs = state_dirs
         self._started = time.time()
+        # set by the standby roles (plugin.standby, above this module): a volume's role
+        self.role_of: Callable[[str], dict[str, Any] | None] | None = None
 
     def get(self, name: object) -> VolumeView:
         """One volume with its status for ``docker volume inspect`` (no lock).
@@ -72,6 +75,12 @@ class StatusView:
             info = self._backend.volume(name)
         except VolumeNotFound:
             self._known.discard(name)
+            role = self.role_of(name) if self.role_of is not None else None
+            if role is not None and role["role"] == "standby":
+                # a standby whose first sync has not come yet: Docker must know the name
+                # (else it creates an empty volume of it), and a Mount asks for a hand-off
+                return VolumeView(name, None, None, {"role": role, "state": "a standby "
+                                                     "awaiting its first sync"})
             raise
         except (BackendUnavailable, BackendError) as exc:
             if name not in self._known:
@@ -155,6 +164,9 @@ class StatusView:
                 "target": replication.target, "snapshot": replication.snapshot,
                 "base": replication.base, "at": rfc3339(replication.at), "bytes": replication.bytes,
                 "result": replication.result, "error": replication.error}
+        role = self.role_of(info.name) if self.role_of is not None else None
+        if role is not None:
+            status["role"] = role
         schedule = schedule_of(info)
         if schedule is not None:
             last = self._schedules.last_run(info.name, listed)

@@ -89,12 +89,26 @@ class VolumeService:
         self._quiescer = quiescer
         self._replications = replications
         self._listeners: list[Callable[[], None]] = []
+        self._created: list[Callable[[str, dict[str, str]], None]] = []
+        self._removed: list[Callable[[str], None]] = []
         self.known = KnownVolumes()
+        # set by the standby roles (plugin.standby): called by Mount before anything else,
+        # it refuses a volume that is not served here (a standby, a fenced primary)
+        self.mount_guard: Callable[[str], None] | None = None
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call *listener* after a scheduled volume is created or removed (the scheduler
         re-plans)."""
         self._listeners.append(listener)
+
+    def on_create(self, listener: Callable[[str, dict[str, str]], None]) -> None:
+        """Call *listener* with the name and options of every volume Create makes (before
+        Create answers)."""
+        self._created.append(listener)
+
+    def on_remove(self, listener: Callable[[str], None]) -> None:
+        """Call *listener* with the name of every volume Remove destroyed."""
+        self._removed.append(listener)
 
     def _changed(self) -> None:
         for listener in self._listeners:
@@ -156,6 +170,8 @@ class VolumeService:
                 else:
                     self._backend.create_volume(name, opts)
                 self.known.add(name)
+                for listener in self._created:
+                    listener(name, opts)
                 if "schedule" in opts:
                     self._changed()
                 return
@@ -305,6 +321,8 @@ class VolumeService:
             self._history.forget(name)
         if self._replications is not None:
             self._replications.forget(name)
+        for listener in self._removed:
+            listener(name)
         self._retire_clone_origin(name, info, depended_on)
         if "schedule" in info.options:
             self._changed()      # only then has the scheduler anything to re-plan
@@ -331,6 +349,8 @@ class VolumeService:
         """
         name = names.volume_name(name)
         mount_id = names.mount_id(mount_id)
+        if self.mount_guard is not None:
+            self.mount_guard(name)       # no lock held: it may wait for a hand-off
         with self._locks.hold(name):
             self._inflight.refuse_if_receiving(name)
             try:

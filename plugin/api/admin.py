@@ -17,6 +17,7 @@ from .. import names
 from ..errors import InvalidRequest, PluginError, VolumeBusy
 from ..history import Replication
 from ..replication import Replicator
+from ..standby import Standbys
 from ..targets import Target
 from ..status import snapshot_row
 from ..units import rfc3339
@@ -171,3 +172,68 @@ def replicate() -> Response:
                 yield json.dumps(event).encode() + b"\n"
 
     return Response(lines(), mimetype="application/x-ndjson")
+
+
+# ---------------------------------------------------------------------- standby roles
+
+
+def _standbys() -> Standbys:
+    standbys: Standbys | None = current_app.extensions.get("snapvol.standbys")
+    if standbys is None:
+        raise VolumeBusy("this plugin instance has no standby roles (no replication state)")
+    return standbys
+
+
+@bp.post("/Snapvol.Role")
+def role() -> Response:
+    """A volume's role here: Role (primary, standby, or none for an ordinary volume), Epoch,
+    Primary, Fenced (404: neither a volume nor a role of that name here). Peers ask this
+    before they sync, hand off or promote."""
+    volume = names.volume_name(required(docker_request(), "Volume"))
+    standbys = _standbys()
+    described = standbys.describe(volume)
+    if described is None:
+        domain().volumes.path(volume)            # 404 when there is no such volume either
+        described = {"role": "none", "epoch": 0}
+    return reply(Role=described["role"], Epoch=described["epoch"],
+                 Primary=described.get("primary"), Fenced=described.get("fenced"),
+                 Detail=described)
+
+
+@bp.post("/Snapvol.Promote")
+def promote() -> Response:
+    """Make a standby primary here: by hand (failover; ``Force`` also when the primary still
+    answers) or as the last step of a hand-off (``Epoch``, ``Snapshot``, ``Standbys``, ``Sync``)."""
+    body = docker_request()
+    force = body.get("Force", False)
+    if not isinstance(force, bool):
+        raise InvalidRequest("Force must be true or false")
+    answer = _standbys().promote(required(body, "Volume"), epoch=body.get("Epoch"),
+                                 snapshot=body.get("Snapshot"), standbys=body.get("Standbys"),
+                                 sync=body.get("Sync"), force=force)
+    return reply(Promoted=answer)
+
+
+@bp.post("/Snapvol.Handoff")
+def handoff() -> Response:
+    """Hand a primary volume to a standby of it (run on the primary); returns when the
+    target is primary and this host its standby."""
+    body = docker_request()
+    wait = body.get("Wait", 30.0)
+    if not isinstance(wait, (int, float)) or isinstance(wait, bool) or not 0 <= wait <= 600:
+        raise InvalidRequest("Wait must be a number of seconds from 0 to 600")
+    answer = _standbys().handoff(required(body, "Volume"), required(body, "Target"),
+                                 wait=float(wait))
+    return reply(Handoff=answer)
+
+
+@bp.post("/Snapvol.Sync")
+def sync() -> Response:
+    """Sync a primary's standbys now; ``Results`` maps each standby to its error (or null)."""
+    volume = names.volume_name(required(docker_request(), "Volume"))
+    standbys = _standbys()
+    role = standbys.role(volume)
+    if role is None or not role.is_primary or not role.standbys:
+        domain().volumes.path(volume)
+        raise InvalidRequest(f"volume {volume} is not a primary with standbys here")
+    return reply(Results=standbys.sync(volume, wait=50.0))

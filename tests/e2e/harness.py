@@ -135,7 +135,9 @@ class PluginProcess:
                     "SNAPVOL_SOCKET": str(self.socket), "SNAPVOL_STATE_DIR": str(state_dir),
                     "SNAPVOL_RUN_DIR": f"/run/snapvol/{driver}",   # unique: removed by stop()
                     "SNAPVOL_POOL_SIZE": "3G", "SNAPVOL_PIDFILE": str(self.pidfile),
-                    "SNAPVOL_LOG_LEVEL": "info", **(extra_env or {})}
+                    "SNAPVOL_LOG_LEVEL": "info",
+                    # how the other instances here reach this one (standby hand-offs)
+                    "SNAPVOL_ADVERTISE": f"unix://{self.socket}", **(extra_env or {})}
         self.run_dir = Path(self.env["SNAPVOL_RUN_DIR"])
         self._proc: subprocess.Popen[bytes] | None = None
 

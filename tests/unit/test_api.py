@@ -82,7 +82,8 @@ def test_unknown_option_names_the_option_and_the_accepted_ones(client, backend):
     status, reply = call(client, "VolumeDriver.Create", {"Name": "v1", "Opts": {"bogus": "1"}})
     assert status == 400
     assert reply["Err"] == ("unknown option(s): 'bogus'; btrfs volumes accept: size, uid, "
-                            "gid, mode, compression, nocow, from, schedule, keep, quiesce, replicate")
+                            "gid, mode, compression, nocow, from, schedule, keep, quiesce, replicate, "
+                                "standby, sync")
     assert backend.volumes() == []
 
 

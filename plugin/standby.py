@@ -1,0 +1,682 @@
+"""Standby replicas: a volume whose snapshots follow to other snapvol hosts, which can take
+it over — planned (hand-off) or after losing the primary (promote).
+
+Roles (:mod:`plugin.roles`): on each host a volume is a *primary* (served to Docker; its
+snapshots are synced to its standbys every ``sync``) or a *standby* (kept up to date by its
+primary's syncs; Mount refused, never stale data served). An *epoch* orders the primaries:
+every sync carries the sender's, a hand-off or a promote raises it, and a host that meets a
+higher epoch than its own stops being primary. So two primaries can never both go on
+writing once they can talk to each other: the stale one finds out at its next sync, at its
+next Mount (it asks its standbys), or when the new primary's sync reaches it.
+
+Hand-off (:meth:`Standbys.handoff`, run on the primary; a Mount on a standby asks its
+primary for one): fence (no new Mount), wait for the last container to unmount, send a
+final snapshot, tell the standby to become primary at epoch+1, then become its standby.
+Every step is persisted before the next, so a kill anywhere leaves either the old primary
+(fenced only while the outcome is unknown: it asks the standby, and stays fenced, saying
+so, while it cannot) or the new one — never two.
+
+Promote (:meth:`Standbys.promote`, run on a standby whose primary is lost) serves the last
+synced snapshot; what the primary wrote after it is not here, and the answer says how old it
+is. When the old primary comes back it meets the higher epoch and stands down: its volume,
+which may hold writes the new primary never saw, is renamed aside (``NAME-diverged-eN``, an
+ordinary volume with all its snapshots, never destroyed), and the new primary's next sync
+seeds it again as a standby.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from . import names
+from .backends.base import Backend
+from .errors import (Conflict, InvalidRequest, PluginError, TransferFailed,
+                     VolumeBusy, VolumeNotFound)
+from .history import Replication, ReplicationLog
+from .locks import VolumeLocks
+from .mounts import MountTable
+from .replication import Replicator
+from .roles import PRIMARY, STANDBY, Role, RoleBook
+from .snapshot_names import REPL_PREFIX, unique_name
+from .targets import Target
+from .transfers import StreamRefused, Transfers
+from .units import parse_duration, rfc3339
+from .volumes import VolumeService
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYNC = "1m"
+UNMOUNT_WAIT = 30.0        # a hand-off waits this long for the primary's containers to stop
+MOUNT_HANDOFF_WAIT = 20.0  # ... when a Mount on the standby asked for it (Docker waits 2 min)
+PEER_TIMEOUT = 20.0        # asking a peer its role (ssh connect included)
+HANDOFF_TIMEOUT = 100.0    # a Mount that asks for a hand-off: within Docker's 2 minutes
+
+
+class Standbys:
+    """Roles, syncs, hand-off and promote for the volumes of *volumes*."""
+
+    def __init__(self, volumes: VolumeService, transfers: Transfers, backend: Backend,
+                 mounts: MountTable, locks: VolumeLocks, book: RoleBook,
+                 replications: ReplicationLog, replicator: Replicator, *,
+                 advertise: str | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+        """*advertise* is how the other hosts reach this snapvol (``SNAPVOL_ADVERTISE``):
+        sent with every sync, it is where a standby asks for a hand-off and where a new
+        primary syncs back to."""
+        self._volumes = volumes
+        self._transfers = transfers
+        self._backend = backend
+        self._mounts = mounts
+        self._locks = locks
+        self._book = book
+        self._replications = replications
+        self._replicator = replicator
+        self._advertise = str(Target.parse(advertise)) if advertise else None
+        self._clock = clock
+        self._guard = threading.Lock()
+        self._busy: set[str] = set()                 # volumes syncing or handing off now
+        self._last_sync: dict[str, float] = {}       # volume -> monotonic time of last sync try
+        self._confirmed: dict[tuple[str, str], float] = {}   # (volume, standby) -> when it took our epoch
+        self._listeners: list[Callable[[], None]] = []
+        transfers.admit = self.admit
+        transfers.admitted = self.admitted
+        volumes.on_create(self.created)
+        volumes.on_remove(self._book.forget)
+        volumes.mount_guard = self.before_mount
+
+    # ------------------------------------------------------------------ start and create
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call *listener* when a volume becomes a primary with standbys (the scheduler
+        re-plans its syncs)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def recover(self) -> None:
+        """At start: finish what a kill interrupted locally (a rename aside)."""
+        for volume, role in sorted(self._book.all().items()):
+            if role.aside:
+                self._finish_aside(volume, role)
+
+    def created(self, volume: str, opts: dict[str, str]) -> None:
+        """A volume created with ``standby=`` is a primary at epoch 1."""
+        if "standby" not in opts:
+            return
+        self._book.set(volume, Role(PRIMARY, 1, standbys=tuple(opts["standby"].split(",")),
+                                    sync=opts.get("sync", DEFAULT_SYNC)))
+        with self._guard:
+            self._last_sync.pop(volume, None)       # first sync at the next scheduler pass
+        self._changed()
+
+    def role(self, volume: object) -> Role | None:
+        return self._book.get(names.volume_name(volume))
+
+    def is_standby(self, volume: str) -> bool:
+        role = self._book.get(volume)
+        return role is not None and not role.is_primary
+
+    # ------------------------------------------------------------------ receiving (standby side)
+
+    def admit(self, volume: str, header: dict[str, Any]) -> None:
+        """Decide, before a byte is received, whether *header*'s stream may update *volume*
+        here. A standby sync must come from an epoch at least ours; a plain replication
+        never overwrites a standby or a primary with standbys; a standby sync never
+        overwrites a volume that is not a standby (a name clash).
+
+        :raises Conflict: refused, with the reason.
+        """
+        theirs = header.get("role")
+        mine = self._book.get(volume)
+        exists = self._exists(volume)
+        if not isinstance(theirs, dict):
+            if mine is not None and exists:
+                raise Conflict(f"volume {volume} here is a {mine.role} (epoch {mine.epoch}); "
+                               "only its own primary's syncs may change it")
+            return
+        epoch, primary = _epoch(theirs), theirs.get("primary")
+        if mine is None:
+            if exists:
+                raise Conflict(f"volume {volume} exists here and is not a standby: refusing to "
+                               "overwrite it with a standby sync (a name clash); remove it "
+                               "here, or keep the standby on another host")
+            self._book.set(volume, Role(STANDBY, epoch, primary=primary,
+                                        sync=str(theirs.get("sync") or DEFAULT_SYNC)))
+            return
+        if mine.aside:
+            self._finish_aside(volume, mine)
+            mine = self._book.get(volume) or mine
+        if mine.is_primary:
+            if epoch > mine.epoch and exists:
+                aside = self._stand_down(volume, mine, epoch, primary)
+                raise StreamRefused(f"volume {volume} was primary here at epoch {mine.epoch}; "
+                                    f"a primary at epoch {epoch} exists, so this copy was set "
+                                    f"aside as {aside}: send a full stream")
+            if epoch > mine.epoch:                       # removed meanwhile: a standby now
+                self._book.set(volume, Role(STANDBY, epoch, primary=primary))
+                return
+            raise Conflict(f"volume {volume} is primary here at epoch {mine.epoch}, not older "
+                           f"than the sender's {epoch}: the sender is not the primary and must "
+                           "stand down [stale-epoch]")
+        if epoch < mine.epoch:
+            raise Conflict(f"volume {volume} here is a standby at epoch {mine.epoch}; the "
+                           f"sender is a primary of the older epoch {epoch} and must stand "
+                           "down [stale-epoch]")
+
+    def admitted(self, volume: str, header: dict[str, Any]) -> None:
+        """A standby sync was received whole: its epoch and primary are ours now."""
+        theirs = header.get("role")
+        if not isinstance(theirs, dict):
+            return
+        mine = self._book.get(volume)
+        role = Role(STANDBY, _epoch(theirs), primary=theirs.get("primary"),
+                    sync=str(theirs.get("sync") or DEFAULT_SYNC))
+        if mine is None or (mine.role, mine.epoch, mine.primary, mine.sync) != \
+                (role.role, role.epoch, role.primary, role.sync):
+            self._book.set(volume, role if mine is None or mine.is_primary
+                           else mine.but(epoch=role.epoch, primary=role.primary, sync=role.sync))
+
+    # ------------------------------------------------------------------ syncing (primary side)
+
+    def due(self) -> list[str]:
+        """The primaries whose standbys are due for a sync now (counted as started)."""
+        now = time.monotonic()
+        found = []
+        with self._guard:
+            for volume, role in self._book.all().items():
+                if not role.is_primary or not role.standbys or volume in self._busy:
+                    continue
+                last = self._last_sync.get(volume)
+                if last is None or now - last >= _seconds(role.sync):
+                    found.append(volume)
+                    self._last_sync[volume] = now      # started now: not due again meanwhile
+        return found
+
+    def seconds_to_next(self) -> float | None:
+        """Until the next sync is due (None: no standbys anywhere)."""
+        now = time.monotonic()
+        waits = []
+        with self._guard:
+            for volume, role in self._book.all().items():
+                if role.is_primary and role.standbys:
+                    last = self._last_sync.get(volume)
+                    waits.append(0.0 if last is None else max(0.0, last + _seconds(role.sync) - now))
+        return min(waits, default=None)
+
+    def sync(self, volume: str, *, wait: float = 0.0) -> dict[str, str | None]:
+        """Bring every standby of primary *volume* up to a snapshot taken now; a standby that
+        fails keeps its error (in the replication record) and the others still get theirs.
+        Returns target -> error (None: synced); nothing when a sync or hand-off of the volume
+        is running and does not end within *wait* seconds. Also resolves a hand-off in doubt."""
+        deadline = time.monotonic() + wait
+        while True:
+            with self._guard:
+                if volume not in self._busy:
+                    self._busy.add(volume)
+                    self._last_sync[volume] = time.monotonic()
+                    break
+            if time.monotonic() >= deadline:
+                return {}
+            time.sleep(0.2)
+        try:
+            role = self._book.get(volume)
+            if role is not None and role.handoff:
+                self._resolve_handoff(volume, role)
+                role = self._book.get(volume)
+            if role is None or not role.is_primary or role.fenced or not role.standbys:
+                return {}
+            results: dict[str, str | None] = {}
+            for target in role.standbys:
+                try:
+                    self._sync_one(volume, role, target)
+                    results[target] = None
+                except SteppedDown as exc:
+                    results[target] = str(exc)
+                    break
+                except PluginError as exc:
+                    log.warning("sync of %s to standby %s: %s", volume, target, exc)
+                    results[target] = str(exc)
+                    # (a refusal before any stream was sent is recorded here too)
+                    self._replications.record(volume, Replication(
+                        target, self._clock(), None, None, 0, str(exc)))
+            return results
+        finally:
+            with self._guard:
+                self._busy.discard(volume)
+
+    def _sync_one(self, volume: str, role: Role, target: str,
+                  snapshot: str | None = None) -> None:
+        peer = self._peer_role(target, volume)
+        if peer is not None and peer.get("Role") == "none":
+            raise Conflict(f"{target} has a volume {volume} that is not a standby of it: "
+                           "refusing to overwrite it (a name clash); remove it there, or "
+                           "keep the standby on another host")
+        if peer is not None and _epoch(peer) > role.epoch:
+            aside = self._stand_down(volume, role, _epoch(peer),
+                                     peer.get("Primary") if peer.get("Role") == STANDBY else target)
+            raise SteppedDown(f"{target} knows volume {volume} at epoch {_epoch(peer)}, newer "
+                              f"than ours ({role.epoch}): this host stood down (its copy is "
+                              f"now {aside})")
+        self._replicator.replicate(volume, target, snapshot, role=self._header(role))
+        with self._guard:
+            self._confirmed[(volume, target)] = time.monotonic()
+
+    def _header(self, role: Role) -> dict[str, Any]:
+        return {"epoch": role.epoch, "primary": self._advertise, "sync": role.sync}
+
+    # ------------------------------------------------------------------ Mount
+
+    def before_mount(self, volume: str) -> None:
+        """Called by Mount before anything else: a standby is not served (it asks its
+        primary for a hand-off, and is served if it got one); a fenced primary is not
+        served; a primary asks its standbys whether one has a newer epoch (unless one took
+        a sync of ours within the sync interval).
+
+        :raises Conflict: not served here now, with what to do.
+        """
+        role = self._book.get(volume)
+        if role is None:
+            return
+        if role.aside:
+            self._finish_aside(volume, role)
+            role = self._book.get(volume)
+            if role is None:
+                return
+        if role.is_primary:
+            if role.handoff:
+                self._resolve_handoff(volume, role)
+                role = self._book.get(volume) or role
+            if role.is_primary and role.fenced:
+                raise Conflict(f"volume {volume} is fenced: {role.fenced}")
+            if role.is_primary:
+                if not self._mounts.users(volume):   # a second Mount: asked at the first
+                    self._confirm_primary(volume, role)
+                return
+        self._take_over(volume, role)
+
+    def _confirm_primary(self, volume: str, role: Role) -> None:
+        fresh = _seconds(role.sync) * 2
+        for target in role.standbys:
+            with self._guard:
+                confirmed = self._confirmed.get((volume, target))
+            if confirmed is not None and time.monotonic() - confirmed < fresh:
+                continue
+            try:
+                peer = self._peer_role(target, volume)
+            except PluginError as exc:      # a standby down must not stop the primary
+                log.warning("mount %s: cannot ask standby %s its epoch: %s", volume, target, exc)
+                continue
+            if peer is not None and _epoch(peer) > role.epoch:
+                aside = self._stand_down(volume, role, _epoch(peer),
+                                         peer.get("Primary") if peer.get("Role") == STANDBY else target)
+                raise Conflict(f"volume {volume} is not primary here any more: {target} has it "
+                               f"at epoch {_epoch(peer)} (ours was {role.epoch}); this copy was "
+                               f"set aside as {aside}")
+
+    def _take_over(self, volume: str, role: Role) -> None:
+        """Mount of a standby: ask the primary to hand the volume over to us."""
+        synced = self._last_received(volume)
+        where = f"a standby of {role.primary or 'an unknown primary'} (epoch {role.epoch}{synced})"
+        if not role.primary or not self._advertise:
+            raise Conflict(f"volume {volume} here is {where}: it is not served here. On the "
+                           f"primary: snapvol handoff {volume} <this host>; if the primary is "
+                           f"lost: snapvol promote {volume} here"
+                           + ("" if self._advertise else " (SNAPVOL_ADVERTISE is not set here, "
+                              "so the primary cannot be asked to hand it over)"))
+        log.info("mount %s: a standby here; asking %s for a hand-off", volume, role.primary)
+        try:
+            status, reply = self._replicator.call(
+                role.primary, "Snapvol.Handoff",
+                {"Volume": volume, "Target": self._advertise, "Wait": MOUNT_HANDOFF_WAIT},
+                timeout=HANDOFF_TIMEOUT)
+        except PluginError as exc:
+            raise Conflict(f"volume {volume} here is {where}; the primary cannot be reached "
+                           f"for a hand-off ({exc}). If it is lost: snapvol promote {volume} "
+                           "here (serves the last synced snapshot)") from None
+        mine = self._book.get(volume)
+        if mine is None or not mine.is_primary:
+            raise Conflict(f"volume {volume} here is {where}; the primary refused the "
+                           f"hand-off: {reply.get('Err') or f'HTTP {status}'}")
+        log.info("mount %s: took the volume over from %s (epoch %d)", volume, role.primary,
+                 mine.epoch)
+
+    # ------------------------------------------------------------------ hand-off (primary side)
+
+    def handoff(self, volume: object, target: object, *, wait: float = UNMOUNT_WAIT) -> dict[str, Any]:
+        """Hand primary *volume* to *target* (a standby of it): fence, wait for the last
+        container to unmount, send a final snapshot, make the target primary at epoch+1,
+        become its standby. No committed write is lost: nothing writes after the fence.
+
+        :raises NotFound: no such volume; :raises InvalidRequest: a bad target;
+        :raises Conflict: not a primary here, still in use after *wait* seconds, or the
+            target refused (the volume stays primary here, unfenced);
+        :raises TransferFailed: the outcome is unknown (the volume stays fenced until the
+            target can be asked).
+        """
+        volume = names.volume_name(volume)
+        try:
+            target = str(Target.parse(target))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        self._backend.volume(volume)
+        role = self._book.get(volume)
+        if role is None:
+            role = Role(PRIMARY, 0)            # an ordinary volume: this makes it one with roles
+        if not role.is_primary:
+            if role.primary == target or _same_host(role.primary, target):
+                return {"volume": volume, "epoch": role.epoch, "primary": target,
+                        "note": "already handed off"}
+            raise Conflict(f"volume {volume} here is a standby of {role.primary}; hand it off "
+                           "from its primary")
+        deadline = time.monotonic() + wait          # a sync running now ends first
+        while True:
+            with self._guard:
+                if volume not in self._busy:
+                    self._busy.add(volume)
+                    break
+            if time.monotonic() >= deadline:
+                raise VolumeBusy(f"volume {volume} is being synced or handed off; try again")
+            time.sleep(0.2)
+        try:
+            role = self._book.get(volume) or role      # as the sync may have left it
+            if not role.is_primary:
+                raise Conflict(f"volume {volume} here is a standby of {role.primary} now")
+            return self._handoff(volume, role, target, max(0.0, deadline - time.monotonic()))
+        finally:
+            with self._guard:
+                self._busy.discard(volume)
+
+    def _handoff(self, volume: str, role: Role, target: str, wait: float) -> dict[str, Any]:
+        started = time.monotonic()
+        fenced = role.but(fenced=f"being handed off to {target}", handoff=target)
+        self._book.set(volume, fenced)                        # 1. fence: no new Mount
+        deadline = time.monotonic() + wait
+        while self._mounts.users(volume):                     # 2. the last container goes
+            if time.monotonic() > deadline:
+                self._book.set(volume, role)
+                raise Conflict(f"volume {volume} is still in use by "
+                               f"{self._volumes.users_text(volume, self._mounts.users(volume))} "
+                               f"after {wait:.0f} s; stop them, then hand off again")
+            time.sleep(0.2)
+        final = unique_name(REPL_PREFIX)
+        try:                                                   # 3. the last delta
+            self._volumes.take([volume], final, "none")
+            run = self._replicator.replicate(volume, target, final, role=self._header(fenced))
+        except PluginError:
+            self._book.set(volume, role)           # nothing changed there: still ours
+            raise
+        epoch = role.epoch + 1
+        others = [s for s in role.standbys if not _same_host(s, target)]
+        body = {"Volume": volume, "Epoch": epoch, "Snapshot": final, "Sync": role.sync,
+                "Standbys": ([self._advertise] if self._advertise else []) + others}
+        try:                                                   # 4. the target takes it
+            status, reply = self._replicator.call(target, "Snapvol.Promote", body)
+        except PluginError as exc:
+            raise TransferFailed(f"hand-off of {volume} to {target} in doubt: {exc}; the "
+                                 "volume stays fenced here until the target answers "
+                                 "(or: snapvol promote --force here)") from None
+        if status >= 400:
+            self._book.set(volume, role)
+            raise Conflict(f"{target} refused to take volume {volume}: "
+                           f"{reply.get('Err') or f'HTTP {status}'}")
+        self._book.set(volume, Role(STANDBY, epoch, primary=target, sync=role.sync))   # 5.
+        seconds = round(time.monotonic() - started, 2)
+        log.info("handed volume %s off to %s at epoch %d in %.2f s (final delta %d bytes)",
+                 volume, target, epoch, seconds, run.bytes)
+        return {"volume": volume, "epoch": epoch, "primary": target, "snapshot": final,
+                "bytes": run.bytes, "seconds": seconds}
+
+    def _resolve_handoff(self, volume: str, role: Role) -> None:
+        """A hand-off whose outcome is unknown: ask the target whether it took the volume."""
+        try:
+            peer = self._peer_role(str(role.handoff), volume)
+        except PluginError as exc:
+            log.warning("hand-off of %s to %s still in doubt: %s", volume, role.handoff, exc)
+            return
+        if peer is not None and peer.get("Role") == PRIMARY and _epoch(peer) > role.epoch:
+            log.warning("hand-off of %s to %s had completed there (epoch %d): standby here now",
+                        volume, role.handoff, _epoch(peer))
+            self._book.set(volume, Role(STANDBY, _epoch(peer), primary=role.handoff,
+                                        sync=role.sync))
+        else:
+            log.warning("hand-off of %s to %s did not complete there: primary here again",
+                        volume, role.handoff)
+            self._book.set(volume, role.but(fenced=None, handoff=None))
+
+    # ------------------------------------------------------------------ promote (standby side)
+
+    def promote(self, volume: object, *, epoch: object = None, snapshot: object = None,
+                standbys: object = None, sync: object = None, force: bool = False) -> dict[str, Any]:
+        """Make standby *volume* primary here.
+
+        Planned (a hand-off's step 4: *epoch*, *snapshot* given): only from the epoch
+        before, and only holding the final *snapshot*. Manual (failover): refused while the
+        primary answers as primary (unless *force*); serves the last synced snapshot and
+        says how old it is. A fenced primary (a hand-off in doubt) is unfenced with *force*.
+
+        :raises NotFound: no such volume; :raises Conflict: already primary, or refused.
+        """
+        volume = names.volume_name(volume)
+        self._backend.volume(volume)
+        role = self._book.get(volume)
+        if role is None or role.is_primary:
+            if role is not None and role.fenced and force:
+                role = role.but(fenced=None, handoff=None, epoch=role.epoch + 2)
+                self._book.set(volume, role)
+                return {"volume": volume, "epoch": role.epoch, "note": "unfenced by force"}
+            raise Conflict(f"volume {volume} is already primary here"
+                           + (f" (epoch {role.epoch})" if role else "") + "; nothing to promote")
+        if epoch is not None:
+            return self._promote_planned(volume, role, epoch, snapshot, standbys, sync)
+        if role.primary and not force:
+            try:
+                peer = self._peer_role(role.primary, volume)
+            except PluginError:
+                peer = None                      # lost, as the operator says
+            if peer is not None and peer.get("Role") == PRIMARY and not peer.get("Fenced"):
+                raise Conflict(f"the primary {role.primary} is up and serves volume {volume} "
+                               f"(epoch {_epoch(peer)}): hand it off there (snapvol handoff "
+                               f"{volume} <this host>), or --force to promote anyway")
+        newest = self._last_received_snapshot(volume)
+        new = Role(PRIMARY, role.epoch + 1,
+                   standbys=(role.primary,) if role.primary else (), sync=role.sync)
+        self._book.set(volume, new)
+        with self._guard:
+            self._last_sync.pop(volume, None)
+        self._changed()
+        answer: dict[str, Any] = {"volume": volume, "epoch": new.epoch}
+        if newest is not None:
+            age = (self._clock() - newest.created).total_seconds()
+            answer.update(snapshot=newest.name, created=rfc3339(newest.created),
+                          age_seconds=round(age),
+                          note=f"serving {newest.name} of {rfc3339(newest.created)}: writes "
+                               f"on {role.primary} after it (the last {round(age)} s) are not here")
+        log.warning("volume %s promoted to primary at epoch %d (was a standby of %s)",
+                    volume, new.epoch, role.primary)
+        return answer
+
+    def _promote_planned(self, volume: str, role: Role, epoch: object, snapshot: object,
+                         standbys: object, sync: object) -> dict[str, Any]:
+        if not isinstance(epoch, int) or epoch != role.epoch + 1:
+            raise Conflict(f"volume {volume} here is a standby at epoch {role.epoch}; a hand-off "
+                           f"must raise it by one, not to {epoch!r}")
+        snapshot = names.snapshot_name(snapshot)
+        have = {s.name for s in self._backend.snapshots(volume)}
+        if snapshot not in have:
+            raise Conflict(f"volume {volume} here lacks the hand-off's final snapshot {snapshot}")
+        targets = []
+        for text in standbys if isinstance(standbys, list) else []:
+            try:
+                targets.append(str(Target.parse(text)))
+            except ValueError as exc:
+                raise InvalidRequest(f"Standbys: {exc}") from None
+        sync_text = sync if isinstance(sync, str) else role.sync
+        _seconds(sync_text)
+        self._book.set(volume, Role(PRIMARY, epoch, standbys=tuple(targets), sync=sync_text))
+        with self._guard:
+            self._last_sync[volume] = time.monotonic()        # it just synced: wait one interval
+        self._changed()
+        log.info("volume %s is primary here at epoch %d (handed off; standbys %s)", volume,
+                 epoch, ", ".join(targets) or "none")
+        return {"volume": volume, "epoch": epoch}
+
+    # ------------------------------------------------------------------ standing down
+
+    def _stand_down(self, volume: str, role: Role, epoch: int, primary: str | None) -> str:
+        """A primary met a higher epoch: rename its copy aside (it may hold writes the new
+        primary never saw) and become a standby of *primary*, waiting for a full sync.
+
+        :raises Conflict: containers still use it (it stays fenced, refusing new Mounts).
+        """
+        with self._locks.hold(volume):
+            now = self._book.get(volume)
+            if now is not None and not now.is_primary and now.epoch >= epoch:
+                return f"{volume}-diverged-e{role.epoch}"     # another thread did it
+            users = self._mounts.users(volume)
+            if users:
+                self._book.set(volume, role.but(fenced=f"a newer primary (epoch {epoch}) is "
+                                                       f"at {primary}; stop the containers "
+                                                       "using it here"))
+                raise Conflict(f"volume {volume}: a primary at epoch {epoch} exists at "
+                               f"{primary}, but containers still use it here; fenced")
+            aside = self._aside_name(volume, role.epoch)
+            self._book.set(volume, role.but(aside=aside, fenced="standing down"))
+            self._finish_aside(volume, self._book.get(volume) or role, locked=True)
+        self._book.set(volume, Role(STANDBY, epoch, primary=primary, sync=role.sync))
+        log.warning("volume %s: a primary at epoch %d exists (%s); this copy is kept as "
+                    "volume %s and the volume is a standby here now", volume, epoch, primary, aside)
+        return aside
+
+    def _finish_aside(self, volume: str, role: Role, *, locked: bool = False) -> None:
+        aside = str(role.aside)
+        try:
+            if locked:
+                self._backend.rename_volume(volume, aside)
+            else:
+                with self._locks.hold(volume, aside):
+                    self._backend.rename_volume(volume, aside)
+        except VolumeNotFound:
+            pass                                        # neither there: nothing to keep
+        self._volumes.known.discard(volume)
+        self._volumes.known.add(aside)
+        self._book.set(volume, role.but(aside=None))
+
+    def _aside_name(self, volume: str, epoch: int) -> str:
+        base = f"{volume}-diverged-e{epoch}"[:200]
+        name, n = base, 1
+        while self._exists(name):
+            n += 1
+            name = f"{base}-{n}"
+        return names.volume_name(name)
+
+    # ------------------------------------------------------------------ helpers
+
+    def describe(self, volume: str) -> dict[str, Any] | None:
+        """The role for Status (``docker volume inspect``, ``snapvol role``)."""
+        role = self._book.get(volume)
+        return describe_role(role, volume, self._replications, self._backend, self._clock())
+
+    def _peer_role(self, target: str, volume: str) -> dict[str, Any] | None:
+        """The peer's role of *volume* (None: it has no such volume and no role for it).
+
+        :raises TransferFailed: the peer cannot be asked.
+        """
+        status, reply = self._replicator.call(target, "Snapvol.Role", {"Volume": volume},
+                                              timeout=PEER_TIMEOUT)
+        if status == 404:
+            return None
+        if status >= 400:
+            raise TransferFailed(f"{target}: {reply.get('Err') or f'HTTP {status}'}")
+        return reply
+
+    def _exists(self, volume: str) -> bool:
+        try:
+            self._backend.volume(volume)
+            return True
+        except VolumeNotFound:
+            return False
+
+    def _last_received_snapshot(self, volume: str) -> Any:
+        snaps = [s for s in self._backend.snapshots(volume) if s.received]
+        return snaps[-1] if snaps else None
+
+    def _last_received(self, volume: str) -> str:
+        try:
+            newest = self._last_received_snapshot(volume)
+        except PluginError:
+            return ""
+        if newest is None:
+            return ", nothing synced yet"
+        age = (self._clock() - newest.created).total_seconds()
+        return f", last synced {newest.name}, {round(age)} s old"
+
+
+class SteppedDown(Conflict):
+    """This host found a newer primary and is a standby now."""
+
+
+def describe_role(role: Role | None, volume: str, replications: ReplicationLog | None,
+                  backend: Backend, now: datetime) -> dict[str, Any] | None:
+    """A role as Status shows it: role, epoch, and per standby its last synced snapshot, lag
+    in seconds (now minus when that snapshot was taken) and last error."""
+    if role is None:
+        return None
+    out: dict[str, Any] = {"role": role.role, "epoch": role.epoch, "since": rfc3339(role.since)}
+    if role.fenced:
+        out["fenced"] = role.fenced
+    if not role.is_primary:
+        out["primary"] = role.primary
+        return out
+    out["sync"] = role.sync
+    created = {}
+    try:
+        created = {s.name: s.created for s in backend.snapshots(volume)}
+    except PluginError:
+        pass
+    rows = []
+    for target in role.standbys:
+        base = replications.base(volume, target) if replications else None
+        last = replications.last_to(volume, target) if replications else None
+        synced_at = created.get(base) if base else None
+        rows.append({"target": target, "synced": base,
+                     "synced_at": rfc3339(synced_at) if synced_at else None,
+                     "lag_seconds": round((now - synced_at).total_seconds()) if synced_at else None,
+                     "last_error": last.error if last is not None else None})
+    out["standbys"] = rows
+    return out
+
+
+def _epoch(reply: dict[str, Any]) -> int:
+    value = reply.get("epoch", reply.get("Epoch", 0))
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(parse_duration(text))
+    except ValueError:
+        return 60.0
+
+
+def _same_host(a: str | None, b: str | None) -> bool:
+    """Two targets that name the same snapvol (user, host and port; the socket may be
+    spelled out on one and found by discovery on the other)."""
+    if not a or not b:
+        return False
+    try:
+        x, y = Target.parse(a), Target.parse(b)
+    except ValueError:
+        return False
+    if x.kind == "unix" or y.kind == "unix":
+        return x == y
+    return (x.host, x.port or 22) == (y.host, y.port or 22)
