@@ -34,17 +34,25 @@ looks it up: a volume operation naming the driver, or ``docker volume ls``
 The agent (swarmkit agent/agent.go) computes the description once when it starts (``swarm
 init``/``join``, or dockerd's start when it is already in a Swarm), then again only on its
 ``nodeUpdateTicker``: ``nodeUpdatePeriod = 20 * time.Second``, a constant with no setting,
-or on a TLS certificate change. Hence the 15-20 s (0-20 s plus the session restart) seen when
-``docker volume ls`` runs after the node joined.
+or on a TLS certificate change. Hence the wait of up to 20 s when ``docker volume ls`` runs
+after the node joined (the 15-20 s TESTING.md reports).
 
 So the legitimate fast way, used by :meth:`TwoNodes.up`, is to let each dockerd look the
 driver up (``docker volume ls``) *before* it inits or joins the Swarm: the agent's first
-description already lists ``{"Type": "Volume", "Name": "snapvol"}`` and the wait below ends at
-its first look (measured: well under a second; ``up(register_first=False)`` measures the slow
-way: about 10-20 s). After a dockerd restart inside the Swarm the agent starts with dockerd,
-before anything can run ``docker volume ls``: the driver is in the description at once only if
-dockerd looked it up while restoring its volumes (a snapvol volume exists on that node), else
-it appears within 20 s of the first lookup; :meth:`Node.start_dockerd` does the lookup.
+description already lists ``{"Type": "Volume", "Name": "snapvol"}``, and the wait for it ends
+at its first look (measured here: 0.0-0.1 s after the join). ``up(register_first=False)``
+does the lookup right after the join instead: 20.0 s, twice in a row (the first tick after
+the join). After a dockerd restart inside the Swarm the agent starts with dockerd, before
+anything can run ``docker volume ls``: measured, the driver is missing from the description
+for 20.1 s when the node has no snapvol volume, and is there at once when it has one (dockerd
+looked the driver up restoring its volumes). :meth:`Node.start_dockerd` does the lookup;
+call :meth:`TwoNodes.wait_plugin_known` after it before scheduling onto that node.
+
+Seen in the nodes' dockerd logs: "could not find plugin snapvol.sock in v1 plugin registry" at
+every scan. The scan (pkg/plugins/discovery.go ``Scan``) takes every socket in
+/run/docker/plugins for a plugin named after the file less its last extension, so the plugin's
+stream socket ``snapvol.sock.stream`` reads as a plugin "snapvol.sock" that has no
+``snapvol.sock.sock``; dockerd logs it and goes on (harmless, but noise in its log).
 
 Command line (for people): ``python -m tests.e2e.nodes up BASE`` / ``down BASE`` (as root,
 from the repository, with its venv's python).
@@ -103,7 +111,8 @@ def _all_pids() -> list[int]:
 class Proc:
     """A process we started, known by pid and start time (a reused pid is not ours)."""
 
-    def __init__(self, pid: int, start: int | None = None, popen: subprocess.Popen | None = None) -> None:
+    def __init__(self, pid: int, start: int | None = None,
+                 popen: subprocess.Popen | None = None) -> None:
         self.pid = pid
         self.start = start if start is not None else _start_time(pid)
         self.popen = popen
@@ -235,7 +244,8 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise RuntimeError("no free 10.x.y.0/24 found")
 
 
-def run(argv: list[str], timeout: float = 60, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+def run(argv: list[str], timeout: float = 60, check: bool = True,
+        **kw: Any) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:
         raise CommandError(f"{' '.join(argv)} failed ({proc.returncode}): "
@@ -324,7 +334,8 @@ class Node:
         script = (f"hostname {self.hostname} && "
                   "mount -t tmpfs -o mode=0755 snapvol-node /run/docker && "
                   "mkdir -p /run/docker/plugins && "
-                  "{ [ ! -d /run/containerd ] || mount -t tmpfs -o mode=0711 snapvol-node /run/containerd; } && "
+                  "{ [ ! -d /run/containerd ] || "
+                  "mount -t tmpfs -o mode=0711 snapvol-node /run/containerd; } && "
                   "ip link set lo up && echo ready && exec sleep infinity")
         log = (self.dir / "holder.log").open("ab")
         popen = subprocess.Popen(
@@ -394,13 +405,14 @@ PidFile {ssh_dir / 'sshd.pid'}
     def start_snapvol(self, timeout: float = 60) -> None:
         """Start (or restart) the node's snapvol and wait until it answers."""
         assert not (self.snapvol and self.snapvol.alive()), f"{self.hostname}: snapvol runs already"
-        self.snapvol = self._spawn([sys.executable, "-m", "gunicorn", "-c", "python:plugin.gunicorn_conf"],
-                                   self.snapvol_log, env=self.snapvol_env(), wd=REPO)
+        argv = [sys.executable, "-m", "gunicorn", "-c", "python:plugin.gunicorn_conf"]
+        self.snapvol = self._spawn(argv, self.snapvol_log, env=self.snapvol_env(), wd=REPO)
         self.nodes.save()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.snapvol.alive():
-                raise RuntimeError(f"{self.hostname}: snapvol exited: {self.snapvol_log.read_text()[-3000:]}")
+                raise RuntimeError(f"{self.hostname}: snapvol exited: "
+                                   f"{self.snapvol_log.read_text()[-3000:]}")
             try:
                 if PluginClient(str(self.path(SOCKET)), timeout=10).call("Snapvol.Status")[0] == 200:
                     return
@@ -418,7 +430,8 @@ PidFile {ssh_dir / 'sshd.pid'}
     def kill_snapvol(self) -> None:
         """SIGKILL the gunicorn master, as a crash would; wait until its worker noticed and
         left too (it does within seconds), so a restart finds the state directory free."""
-        assert self.snapvol is not None and self.snapvol.alive(), f"{self.hostname}: snapvol is not running"
+        assert self.snapvol is not None and self.snapvol.alive(), \
+            f"{self.hostname}: snapvol is not running"
         workers = self._snapvol_workers()
         self.snapvol.send(signal.SIGKILL)
         self.snapvol.wait(30)
@@ -456,7 +469,8 @@ PidFile {ssh_dir / 'sshd.pid'}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.dockerd.alive():
-                raise RuntimeError(f"{self.hostname}: dockerd exited: {self.docker.log.read_text()[-2000:]}")
+                raise RuntimeError(f"{self.hostname}: dockerd exited: "
+                                   f"{self.docker.log.read_text()[-2000:]}")
             if self.docker.socket.exists() and self.docker.result("info", timeout=30).returncode == 0:
                 break
             time.sleep(0.3)
@@ -467,10 +481,21 @@ PidFile {ssh_dir / 'sshd.pid'}
             self.docker("volume", "ls", timeout=60)     # dockerd looks every legacy driver up
 
     def kill_dockerd(self) -> None:
-        """SIGKILL dockerd (its containerd and containers stay, as after a crash)."""
-        assert self.dockerd is not None and self.dockerd.alive(), f"{self.hostname}: dockerd is not running"
+        """SIGKILL dockerd, as a crash would (its containers stay; its containerd dies with it).
+        Returns once that containerd is reaped, not just dead: a restarted dockerd takes a
+        containerd pid that still exists, even a zombie's, for a containerd still running and
+        gives up on its dead socket ("timeout waiting for containerd to start"). The pid 1 of
+        some machines (this VM's) reaps orphans only every few seconds."""
+        assert self.dockerd is not None and self.dockerd.alive(), \
+            f"{self.hostname}: dockerd is not running"
+        children = [Proc(pid) for pid in _all_pids() if _ppid(pid) == self.dockerd.pid]
         self.dockerd.send(signal.SIGKILL)
         self.dockerd.wait(30)
+        deadline = time.monotonic() + 60
+        while any(_start_time(c.pid) == c.start for c in children):
+            assert time.monotonic() < deadline, \
+                f"{self.hostname}: dockerd's children not reaped in 60 s"
+            time.sleep(0.1)
 
     def stop_dockerd(self) -> None:
         if self.dockerd is None or not self.dockerd.alive():
@@ -657,11 +682,13 @@ class TwoNodes:
         run(["ip", "link", "add", self.a.veth, "netns", self.a.netns, "type", "veth",
              "peer", "name", self.b.veth, "netns", self.b.netns])
         for node in self:
-            run(["ip", "-n", node.netns, "addr", "add", f"{node.ip}/{self.subnet.prefixlen}", "dev", node.veth])
+            run(["ip", "-n", node.netns, "addr", "add", f"{node.ip}/{self.subnet.prefixlen}",
+                 "dev", node.veth])
             run(["ip", "-n", node.netns, "link", "set", node.veth, "up"])
         # keys: one client key for both, a host key each, one known_hosts
         self.ssh_dir.mkdir()
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "snapvol-nodes", "-f", str(self.client_key)])
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "snapvol-nodes",
+             "-f", str(self.client_key)])
         (self.ssh_dir / "authorized_keys").write_text((self.ssh_dir / "client_key.pub").read_text())
         known = []
         for node in self:
@@ -678,7 +705,8 @@ class TwoNodes:
         self._parallel(lambda n: n.start_dockerd(lookup=register_first))
         self.timings["nodes"] = time.monotonic() - started
         # the Swarm
-        self.a.docker("swarm", "init", "--advertise-addr", self.a.ip, "--listen-addr", f"{self.a.ip}:2377")
+        self.a.docker("swarm", "init", "--advertise-addr", self.a.ip,
+                      "--listen-addr", f"{self.a.ip}:2377")
         token = self.a.docker("swarm", "join-token", "-q", "worker").strip()
         self.b.docker("swarm", "join", "--token", token, "--advertise-addr", self.b.ip,
                       "--listen-addr", f"{self.b.ip}:2377", f"{self.a.ip}:2377")
@@ -706,19 +734,32 @@ class TwoNodes:
                     if probe.returncode == 0 and probe.stdout.strip() == dst.hostname:
                         break
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"ssh {src.hostname} -> {dst.hostname}: {probe.stderr.strip()}; "
+                        raise RuntimeError(f"ssh {src.hostname} -> {dst.hostname}: "
+                                           f"{probe.stderr.strip()}; "
                                            f"{(dst.dir / 'ssh' / 'sshd.log').read_text()[-1500:]}")
                     time.sleep(0.2)
+
+    def load_images(self, source_docker_env: dict[str, str], *tags: str) -> None:
+        """*tags* from another dockerd into both nodes: one ``docker save`` to a file, then
+        a ``docker load`` on each node at once (what :meth:`Node.load_image` does for one)."""
+        archive = self.base / "images.tar"
+        try:
+            run(["docker", "save", "-o", str(archive), *tags], env=source_docker_env, timeout=600)
+            self._parallel(lambda n: n.docker("load", "-q", "-i", str(archive), timeout=600))
+        finally:
+            archive.unlink(missing_ok=True)
 
     def wait_plugin_known(self, timeout: float = 60) -> None:
         """Until the manager's view of every node lists the snapvol volume driver."""
         deadline = time.monotonic() + timeout
         while True:
-            missing = [n.hostname for n in self if PLUGIN_ENTRY not in (n.plugins_in_description() or [])]
+            missing = [n.hostname for n in self
+                       if PLUGIN_ENTRY not in (n.plugins_in_description() or [])]
             if not missing:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"snapvol not in the Swarm description of {missing} after {timeout} s: "
+                raise RuntimeError(f"snapvol not in the Swarm description of {missing} "
+                                   f"after {timeout} s: "
                                    f"{[n.plugins_in_description() for n in self]}")
             time.sleep(0.25)
 
@@ -801,7 +842,8 @@ def main(argv: list[str] | None = None) -> int:
         for node in nodes:
             print(f"{node.hostname}: {node.ip}  DOCKER_HOST={node.docker_host}  "
                   f"SNAPVOL_ADVERTISE={node.advertise}")
-        print(f"enter a node: nsenter -t {nodes.a.holder.pid} -m -n -u   (node-b: -t {nodes.b.holder.pid})")
+        for node in nodes:
+            print(f"enter {node.hostname}: nsenter -t {node.holder.pid} -m -n -u")
         print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in nodes.timings.items()))
         print(f"remove: python -m tests.e2e.nodes down {nodes.base}")
     else:

@@ -55,9 +55,7 @@ def two_nodes(request, docker, busybox: str, postgres_image: str) -> Iterator[Tw
         report(request, f"up: {t['up']:.1f} s (nodes {t['nodes']:.1f} s, swarm {t['swarm']:.1f} s); "
                         f"snapvol known to the scheduler {t['plugin_known']:.1f} s later")
         started = time.monotonic()
-        for node in nodes:
-            for image in (busybox, postgres_image):
-                node.load_image(docker.env, image)
+        nodes.load_images(docker.env, busybox, postgres_image)
         report(request, f"images loaded into both nodes: {time.monotonic() - started:.1f} s")
         yield nodes
     finally:
@@ -69,7 +67,7 @@ def two_nodes(request, docker, busybox: str, postgres_image: str) -> Iterator[Tw
 def service_create(node: Node, name: str, volume: str, target: str, image: str, *command: str,
                    env: tuple[str, ...] = ()) -> None:
     node.docker("service", "create", "--detach", "--no-resolve-image", "--name", name,
-                "--endpoint-mode", "dnsrr", "--restart-condition", "any",
+                "--endpoint-mode", "dnsrr", "--restart-condition", "any", "--stop-grace-period", "2s",
                 "--constraint", "node.hostname==node-a",
                 "--mount", f"type=volume,source={volume},target={target},volume-driver=snapvol",
                 *[a for e in env for a in ("--env", e)], image, *command)
@@ -83,7 +81,8 @@ def wait_running(nodes: TwoNodes, service: str, timeout: float = 120) -> tuple[N
         for task in map(json.loads, tasks.splitlines()):
             if task["CurrentState"].startswith("Running"):
                 node = next(n for n in nodes if n.hostname == task["Node"])
-                ids = node.docker("ps", "-q", "--filter", f"label=com.docker.swarm.task.id={task['ID']}").split()
+                ids = node.docker("ps", "-q", "--filter",
+                                  f"label=com.docker.swarm.task.id={task['ID']}").split()
                 if ids:
                     return node, ids[0]
         if time.monotonic() > deadline:
@@ -96,13 +95,15 @@ def remove_service(nodes: TwoNodes, service: str, volume: str) -> None:
     """Remove the service, wait for its container to go, then its volume on node a."""
     nodes.a.docker("service", "rm", service, check=False)
     deadline = time.monotonic() + 60
-    while nodes.a.docker("ps", "-aq", "--filter", f"label=com.docker.swarm.service.name={service}").split():
+    label = f"label=com.docker.swarm.service.name={service}"
+    while nodes.a.docker("ps", "-aq", "--filter", label).split():
         assert time.monotonic() < deadline, f"{service}'s container is still there after 60 s"
         time.sleep(0.5)
     nodes.a.docker("volume", "rm", volume)
 
 
-def test_a_swarm_service_writes_into_a_snapvol_volume_on_its_node(request, two_nodes: TwoNodes, busybox: str):
+def test_a_swarm_service_writes_into_a_snapvol_volume_on_its_node(request, two_nodes: TwoNodes,
+                                                                   busybox: str):
     nodes = two_nodes
     service, volume = unique("swarm-bb"), unique("swarmvol")
     started = time.monotonic()
@@ -171,11 +172,13 @@ def test_postgres_runs_as_a_swarm_service_on_a_snapvol_volume(request, two_nodes
         assert node is nodes.a
         deadline = time.monotonic() + 120
         while True:
-            ready = nodes.a.docker.result("exec", container, "psql", "-U", "postgres", "-qAt", "-c", "SELECT 1")
+            ready = nodes.a.docker.result("exec", container, "psql", "-U", "postgres", "-qAt",
+                                          "-c", "SELECT 1")
             if ready.returncode == 0 and ready.stdout.strip() == "1":
                 break
-            assert time.monotonic() < deadline, (
-                f"postgres not ready: {ready.stderr}\n{nodes.a.docker('logs', container, check=False)[-2000:]}")
+            if time.monotonic() > deadline:
+                logs = nodes.a.docker("logs", container, check=False)[-2000:]
+                raise AssertionError(f"postgres not ready: {ready.stderr}\n{logs}")
             time.sleep(0.5)
         report(request, f"postgres service ready: {time.monotonic() - started:.1f} s")
         mountpoint = json.loads(nodes.a.docker("volume", "inspect", volume))[0]["Mountpoint"]
