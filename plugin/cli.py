@@ -126,6 +126,10 @@ def render_role(reply: dict[str, Any]) -> str:
         lines.append(f"fenced:   {reply['Fenced']}")
     if reply.get("Role") == "standby":
         lines.append(f"primary:  {reply.get('Primary') or 'unknown'}")
+        if detail.get("synced"):
+            lag = detail.get("lag_seconds")
+            lines.append(f"synced:   {detail['synced']}"
+                         + (f" (taken {detail.get('synced_at')}, {lag} s ago)" if lag is not None else ""))
         return "\n".join(lines)
     rows = [["STANDBY", "SYNCED", "LAG", "LAST ERROR"]]
     for s in detail.get("standbys", []):

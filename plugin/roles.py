@@ -33,7 +33,9 @@ class Role:
     *primary* (for a standby) is how to reach the primary; *standbys* (for a primary) where
     its snapshots follow, every *sync*. *fenced* says why a primary accepts no new Mount for
     now (a hand-off under way or in doubt); *aside* names the volume this one is being
-    renamed to; *handoff* the standby a hand-off was giving the volume to.
+    renamed to; *handoff* the standby a hand-off was giving the volume to. *synced* (for a
+    standby) is the last snapshot its primary synced here and *synced_at* when the primary
+    took it (the stream's header: a received snapshot's own time is when it arrived).
     """
 
     role: str
@@ -45,13 +47,16 @@ class Role:
     aside: str | None = None
     handoff: str | None = None
     since: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    synced: str | None = None
+    synced_at: datetime | None = None
 
     @property
     def is_primary(self) -> bool:
         return self.role == PRIMARY
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "standbys": list(self.standbys), "since": self.since.isoformat()}
+        return {**asdict(self), "standbys": list(self.standbys), "since": self.since.isoformat(),
+                "synced_at": self.synced_at.isoformat() if self.synced_at else None}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Role:
@@ -62,7 +67,8 @@ class Role:
         return cls(role, int(raw["epoch"]), raw.get("primary"),
                    tuple(str(s) for s in raw.get("standbys") or ()), str(raw.get("sync") or "1m"),
                    raw.get("fenced"), raw.get("aside"), raw.get("handoff"),
-                   datetime.fromisoformat(raw["since"]))
+                   datetime.fromisoformat(raw["since"]), raw.get("synced"),
+                   datetime.fromisoformat(raw["synced_at"]) if raw.get("synced_at") else None)
 
     def but(self, **changes: Any) -> Role:
         """This role with *changes* (``since`` moves to now when the role or epoch changes)."""

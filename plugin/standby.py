@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -88,6 +89,7 @@ class Standbys:
         volumes.on_create(self.created)
         volumes.on_remove(self._book.forget)
         volumes.mount_guard = self.before_mount
+        volumes.create_guard = self.before_create
 
     # ------------------------------------------------------------------ start and create
 
@@ -105,6 +107,23 @@ class Standbys:
         for volume, role in sorted(self._book.all().items()):
             if role.aside:
                 self._finish_aside(volume, role)
+
+    def before_create(self, volume: str, opts: dict[str, str]) -> None:
+        """Create of a volume that is not here: refused when ``standby=`` names this very
+        host. The same options reach every node (a Swarm service's ``volume-opt``, a Compose
+        file), and on the standby node the volume must come from its primary's sync, never
+        be made empty: that empty volume is the data loss standbys exist to prevent.
+
+        :raises Conflict: this host is the volume's standby.
+        """
+        if "standby" not in opts or not self._advertise:
+            return
+        if any(_same_host(target, self._advertise) for target in opts["standby"].split(",")):
+            raise Conflict(f"volume {volume} is not here yet, and its option standby= names "
+                           f"this host ({self._advertise}): a standby gets the volume from its "
+                           "primary's first sync, it never creates it empty. Create it on the "
+                           "primary host (run the service's first task there), or wait for the "
+                           f"first sync (every {opts.get('sync', DEFAULT_SYNC)})")
 
     def created(self, volume: str, opts: dict[str, str]) -> None:
         """A volume created with ``standby=`` is a primary at epoch 1."""
@@ -154,6 +173,15 @@ class Standbys:
             self._finish_aside(volume, mine)
             mine = self._book.get(volume) or mine
         if mine.is_primary:
+            if mine.handoff and _same_host(primary, mine.handoff) and epoch > mine.epoch:
+                # our hand-off to the sender completed there before we heard back (a kill,
+                # a lost answer): nothing was written here since the fence, so this copy is
+                # the hand-off's final snapshot and the stream follows on from it
+                log.warning("hand-off of %s to %s had completed there (epoch %d): standby here "
+                            "now", volume, primary, epoch)
+                self._book.set(volume, Role(STANDBY, epoch, primary=primary,
+                                            sync=str(theirs.get("sync") or mine.sync)))
+                return
             if epoch > mine.epoch and exists:
                 aside = self._stand_down(volume, mine, epoch, primary)
                 raise StreamRefused(f"volume {volume} was primary here at epoch {mine.epoch}; "
@@ -169,6 +197,11 @@ class Standbys:
             raise Conflict(f"volume {volume} here is a standby at epoch {mine.epoch}; the "
                            f"sender is a primary of the older epoch {epoch} and must stand "
                            "down [stale-epoch]")
+        if epoch == mine.epoch and mine.primary and primary and \
+                not _same_host(str(primary), mine.primary):
+            raise Conflict(f"volume {volume} here is a standby of {mine.primary} at epoch "
+                           f"{epoch}, and {primary} claims to be its primary at the same epoch: "
+                           "two volumes of one name made on two hosts; refusing to mix them")
 
     def admitted(self, volume: str, header: dict[str, Any]) -> None:
         """A standby sync was received whole: its epoch and primary are ours now."""
@@ -176,12 +209,13 @@ class Standbys:
         if not isinstance(theirs, dict):
             return
         mine = self._book.get(volume)
+        synced_at = _when(header.get("created"))
         role = Role(STANDBY, _epoch(theirs), primary=theirs.get("primary"),
-                    sync=str(theirs.get("sync") or DEFAULT_SYNC))
-        if mine is None or (mine.role, mine.epoch, mine.primary, mine.sync) != \
-                (role.role, role.epoch, role.primary, role.sync):
-            self._book.set(volume, role if mine is None or mine.is_primary
-                           else mine.but(epoch=role.epoch, primary=role.primary, sync=role.sync))
+                    sync=str(theirs.get("sync") or DEFAULT_SYNC),
+                    synced=header.get("snapshot"), synced_at=synced_at)
+        self._book.set(volume, role if mine is None or mine.is_primary
+                       else mine.but(epoch=role.epoch, primary=role.primary, sync=role.sync,
+                                     synced=role.synced, synced_at=role.synced_at))
 
     # ------------------------------------------------------------------ syncing (primary side)
 
@@ -337,6 +371,12 @@ class Standbys:
                 {"Volume": volume, "Target": self._advertise, "Wait": MOUNT_HANDOFF_WAIT},
                 timeout=HANDOFF_TIMEOUT)
         except PluginError as exc:
+            mine = self._book.get(volume)
+            if mine is not None and mine.is_primary:
+                # the primary promoted us, then died (or its answer was lost) before it said so
+                log.warning("mount %s: the hand-off from %s completed here (epoch %d), though "
+                            "its answer was lost: %s", volume, role.primary, mine.epoch, exc)
+                return
             raise Conflict(f"volume {volume} here is {where}; the primary cannot be reached "
                            f"for a hand-off ({exc}). If it is lost: snapvol promote {volume} "
                            "here (serves the last synced snapshot)") from None
@@ -484,7 +524,7 @@ class Standbys:
                 raise Conflict(f"the primary {role.primary} is up and serves volume {volume} "
                                f"(epoch {_epoch(peer)}): hand it off there (snapvol handoff "
                                f"{volume} <this host>), or --force to promote anyway")
-        newest = self._last_received_snapshot(volume)
+        newest = self._last_synced(volume, role)
         new = Role(PRIMARY, role.epoch + 1,
                    standbys=(role.primary,) if role.primary else (), sync=role.sync)
         self._book.set(volume, new)
@@ -607,9 +647,20 @@ class Standbys:
         snaps = [s for s in self._backend.snapshots(volume) if s.received]
         return snaps[-1] if snaps else None
 
+    def _last_synced(self, volume: str, role: Role) -> Any:
+        """The snapshot the standby *volume* serves if promoted now, with the time its primary
+        took it (a received snapshot's own time is when it arrived, later: writes between
+        the two would be counted as kept)."""
+        newest = self._last_received_snapshot(volume)
+        if newest is not None and role.synced == newest.name and role.synced_at is not None:
+            return replace(newest, created=role.synced_at)
+        return newest
+
     def _last_received(self, volume: str) -> str:
         try:
-            newest = self._last_received_snapshot(volume)
+            role = self._book.get(volume)
+            newest = self._last_synced(volume, role) if role is not None else \
+                self._last_received_snapshot(volume)
         except PluginError:
             return ""
         if newest is None:
@@ -633,6 +684,11 @@ def describe_role(role: Role | None, volume: str, replications: ReplicationLog |
         out["fenced"] = role.fenced
     if not role.is_primary:
         out["primary"] = role.primary
+        if role.synced:
+            out["synced"] = role.synced
+            if role.synced_at is not None:
+                out["synced_at"] = rfc3339(role.synced_at)
+                out["lag_seconds"] = round((now - role.synced_at).total_seconds())
         return out
     out["sync"] = role.sync
     created = {}
@@ -659,6 +715,15 @@ def _epoch(reply: dict[str, Any]) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
+
+
+def _when(text: object) -> datetime | None:
+    """An RFC 3339 time from a stream header (None: missing or not a time)."""
+    try:
+        when = datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
 def _seconds(text: str) -> float:

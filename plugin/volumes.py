@@ -95,6 +95,9 @@ class VolumeService:
         # set by the standby roles (plugin.standby): called by Mount before anything else,
         # it refuses a volume that is not served here (a standby, a fenced primary)
         self.mount_guard: Callable[[str], None] | None = None
+        # ... and by Create, with the options, before a new volume is made: it refuses one
+        # this host must not make (named as its own standby: only a sync makes it here)
+        self.create_guard: Callable[[str, dict[str, str]], None] | None = None
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call *listener* after a scheduled volume is created or removed (the scheduler
@@ -165,6 +168,8 @@ class VolumeService:
             try:
                 existing = self._backend.volume(name)
             except VolumeNotFound:
+                if self.create_guard is not None:
+                    self.create_guard(name, opts)
                 if origin:
                     self._clone(name, opts)
                 else:

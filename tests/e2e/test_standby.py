@@ -204,3 +204,21 @@ def test_bad_standby_options_are_refused_and_change_nothing(host_plugin, opts, m
     status, reply = host_plugin.call("VolumeDriver.Create", {"Name": vol, "Opts": opts})
     assert status >= 400 and message in reply["Err"], reply
     assert host_plugin.call("VolumeDriver.Get", {"Name": vol})[0] == 404
+
+
+def test_a_standby_host_never_creates_the_volume_empty(pair):
+    """The same options reach every node (a Swarm service's volume-opt): on the host that
+    standby= names, Create is refused, so Docker there never gets an empty volume."""
+    primary, standby = pair
+    vol = unique("selfstandby")
+    opts = {"standby": f"unix://{standby.socket}", "sync": "1m"}
+    status, reply = standby.call("VolumeDriver.Create", {"Name": vol, "Opts": opts})
+    assert status >= 400 and "names this host" in reply["Err"], reply
+    assert standby.call("VolumeDriver.Get", {"Name": vol})[0] == 404
+    assert vol not in [v["Name"] for v in standby.call("VolumeDriver.List")[1]["Volumes"]]
+    status, reply = primary.call("VolumeDriver.Create", {"Name": vol, "Opts": opts})
+    try:
+        assert status == 200, reply                      # on the primary host: made
+        assert role(primary, vol)["Role"] == "primary"
+    finally:
+        primary.call("VolumeDriver.Remove", {"Name": vol})
