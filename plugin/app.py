@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from .api import admin, volume_driver
 from .api.stream_socket import StreamSocket, stream_socket_path
+from .announce import DriverAnnouncer
 from .api.wire import reply
 from .config import Settings
 from .errors import PluginError
@@ -84,6 +85,8 @@ def create_app(domain: Domain | None = None,
     # started by gunicorn's hooks
     app.extensions["snapvol.scheduler"] = Scheduler(domain.schedules, domain.volumes,
                                                      replicator=replicator, standbys=standbys)
+    if settings.publish_dir is None:       # a host install; dockerd always lists a managed plugin
+        app.extensions["snapvol.announcer"] = DriverAnnouncer(settings.docker_host, settings.driver)
     app.extensions["snapvol.streams"] = StreamSocket(
         domain.transfers, stream_socket_path(settings.socket), timeout=settings.transfer_timeout)
     app.register_blueprint(volume_driver.bp)

@@ -78,7 +78,7 @@ def on_starting(server) -> None:
 def post_worker_init(worker) -> None:
     """Start the scheduler and the stream socket of the app this worker loaded
     (``create_app`` starts no thread)."""
-    for name in ("snapvol.streams", "snapvol.scheduler"):
+    for name in ("snapvol.streams", "snapvol.scheduler", "snapvol.announcer"):
         part = worker.wsgi.extensions.get(name)
         if part is not None:
             part.start()
@@ -95,3 +95,6 @@ def worker_exit(server, worker) -> None:
     streams = app.extensions.get("snapvol.streams")
     if streams is not None:
         streams.stop()
+    announcer = app.extensions.get("snapvol.announcer")
+    if announcer is not None:
+        announcer.stop()

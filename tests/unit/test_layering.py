@@ -37,6 +37,7 @@ FORBIDDEN = {  # module prefix -> imports it must never make
     "plugin.replication": ("flask", "plugin.api", "plugin.app", "plugin.cli", "plugin.backends"),
     "plugin.scheduler": ("flask", "plugin.api", "plugin.app", "plugin.cli", "plugin.backends"),
     "plugin.quiesce": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
+    "plugin.announce": ("flask", "plugin.api", "plugin.volumes", "plugin.backends", "plugin.app"),
     "plugin.cli": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
     "plugin.client": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
 }
