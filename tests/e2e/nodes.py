@@ -497,6 +497,28 @@ PidFile {ssh_dir / 'sshd.pid'}
                 f"{self.hostname}: dockerd's children not reaped in 60 s"
             time.sleep(0.1)
 
+    def crash(self) -> None:
+        """The host is lost, as far as Docker and snapvol can tell: SIGKILL snapvol first (no
+        sync leaves after this moment), then its containers' processes (everything in the
+        node's cgroup: a database dies mid-write, and what it commits meanwhile is lost, as on
+        a host that dies), then dockerd. sshd stays, as on a host whose services died: a
+        peer's ssh then fails at the plugin, not at the connection (both must read as
+        "unreachable")."""
+        self.kill_snapvol()
+        for _ in range(50):
+            pids = set(_pids_in_cgroup(self.cgroup_parent)) - {os.getpid()}
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"{self.hostname}: container processes left: {sorted(pids)}")
+        self.kill_dockerd()
+
     def stop_dockerd(self) -> None:
         if self.dockerd is None or not self.dockerd.alive():
             return
@@ -506,8 +528,8 @@ PidFile {ssh_dir / 'sshd.pid'}
         self.dockerd.stop(60)
 
     def plugins_in_description(self) -> list[dict[str, str]] | None:
-        """This node's ``.Description.Engine.Plugins`` as the Swarm manager (node a) has it."""
-        manager = self.nodes.a
+        """This node's ``.Description.Engine.Plugins`` as the Swarm manager has it."""
+        manager = self.nodes.manager
         out = manager.docker.result("node", "inspect", "--format",
                                     "{{json .Description.Engine.Plugins}}", self.hostname, timeout=30)
         if out.returncode != 0:
@@ -589,11 +611,17 @@ PidFile {ssh_dir / 'sshd.pid'}
 # ---------------------------------------------------------------------- the pair
 
 class TwoNodes:
-    """Two Docker nodes "a" (Swarm manager) and "b" (worker) on one machine; see the module."""
+    """Two Docker nodes "a" and "b" on one machine, one the Swarm manager (*manager*, "a"
+    unless told), the other a worker; see the module. A test that kills a node's dockerd
+    kills the worker: a 2-node Swarm whose only manager is gone schedules nothing."""
 
-    def __init__(self, base: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, base: Path, extra_env: dict[str, str] | None = None,
+                 manager: str = "a") -> None:
+        if manager not in NODE_NAMES:
+            raise ValueError(f"manager must be one of {NODE_NAMES}")
         self.base = Path(base).resolve()
         self.extra_env = dict(extra_env or {})
+        self.manager_name = manager
         self.prefix = f"snv{secrets.token_hex(3)}"
         self.subnet = _free_subnet()
         hosts = list(self.subnet.hosts())
@@ -612,6 +640,14 @@ class TwoNodes:
     @property
     def b(self) -> Node:
         return self.nodes["b"]
+
+    @property
+    def manager(self) -> Node:
+        return self.nodes[self.manager_name]
+
+    @property
+    def worker(self) -> Node:
+        return next(n for n in self if n.name != self.manager_name)
 
     def __iter__(self):
         return iter(self.nodes.values())
@@ -639,6 +675,7 @@ class TwoNodes:
 
     def _save(self) -> None:
         data = {"prefix": self.prefix, "subnet": str(self.subnet), "extra_env": self.extra_env,
+                "manager": self.manager_name,
                 "nodes": [n.to_json() for n in self]}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
@@ -647,7 +684,7 @@ class TwoNodes:
     @classmethod
     def load(cls, base: Path) -> TwoNodes:
         data = json.loads((Path(base) / "nodes.json").read_text())
-        nodes = cls(base, data.get("extra_env"))
+        nodes = cls(base, data.get("extra_env"), data.get("manager", "a"))
         nodes.prefix = data["prefix"]
         nodes.subnet = ipaddress.ip_network(data["subnet"])
         nodes.nodes = {}
@@ -705,11 +742,12 @@ class TwoNodes:
         self._parallel(lambda n: n.start_dockerd(lookup=register_first))
         self.timings["nodes"] = time.monotonic() - started
         # the Swarm
-        self.a.docker("swarm", "init", "--advertise-addr", self.a.ip,
-                      "--listen-addr", f"{self.a.ip}:2377")
-        token = self.a.docker("swarm", "join-token", "-q", "worker").strip()
-        self.b.docker("swarm", "join", "--token", token, "--advertise-addr", self.b.ip,
-                      "--listen-addr", f"{self.b.ip}:2377", f"{self.a.ip}:2377")
+        manager, worker = self.manager, self.worker
+        manager.docker("swarm", "init", "--advertise-addr", manager.ip,
+                       "--listen-addr", f"{manager.ip}:2377")
+        token = manager.docker("swarm", "join-token", "-q", "worker").strip()
+        worker.docker("swarm", "join", "--token", token, "--advertise-addr", worker.ip,
+                      "--listen-addr", f"{worker.ip}:2377", f"{manager.ip}:2377")
         self.timings["swarm"] = time.monotonic() - started
         if not register_first:
             self._parallel(lambda n: n.docker("volume", "ls", timeout=60))
@@ -771,7 +809,7 @@ class TwoNodes:
             return
         started = time.monotonic()
         errors: list[str] = []
-        for node in (self.b, self.a):            # the worker first, then the manager
+        for node in (self.worker, self.manager):
             if node.dockerd is not None and node.dockerd.alive():
                 node.docker.result("swarm", "leave", "--force", timeout=60)
         with ThreadPoolExecutor(len(self.nodes)) as pool:
@@ -831,9 +869,11 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Two Docker nodes in a Swarm on this machine (root).")
     parser.add_argument("action", choices=("up", "down"))
     parser.add_argument("base", type=Path, help="a new or empty directory (removed by down)")
+    parser.add_argument("--manager", choices=NODE_NAMES, default="a",
+                        help="the node that inits the Swarm (default a)")
     args = parser.parse_args(argv)
     if args.action == "up":
-        nodes = TwoNodes(args.base)
+        nodes = TwoNodes(args.base, manager=args.manager)
         try:
             nodes.up()
         except BaseException:

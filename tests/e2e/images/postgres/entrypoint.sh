@@ -21,4 +21,6 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   done
   as_postgres pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
 fi
-exec runuser -u postgres -- postgres -D "$PGDATA" "$@"
+# setpriv execs the server in place (runuser would stay as its parent): postgres is PID 1 and
+# gets the stop signal itself, so `docker stop` (SIGINT: a fast shutdown) ends it in a second
+exec setpriv --reuid=postgres --regid=postgres --init-groups postgres -D "$PGDATA" "$@"
