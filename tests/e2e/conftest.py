@@ -33,9 +33,9 @@ import pytest
 from tests.conftest import destroy_pool, make_pool, need
 from tests.e2e.harness import (DockerDaemon, ManagedPlugin, PluginProcess, Registry,
                                SshServer, build_plugin, mounts_under)
+from tests.e2e.publish import PLUGIN_TAGS   # two builds: the second for `docker plugin upgrade`
 
 DEFAULT_DATA = Path("/var/lib/snapvol")
-PLUGIN_TAGS = ("1", "2")           # two builds: the second is for `docker plugin upgrade`
 
 
 @dataclass(frozen=True)
@@ -188,16 +188,19 @@ def registry(e2e_base: Path) -> Iterator[Registry]:
 @pytest.fixture(scope="session")
 def plugin_references(docker: DockerDaemon, registry: Registry) -> list[str]:
     """Two builds of the plugin (the second for `docker plugin upgrade`), pushed to the
-    loopback registry and removed locally, as a user would get them. The openzfs lane builds
-    nothing (no base image, no network in the VM): it takes the host lane's builds."""
+    loopback registry and removed locally, as a user would get them. Where scripts/test
+    published them before the lanes started (tests/e2e/publish.py, ``SNAPVOL_E2E_PUBLISHED=1``)
+    they are taken from the registry; the openzfs lane always does (no base image, no network
+    in the VM)."""
     references = [f"{registry.address}/snapvol:{tag}" for tag in PLUGIN_TAGS]
-    if not LANE.build_plugin:
+    if not LANE.build_plugin or os.environ.get("SNAPVOL_E2E_PUBLISHED") == "1":
         with urllib.request.urlopen(f"http://{registry.address}/v2/snapvol/tags/list",
                                     timeout=10) as answer:
             tags = json.load(answer).get("tags") or []
         missing = sorted(set(PLUGIN_TAGS) - set(tags))
-        assert not missing, (f"registry {registry.base} lacks snapvol:{missing}: the host lane "
-                             "pushes them there (scripts/test sets SNAPVOL_E2E_REGISTRY)")
+        assert not missing, (f"registry {registry.base} lacks snapvol:{missing}: scripts/test "
+                             "publishes them there first (python -m tests.e2e.publish DIR, "
+                             "then SNAPVOL_E2E_REGISTRY=DIR SNAPVOL_E2E_PUBLISHED=1)")
         return references
     for reference in references:
         build_plugin(docker, reference)
