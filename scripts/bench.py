@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 import btrfsutil  # noqa: E402  (Debian's, through the venv's system site-packages)
 
-from plugin.client import UnixHTTPConnection  # noqa: E402
+from plugin.client import PluginClient, UnixHTTPConnection  # noqa: E402
 from tests.conftest import destroy_pool, make_btrfs, make_pool, unmount  # noqa: E402
 from tests.e2e.harness import DockerDaemon, PluginProcess, mounts_under  # noqa: E402
 
@@ -326,6 +327,179 @@ def replication_rows(source: Target, replica: PluginProcess, size_mb: int, chang
             f"archive {tgz_size / (1 << 20):.0f} MiB | snapvol full is {tgz / ours:.1f}x faster |"]
 
 
+def write_records(path: Path, stop: threading.Event, every: float = 0.1) -> list[tuple[int, float]]:
+    """Append one fsync'd record per *every* seconds to ``path/records`` until *stop*: a
+    database's committed transactions. Returns (record, wall time acknowledged)."""
+    acked = []
+    fd = os.open(path / "records", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            os.write(fd, f"{n}\n".encode())
+            os.fsync(fd)
+            acked.append((n, time.time()))
+            stop.wait(every)
+    except OSError:
+        pass                        # the host died under us
+    finally:
+        os.close(fd)
+    return acked
+
+
+def standby_rows(base: Path, size_mb: int, changed_mb: int, sync_s: int) -> list[str]:
+    """Two snapvol instances (Btrfs, own pools): a planned hand-off of a volume against moving
+    the same volume by a full copy (what a host without standbys must do), and the failover
+    RPO: a writer appends fsync'd records, the primary is SIGKILLed, the standby promoted."""
+    env = {"SNAPVOL_POOL_SIZE": "6G", "SNAPVOL_LOG_LEVEL": "warning"}
+    a = PluginProcess(f"snapvolbencha{secrets.token_hex(3)}", base / "ha-a",
+                      {**env, "SNAPVOL_RUN_DIR": str(base / "run" / "ha-a")})
+    b = PluginProcess(f"snapvolbenchb{secrets.token_hex(3)}", base / "ha-b",
+                      {**env, "SNAPVOL_RUN_DIR": str(base / "run" / "ha-b")})
+    rows = ["| measure | snapvol standby | alternative | ratio |", "|---|---|---|---|"]
+    try:
+        a.start()
+        b.start()
+        ca, cb = PluginClient(str(a.socket), timeout=600), PluginClient(str(b.socket), timeout=600)
+
+        def call(client: PluginClient, endpoint: str, body: dict) -> dict:
+            status, reply = client.call(endpoint, body)
+            if status != 200:
+                raise RuntimeError(f"{endpoint}: {reply}")
+            return reply
+
+        # 1. hand-off against a full copy
+        vol = f"ha{secrets.token_hex(3)}"
+        call(ca, "VolumeDriver.Create", {"Name": vol, "Opts": {"standby": f"unix://{b.socket}",
+                                                               "sync": "1h"}})
+        path = call(ca, "VolumeDriver.Mount", {"Name": vol, "ID": "bench"})["Mountpoint"]
+        print(f"bench: standby: writing {size_mb} MiB...", file=sys.stderr)
+        fill(path, size_mb << 20)
+        call(ca, "VolumeDriver.Unmount", {"Name": vol, "ID": "bench"})
+        started = time.perf_counter()
+        call(ca, "Snapvol.Sync", {"Volume": vol})
+        seed = time.perf_counter() - started
+        path = call(ca, "VolumeDriver.Mount", {"Name": vol, "ID": "bench"})["Mountpoint"]
+        with open(f"{path}/changed", "wb") as f:
+            f.write(os.urandom(changed_mb << 20))
+        subprocess.run(["sync", "-f", path], check=True, timeout=600)
+        call(ca, "VolumeDriver.Unmount", {"Name": vol, "ID": "bench"})
+        started = time.perf_counter()
+        handoff = call(ca, "Snapvol.Handoff", {"Volume": vol, "Target": f"unix://{b.socket}"})["Handoff"]
+        moved = time.perf_counter() - started
+        # the alternative: the same volume, now on b, copied whole back to a (no standby)
+        started = time.perf_counter()
+        proc = cli(str(b.socket), "replicate", vol, f"unix://{a.socket}", "--as", f"{vol}copy",
+                   stdout=subprocess.DEVNULL)
+        if proc.wait() != 0:
+            raise RuntimeError(proc.stderr.read().decode())
+        full = time.perf_counter() - started
+        rows.append(f"| planned hand-off of a {size_mb} MiB volume, {changed_mb} MiB written since "
+                    f"the last sync (fence, final delta, standby made primary) | {moved:.2f} s "
+                    f"({handoff['bytes'] / (1 << 20):.1f} MiB sent) | the volume copied whole to the "
+                    f"other host (`snapvol replicate`, full): {full:.2f} s | {full / moved:.0f}x faster |")
+        rows.append(f"| the standby's first sync (the seed, once) | {seed:.2f} s | - | - |")
+        # 2. failover RPO: a writer, syncs every sync_s, kill -9 of the primary, promote
+        vol2 = f"rpo{secrets.token_hex(3)}"
+        call(ca, "VolumeDriver.Create", {"Name": vol2, "Opts": {"standby": f"unix://{b.socket}",
+                                                                "sync": f"{sync_s}s"}})
+        path = Path(call(ca, "VolumeDriver.Mount", {"Name": vol2, "ID": "bench"})["Mountpoint"])
+        stop = threading.Event()
+        acked: list[tuple[int, float]] = []
+        writer = threading.Thread(target=lambda: acked.extend(write_records(path, stop)))
+        writer.start()
+        time.sleep(sync_s * 3 + secrets.randbelow(sync_s * 1000) / 1000)
+        os.killpg(a.pid, signal.SIGKILL)              # the primary host is lost
+        killed = time.time()
+        stop.set()
+        writer.join(30)
+        a._proc.wait(30)
+        promoted = call(cb, "Snapvol.Promote", {"Volume": vol2})["Promoted"]
+        there = Path(call(cb, "VolumeDriver.Mount", {"Name": vol2, "ID": "bench"})["Mountpoint"])
+        kept = set((there / "records").read_text().split())
+        call(cb, "VolumeDriver.Unmount", {"Name": vol2, "ID": "bench"})
+        lost = [n for n, _ in acked if str(n) not in kept]
+        lost_seconds = killed - min((at for n, at in acked if n in lost), default=killed)
+        rows.append(f"| failover: primary SIGKILLed, `snapvol promote` on the standby (`sync={sync_s}s`, "
+                    f"a writer appending 10 fsync'd records a second) | lost {len(lost)} of "
+                    f"{len(acked)} records: the last {lost_seconds:.1f} s (snapshot served: "
+                    f"{promoted.get('age_seconds')} s old) | bound: the sync interval, {sync_s} s | - |")
+        a.start()                                     # (it stands down: its copy set aside)
+    finally:
+        a.stop()
+        b.stop()
+    return rows
+
+
+def swarm_rows(base: Path, size_mb: int) -> list[str]:
+    """Two Docker nodes in a Swarm (tests/e2e/nodes.py): a service on a volume with a standby,
+    drained from node a, against the same service on a volume without one."""
+    from tests.e2e.nodes import TwoNodes
+    nodes = TwoNodes(base / "swarm", manager="b")
+    rows = ["| measure | snapvol standby | alternative | |", "|---|---|---|---|"]
+    try:
+        nodes.up()
+        for node in nodes:
+            busybox = node.docker.import_busybox()
+        results = {}
+        for label, opts in (("standby", f",volume-opt=standby={nodes.b.advertise},volume-opt=sync=5s"),
+                            ("plain", "")):
+            nodes.manager.docker("node", "update", "--availability", "drain", "node-b")
+            nodes.manager.docker("node", "update", "--availability", "active", "node-a")
+            service, vol = f"bench{label}{secrets.token_hex(2)}", f"bench{label}{secrets.token_hex(2)}"
+            nodes.manager.docker(
+                "service", "create", "--detach", "--no-resolve-image", "--name", service,
+                "--endpoint-mode", "dnsrr", "--stop-grace-period", "2s",
+                "--mount", f"type=volume,source={vol},target=/data,volume-driver=snapvol{opts}",
+                busybox, "sh", "-c", "touch /tmp/ready; md5sum /data/blob > /tmp/sum 2>/dev/null "
+                "|| echo none > /tmp/sum; touch /tmp/summed; sleep 3600")
+            first = _task_container(nodes, service, nodes.a)
+            _wait_file(nodes.a, first, "/tmp/summed")
+            nodes.a.docker("exec", first, "sh", "-c", f"dd if=/dev/urandom of=/data/blob bs=1M "
+                           f"count={size_mb} 2>/dev/null && sync", timeout=600)
+            checksum = nodes.a.docker("exec", first, "md5sum", "/data/blob").split()[0]
+            if label == "standby":
+                time.sleep(12)                         # the standby synced at least once
+            nodes.manager.docker("node", "update", "--availability", "active", "node-b")
+            started = time.perf_counter()
+            nodes.manager.docker("node", "update", "--availability", "drain", "node-a")
+            second = _task_container(nodes, service, nodes.b)
+            _wait_file(nodes.b, second, "/tmp/ready")
+            seconds = time.perf_counter() - started
+            _wait_file(nodes.b, second, "/tmp/summed")
+            there = nodes.b.docker("exec", second, "cat", "/tmp/sum").split()[0]
+            results[label] = (seconds, there == checksum)
+            nodes.manager.docker("service", "rm", service)
+        s, p = results["standby"], results["plain"]
+        rows.append(f"| `docker node update --availability drain` of the node running a service "
+                    f"with {size_mb} MiB on its volume -> the task running on the other node | "
+                    f"{s[0]:.1f} s, data {'there' if s[1] else 'MISSING'} | a snapvol volume without "
+                    f"standby: {p[0]:.1f} s, data {'there' if p[1] else 'not there (a new, empty volume)'} | |")
+    finally:
+        nodes.down()
+    return rows
+
+
+def _task_container(nodes, service: str, on, timeout: float = 180) -> str:
+    """The running container of *service*'s task on node *on*."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids = on.docker("ps", "-q", "--filter", f"label=com.docker.swarm.service.name={service}").split()
+        if ids:
+            return ids[0]
+        time.sleep(0.1)
+    raise RuntimeError(f"{service} not running on {on.hostname}: "
+                       + nodes.manager.docker("service", "ps", "--no-trunc", service, check=False))
+
+
+def _wait_file(node, container: str, path: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while node.docker.result("exec", container, "test", "-e", path).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} never appeared in {container} on {node.hostname}")
+        time.sleep(0.1)
+
+
 def latency_while_hanging(source: Target, base: Path, repeat: int) -> list[str]:
     """Get and List on the plugin, idle and while four replications hang on a target that
     accepts connections and never reads (the issue's "transfers never block Docker")."""
@@ -394,7 +568,8 @@ def main() -> None:
     # stalls; measure ZFS rows up to 100 by default (raise it on OpenZFS)
     parser.add_argument("--zfs-max", type=int, default=100,
                         help="largest volume count for the ZFS rows")
-    parser.add_argument("--sections", default="latency,roundtrip,snapshots,replication",
+    parser.add_argument("--sections",
+                        default="latency,roundtrip,snapshots,replication,standby,swarm",
                         help="which tables to produce, comma-separated")
     parser.add_argument("--snapshot-sizes", default="10,1024,4096", help="MiB of data")
     parser.add_argument("--replication-mb", type=int, default=1024, help="MiB sent (btrfs)")
@@ -402,6 +577,10 @@ def main() -> None:
     # zfs-fuse writes through FUSE at a few tens of MB/s; 4 GiB would take minutes to fill
     parser.add_argument("--zfs-snapshot-max", type=int, default=1024,
                         help="largest data size (MiB) for the ZFS snapshot column")
+    parser.add_argument("--standby-mb", type=int, default=1024,
+                        help="MiB in the volume handed off (standby section)")
+    parser.add_argument("--swarm-mb", type=int, default=256,
+                        help="MiB in the Swarm service's volume (swarm section)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -451,6 +630,14 @@ def main() -> None:
                     if zreplica is not None:
                         zreplica.stop()
                         destroy_pool(zpool)
+            if "standby" in sections:
+                out.append("Standby replicas: planned hand-off and failover (two instances, "
+                           "Btrfs, random data):\n")
+                out += standby_rows(base, args.standby_mb, 16, 5) + [""]
+            if "swarm" in sections:
+                out.append("A stateful Swarm service drained off its node (two Docker nodes on "
+                           "this machine, tests/e2e/nodes.py; busybox with a checksummed file):\n")
+                out += swarm_rows(base, args.swarm_mb) + [""]
             if "snapshots" in sections:
                 out.append("Snapshot time against data size, ms, median / p95 of 5 (tar: of 3), "
                            "same run, data freshly written and synced:\n")
