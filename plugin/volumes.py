@@ -317,8 +317,13 @@ class VolumeService:
             if users:
                 raise VolumeInUse(f"volume {name} is in use by {len(users)} container "
                                   "mount(s); stop or remove those containers first")
-            depended_on = {volume for volume, clones in self._backend.clone_origins().items()
+            origins = self._backend.clone_origins()
+            depended_on = {volume for volume, clones in origins.items()
                            if name in clones.values()}
+            # its clones as the filesystem has them (a clone of a clone, once the middle one
+            # went, hangs on this volume although its from= names the other): ZFS promotes
+            # them and they take this volume's clone-origin snapshots over
+            clones = set(origins.get(name, {}).values())
             self._backend.destroy_volume(name)
             self.known.discard(name)
             self._mounts.forget(name)
@@ -328,7 +333,7 @@ class VolumeService:
             self._replications.forget(name)
         for listener in self._removed:
             listener(name)
-        self._retire_clone_origin(name, info, depended_on)
+        self._retire_clone_origin(name, info, depended_on | clones)
         if "schedule" in info.options:
             self._changed()      # only then has the scheduler anything to re-plan
 
@@ -336,7 +341,8 @@ class VolumeService:
         """The snapshots a removed volume's clone relations kept may be unneeded now: the
         one it was cloned from (on its origin as from= names it, or as the filesystem had it:
         *depended_on*, since ZFS moves origins when it promotes clones), and those its clones
-        took over when they were promoted. Nothing else is looked at."""
+        took over when they were promoted (by from=, and as the filesystem had them: in
+        *depended_on* too). Nothing else is looked at."""
         origin = info.options.get("from", "").partition("@")[0]
         concerned = ({origin} if origin else set()) | depended_on
         concerned |= {c.name for c in self._backend.volumes()

@@ -233,6 +233,23 @@ def test_a_clone_of_a_clone_keeps_what_it_depends_on_after_promotion(domain):
     assert rows(domain, "v1") == [] and domain.checker.check()["problems"] == []
 
 
+def test_removing_the_first_of_a_chain_of_clones_leaves_the_last_nothing_to_carry(domain):
+    """v1 <- c1 (from=v1) <- c2 (from=c1); c1 goes (c2 is promoted over it and hangs on v1
+    now), then v1 goes: c2 is promoted over v1 and takes v1's snapshot taken for c1, which
+    nothing needs any more. Its from= names c1, not v1, so only the filesystem's view finds
+    it (found by the crash torture's CI slice on zfs-fuse)."""
+    domain.volumes.create("v1", {})
+    (domain.volumes.mount("v1", "m1") / "f").write_text("data")
+    domain.volumes.unmount("v1", "m1")
+    domain.volumes.create("c1", {"from": "v1"})
+    domain.volumes.create("c2", {"from": "c1"})
+    domain.volumes.remove("c1")
+    domain.volumes.remove("v1")
+    assert rows(domain, "c2") == [] and domain.checker.check()["problems"] == []
+    assert (domain.volumes.mount("c2", "m2") / "f").read_text() == "data"
+    domain.volumes.unmount("c2", "m2")
+
+
 def test_removing_a_snapshot_a_clone_depends_on_is_a_clear_conflict(domain, backend):
     from plugin.errors import Conflict
 
