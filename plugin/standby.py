@@ -554,9 +554,11 @@ class Standbys:
         targets = []
         for text in standbys if isinstance(standbys, list) else []:
             try:
-                targets.append(str(Target.parse(text)))
+                target = str(Target.parse(text))
             except ValueError as exc:
                 raise InvalidRequest(f"Standbys: {exc}") from None
+            if not _same_host(target, self._advertise):    # never a standby of itself
+                targets.append(target)
         sync_text = sync if isinstance(sync, str) else role.sync
         _seconds(sync_text)
         self._book.set(volume, Role(PRIMARY, epoch, standbys=tuple(targets), sync=sync_text))

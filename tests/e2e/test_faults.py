@@ -193,3 +193,60 @@ def test_check_forgets_mount_ids_no_container_holds(docker, busybox, host_plugin
     finally:
         docker("rm", "-f", holder)
         docker("volume", "rm", held)
+
+
+@pytest.mark.parametrize("tight", LANE.host_backends, indirect=True)
+def test_standbys_that_cannot_take_syncs_never_stop_their_primary(request, docker, busybox,
+                                                                   tight, sshd):
+    """Issue 16's faults on the standby side: one standby whose snapvol is gone (no socket),
+    one behind an ssh host key we do not know, one whose pool is full. The primary keeps
+    serving Docker; each standby's error is in its status, and the lag of the one that
+    synced before its pool filled grows."""
+    backend = tight.env.get("SNAPVOL_BACKEND", "btrfs")
+    primary = request.getfixturevalue("plugin" if backend == "btrfs" else "zfs_plugin")
+    gone = f"unix:///run/docker/plugins/snapvolgone{secrets.token_hex(4)}.sock"
+    stranger = f"ssh://root@localhost:{sshd.port}{tight.socket}"   # known_hosts has 127.0.0.1
+    full = f"unix://{tight.socket}"
+    vol = unique("sbfault")
+    docker("volume", "create", "-d", primary.driver, "-o", f"standby={full},{gone},{stranger}",
+           "-o", "sync=1h", vol)
+    try:
+        run_on(docker, busybox, primary, vol, "echo one > /data/one")
+        code, out, err = cli(primary, "sync", vol)
+        assert code != 0, out + err                      # two of three failed
+        rows = {r["target"]: r for r in inspect_volume(docker, vol)["Status"]["role"]["standbys"]}
+        assert rows[full]["last_error"] is None and rows[full]["synced"], rows[full]
+        assert "No such file" in rows[gone]["last_error"] or \
+            "cannot" in rows[gone]["last_error"], rows[gone]
+        assert "Host key verification failed" in rows[stranger]["last_error"], rows[stranger]
+        assert rows[gone]["lag_seconds"] is None and rows[stranger]["lag_seconds"] is None
+        # the standby's pool fills up
+        filler = unique("filler")
+        docker("volume", "create", "-d", tight.driver, filler)
+        result = run_on(docker, busybox, tight, filler,
+                        "dd if=/dev/urandom of=/data/fill bs=1M 2>&1; sync", check=False)
+        assert "No space left on device" in result, result
+        try:
+            # the primary still serves Docker, and takes writes bigger than the standby's room
+            run_on(docker, busybox, primary, vol,
+                   "dd if=/dev/urandom of=/data/two bs=1M count=64 2>/dev/null && cat /data/one")
+            first_lag = None
+            for attempt in range(2):
+                time.sleep(1.5)
+                code, out, err = cli(primary, "sync", vol)
+                assert code != 0, out + err
+                row = {r["target"]: r for r in
+                       inspect_volume(docker, vol)["Status"]["role"]["standbys"]}[full]
+                assert row["last_error"], row                        # the full pool, said
+                assert "Traceback" not in row["last_error"]
+                if first_lag is None:
+                    first_lag = row["lag_seconds"]
+            assert row["lag_seconds"] > first_lag, (first_lag, row)   # the lag grows
+            # a standby whose receive failed keeps what it had: its role and the first sync
+            assert tight.call("Snapvol.Role", {"Volume": vol})[1]["Role"] == "standby"
+            assert run_on(docker, busybox, primary, vol, "cat /data/one").strip() == "one"
+        finally:
+            docker("volume", "rm", filler)
+    finally:
+        docker("volume", "rm", vol)
+        tight.call("VolumeDriver.Remove", {"Name": vol})
