@@ -9,19 +9,22 @@ higher epoch than its own stops being primary. So two primaries can never both g
 writing once they can talk to each other: the stale one finds out at its next sync, at its
 next Mount (it asks its standbys), or when the new primary's sync reaches it.
 
-Hand-off (:meth:`Standbys.handoff`, run on the primary; a Mount on a standby asks its
-primary for one): fence (no new Mount), wait for the last container to unmount, send a
-final snapshot, tell the standby to become primary at epoch+1, then become its standby.
-Every step is persisted before the next, so a kill anywhere leaves either the old primary
-(fenced only while the outcome is unknown: it asks the standby, and stays fenced, saying
-so, while it cannot) or the new one — never two.
+This module: creating a volume with standbys, syncing them (the primary side), admitting
+syncs (the standby side), and Mount (a standby asks its primary for a hand-off; a primary
+checks nobody has a newer epoch). The moves of the primary role themselves — hand-off,
+promote, standing down — are in :mod:`plugin.handoff`, mixed into :class:`Standbys`.
 
-Promote (:meth:`Standbys.promote`, run on a standby whose primary is lost) serves the last
-synced snapshot; what the primary wrote after it is not here, and the answer says how old it
-is. When the old primary comes back it meets the higher epoch and stands down: its volume,
-which may hold writes the new primary never saw, is renamed aside (``NAME-diverged-eN``, an
-ordinary volume with all its snapshots, never destroyed), and the new primary's next sync
-seeds it again as a standby.
+Hand-off (run on the primary; a Mount on a standby asks its primary for one): fence (no new
+Mount), wait for the last container to unmount, send a final snapshot, tell the standby to
+become primary at epoch+1, then become its standby. Every step is persisted before the next,
+so a kill anywhere leaves either the old primary (fenced only while the outcome is unknown:
+it asks the standby, and stays fenced, saying so, while it cannot) or the new one — never two.
+
+Promote (run on a standby whose primary is lost) serves the last synced snapshot; what the
+primary wrote after it is not here, and the answer says how old it is. When the old primary
+comes back it meets the higher epoch and stands down: its volume, which may hold writes the
+new primary never saw, is renamed aside (``NAME-diverged-eN``, an ordinary volume with all
+its snapshots, never destroyed), and the new primary's next sync seeds it again as a standby.
 """
 
 from __future__ import annotations
@@ -30,35 +33,33 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 from . import names
 from .backends.base import Backend
-from .errors import (Conflict, InvalidRequest, PluginError, TransferFailed,
-                     VolumeBusy, VolumeNotFound)
+from .errors import Conflict, PluginError, TransferFailed, VolumeNotFound
+from .handoff import RoleChanges
 from .history import Replication, ReplicationLog
 from .locks import VolumeLocks
 from .mounts import MountTable
 from .replication import Replicator
 from .roles import PRIMARY, STANDBY, Role, RoleBook
-from .snapshot_names import REPL_PREFIX, unique_name
+from .standby_common import describe_role, epoch_of, same_host, seconds_of, time_of
 from .targets import Target
 from .transfers import StreamRefused, Transfers
-from .units import parse_duration, rfc3339
 from .volumes import VolumeService
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SYNC = "1m"
-UNMOUNT_WAIT = 30.0        # a hand-off waits this long for the primary's containers to stop
-MOUNT_HANDOFF_WAIT = 20.0  # ... when a Mount on the standby asked for it (Docker waits 2 min)
+MOUNT_HANDOFF_WAIT = 20.0  # a hand-off a Mount asked for waits this long for the old
+                           # primary's containers to stop (Docker waits 2 min for the Mount)
 PEER_TIMEOUT = 20.0        # asking a peer its role (ssh connect included)
 HANDOFF_TIMEOUT = 100.0    # a Mount that asks for a hand-off: within Docker's 2 minutes
 
 
-class Standbys:
+class Standbys(RoleChanges):
     """Roles, syncs, hand-off and promote for the volumes of *volumes*."""
 
     def __init__(self, volumes: VolumeService, transfers: Transfers, backend: Backend,
@@ -118,7 +119,7 @@ class Standbys:
         """
         if "standby" not in opts or not self._advertise:
             return
-        if any(_same_host(target, self._advertise) for target in opts["standby"].split(",")):
+        if any(same_host(target, self._advertise) for target in opts["standby"].split(",")):
             raise Conflict(f"volume {volume} is not here yet, and its option standby= names "
                            f"this host ({self._advertise}): a standby gets the volume from its "
                            "primary's first sync, it never creates it empty. Create it on the "
@@ -160,7 +161,7 @@ class Standbys:
                 raise Conflict(f"volume {volume} here is a {mine.role} (epoch {mine.epoch}); "
                                "only its own primary's syncs may change it")
             return
-        epoch, primary = _epoch(theirs), theirs.get("primary")
+        epoch, primary = epoch_of(theirs), theirs.get("primary")
         if mine is None:
             if exists:
                 raise Conflict(f"volume {volume} exists here and is not a standby: refusing to "
@@ -173,7 +174,7 @@ class Standbys:
             self._finish_aside(volume, mine)
             mine = self._book.get(volume) or mine
         if mine.is_primary:
-            if mine.handoff and _same_host(primary, mine.handoff) and epoch > mine.epoch:
+            if mine.handoff and same_host(primary, mine.handoff) and epoch > mine.epoch:
                 # our hand-off to the sender completed there before we heard back (a kill,
                 # a lost answer): nothing was written here since the fence, so this copy is
                 # the hand-off's final snapshot and the stream follows on from it
@@ -198,7 +199,7 @@ class Standbys:
                            f"sender is a primary of the older epoch {epoch} and must stand "
                            "down [stale-epoch]")
         if epoch == mine.epoch and mine.primary and primary and \
-                not _same_host(str(primary), mine.primary):
+                not same_host(str(primary), mine.primary):
             raise Conflict(f"volume {volume} here is a standby of {mine.primary} at epoch "
                            f"{epoch}, and {primary} claims to be its primary at the same epoch: "
                            "two volumes of one name made on two hosts; refusing to mix them")
@@ -209,8 +210,8 @@ class Standbys:
         if not isinstance(theirs, dict):
             return
         mine = self._book.get(volume)
-        synced_at = _when(header.get("created"))
-        role = Role(STANDBY, _epoch(theirs), primary=theirs.get("primary"),
+        synced_at = time_of(header.get("created"))
+        role = Role(STANDBY, epoch_of(theirs), primary=theirs.get("primary"),
                     sync=str(theirs.get("sync") or DEFAULT_SYNC),
                     synced=header.get("snapshot"), synced_at=synced_at)
         self._book.set(volume, role if mine is None or mine.is_primary
@@ -228,7 +229,7 @@ class Standbys:
                 if not role.is_primary or not role.standbys or volume in self._busy:
                     continue
                 last = self._last_sync.get(volume)
-                if last is None or now - last >= _seconds(role.sync):
+                if last is None or now - last >= seconds_of(role.sync):
                     found.append(volume)
                     self._last_sync[volume] = now      # started now: not due again meanwhile
         return found
@@ -241,7 +242,7 @@ class Standbys:
             for volume, role in self._book.all().items():
                 if role.is_primary and role.standbys:
                     last = self._last_sync.get(volume)
-                    waits.append(0.0 if last is None else max(0.0, last + _seconds(role.sync) - now))
+                    waits.append(0.0 if last is None else max(0.0, last + seconds_of(role.sync) - now))
         return min(waits, default=None)
 
     def sync(self, volume: str, *, wait: float = 0.0) -> dict[str, str | None]:
@@ -292,10 +293,10 @@ class Standbys:
             raise Conflict(f"{target} has a volume {volume} that is not a standby of it: "
                            "refusing to overwrite it (a name clash); remove it there, or "
                            "keep the standby on another host")
-        if peer is not None and _epoch(peer) > role.epoch:
-            aside = self._stand_down(volume, role, _epoch(peer),
+        if peer is not None and epoch_of(peer) > role.epoch:
+            aside = self._stand_down(volume, role, epoch_of(peer),
                                      peer.get("Primary") if peer.get("Role") == STANDBY else target)
-            raise SteppedDown(f"{target} knows volume {volume} at epoch {_epoch(peer)}, newer "
+            raise SteppedDown(f"{target} knows volume {volume} at epoch {epoch_of(peer)}, newer "
                               f"than ours ({role.epoch}): this host stood down (its copy is "
                               f"now {aside})")
         self._replicator.replicate(volume, target, snapshot, role=self._header(role))
@@ -336,7 +337,7 @@ class Standbys:
         self._take_over(volume, role)
 
     def _confirm_primary(self, volume: str, role: Role) -> None:
-        fresh = _seconds(role.sync) * 2
+        fresh = seconds_of(role.sync) * 2
         for target in role.standbys:
             with self._guard:
                 confirmed = self._confirmed.get((volume, target))
@@ -347,11 +348,11 @@ class Standbys:
             except PluginError as exc:      # a standby down must not stop the primary
                 log.warning("mount %s: cannot ask standby %s its epoch: %s", volume, target, exc)
                 continue
-            if peer is not None and _epoch(peer) > role.epoch:
-                aside = self._stand_down(volume, role, _epoch(peer),
+            if peer is not None and epoch_of(peer) > role.epoch:
+                aside = self._stand_down(volume, role, epoch_of(peer),
                                          peer.get("Primary") if peer.get("Role") == STANDBY else target)
                 raise Conflict(f"volume {volume} is not primary here any more: {target} has it "
-                               f"at epoch {_epoch(peer)} (ours was {role.epoch}); this copy was "
+                               f"at epoch {epoch_of(peer)} (ours was {role.epoch}); this copy was "
                                f"set aside as {aside}")
 
     def _take_over(self, volume: str, role: Role) -> None:
@@ -387,237 +388,6 @@ class Standbys:
         log.info("mount %s: took the volume over from %s (epoch %d)", volume, role.primary,
                  mine.epoch)
 
-    # ------------------------------------------------------------------ hand-off (primary side)
-
-    def handoff(self, volume: object, target: object, *, wait: float = UNMOUNT_WAIT) -> dict[str, Any]:
-        """Hand primary *volume* to *target* (a standby of it): fence, wait for the last
-        container to unmount, send a final snapshot, make the target primary at epoch+1,
-        become its standby. No committed write is lost: nothing writes after the fence.
-
-        :raises NotFound: no such volume; :raises InvalidRequest: a bad target;
-        :raises Conflict: not a primary here, still in use after *wait* seconds, or the
-            target refused (the volume stays primary here, unfenced);
-        :raises TransferFailed: the outcome is unknown (the volume stays fenced until the
-            target can be asked).
-        """
-        volume = names.volume_name(volume)
-        try:
-            target = str(Target.parse(target))
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
-        self._backend.volume(volume)
-        role = self._book.get(volume)
-        if role is None:
-            role = Role(PRIMARY, 0)            # an ordinary volume: this makes it one with roles
-        if not role.is_primary:
-            if role.primary == target or _same_host(role.primary, target):
-                return {"volume": volume, "epoch": role.epoch, "primary": target,
-                        "note": "already handed off"}
-            raise Conflict(f"volume {volume} here is a standby of {role.primary}; hand it off "
-                           "from its primary")
-        deadline = time.monotonic() + wait          # a sync running now ends first
-        while True:
-            with self._guard:
-                if volume not in self._busy:
-                    self._busy.add(volume)
-                    break
-            if time.monotonic() >= deadline:
-                raise VolumeBusy(f"volume {volume} is being synced or handed off; try again")
-            time.sleep(0.2)
-        try:
-            role = self._book.get(volume) or role      # as the sync may have left it
-            if not role.is_primary:
-                raise Conflict(f"volume {volume} here is a standby of {role.primary} now")
-            return self._handoff(volume, role, target, max(0.0, deadline - time.monotonic()))
-        finally:
-            with self._guard:
-                self._busy.discard(volume)
-
-    def _handoff(self, volume: str, role: Role, target: str, wait: float) -> dict[str, Any]:
-        started = time.monotonic()
-        fenced = role.but(fenced=f"being handed off to {target}", handoff=target)
-        self._book.set(volume, fenced)                        # 1. fence: no new Mount
-        deadline = time.monotonic() + wait
-        while self._mounts.users(volume):                     # 2. the last container goes
-            if time.monotonic() > deadline:
-                self._book.set(volume, role)
-                raise Conflict(f"volume {volume} is still in use by "
-                               f"{self._volumes.users_text(volume, self._mounts.users(volume))} "
-                               f"after {wait:.0f} s; stop them, then hand off again")
-            time.sleep(0.2)
-        final = unique_name(REPL_PREFIX)
-        try:                                                   # 3. the last delta
-            self._volumes.take([volume], final, "none")
-            run = self._replicator.replicate(volume, target, final, role=self._header(fenced))
-        except PluginError:
-            self._book.set(volume, role)           # nothing changed there: still ours
-            raise
-        epoch = role.epoch + 1
-        others = [s for s in role.standbys if not _same_host(s, target)]
-        body = {"Volume": volume, "Epoch": epoch, "Snapshot": final, "Sync": role.sync,
-                "Standbys": ([self._advertise] if self._advertise else []) + others}
-        try:                                                   # 4. the target takes it
-            status, reply = self._replicator.call(target, "Snapvol.Promote", body)
-        except PluginError as exc:
-            raise TransferFailed(f"hand-off of {volume} to {target} in doubt: {exc}; the "
-                                 "volume stays fenced here until the target answers "
-                                 "(or: snapvol promote --force here)") from None
-        if status >= 400:
-            self._book.set(volume, role)
-            raise Conflict(f"{target} refused to take volume {volume}: "
-                           f"{reply.get('Err') or f'HTTP {status}'}")
-        self._book.set(volume, Role(STANDBY, epoch, primary=target, sync=role.sync))   # 5.
-        seconds = round(time.monotonic() - started, 2)
-        log.info("handed volume %s off to %s at epoch %d in %.2f s (final delta %d bytes)",
-                 volume, target, epoch, seconds, run.bytes)
-        return {"volume": volume, "epoch": epoch, "primary": target, "snapshot": final,
-                "bytes": run.bytes, "seconds": seconds}
-
-    def _resolve_handoff(self, volume: str, role: Role) -> None:
-        """A hand-off whose outcome is unknown: ask the target whether it took the volume."""
-        try:
-            peer = self._peer_role(str(role.handoff), volume)
-        except PluginError as exc:
-            log.warning("hand-off of %s to %s still in doubt: %s", volume, role.handoff, exc)
-            return
-        if peer is not None and peer.get("Role") == PRIMARY and _epoch(peer) > role.epoch:
-            log.warning("hand-off of %s to %s had completed there (epoch %d): standby here now",
-                        volume, role.handoff, _epoch(peer))
-            self._book.set(volume, Role(STANDBY, _epoch(peer), primary=role.handoff,
-                                        sync=role.sync))
-        else:
-            log.warning("hand-off of %s to %s did not complete there: primary here again",
-                        volume, role.handoff)
-            self._book.set(volume, role.but(fenced=None, handoff=None))
-
-    # ------------------------------------------------------------------ promote (standby side)
-
-    def promote(self, volume: object, *, epoch: object = None, snapshot: object = None,
-                standbys: object = None, sync: object = None, force: bool = False) -> dict[str, Any]:
-        """Make standby *volume* primary here.
-
-        Planned (a hand-off's step 4: *epoch*, *snapshot* given): only from the epoch
-        before, and only holding the final *snapshot*. Manual (failover): refused while the
-        primary answers as primary (unless *force*); serves the last synced snapshot and
-        says how old it is. A fenced primary (a hand-off in doubt) is unfenced with *force*.
-
-        :raises NotFound: no such volume; :raises Conflict: already primary, or refused.
-        """
-        volume = names.volume_name(volume)
-        self._backend.volume(volume)
-        role = self._book.get(volume)
-        if role is None or role.is_primary:
-            if role is not None and role.fenced and force:
-                role = role.but(fenced=None, handoff=None, epoch=role.epoch + 2)
-                self._book.set(volume, role)
-                return {"volume": volume, "epoch": role.epoch, "note": "unfenced by force"}
-            raise Conflict(f"volume {volume} is already primary here"
-                           + (f" (epoch {role.epoch})" if role else "") + "; nothing to promote")
-        if epoch is not None:
-            return self._promote_planned(volume, role, epoch, snapshot, standbys, sync)
-        if role.primary and not force:
-            try:
-                peer = self._peer_role(role.primary, volume)
-            except PluginError:
-                peer = None                      # lost, as the operator says
-            if peer is not None and peer.get("Role") == PRIMARY and not peer.get("Fenced"):
-                raise Conflict(f"the primary {role.primary} is up and serves volume {volume} "
-                               f"(epoch {_epoch(peer)}): hand it off there (snapvol handoff "
-                               f"{volume} <this host>), or --force to promote anyway")
-        newest = self._last_synced(volume, role)
-        new = Role(PRIMARY, role.epoch + 1,
-                   standbys=(role.primary,) if role.primary else (), sync=role.sync)
-        self._book.set(volume, new)
-        with self._guard:
-            self._last_sync.pop(volume, None)
-        self._changed()
-        answer: dict[str, Any] = {"volume": volume, "epoch": new.epoch}
-        if newest is not None:
-            age = (self._clock() - newest.created).total_seconds()
-            answer.update(snapshot=newest.name, created=rfc3339(newest.created),
-                          age_seconds=round(age),
-                          note=f"serving {newest.name} of {rfc3339(newest.created)}: writes "
-                               f"on {role.primary} after it (the last {round(age)} s) are not here")
-        log.warning("volume %s promoted to primary at epoch %d (was a standby of %s)",
-                    volume, new.epoch, role.primary)
-        return answer
-
-    def _promote_planned(self, volume: str, role: Role, epoch: object, snapshot: object,
-                         standbys: object, sync: object) -> dict[str, Any]:
-        if not isinstance(epoch, int) or epoch != role.epoch + 1:
-            raise Conflict(f"volume {volume} here is a standby at epoch {role.epoch}; a hand-off "
-                           f"must raise it by one, not to {epoch!r}")
-        snapshot = names.snapshot_name(snapshot)
-        have = {s.name for s in self._backend.snapshots(volume)}
-        if snapshot not in have:
-            raise Conflict(f"volume {volume} here lacks the hand-off's final snapshot {snapshot}")
-        targets = []
-        for text in standbys if isinstance(standbys, list) else []:
-            try:
-                target = str(Target.parse(text))
-            except ValueError as exc:
-                raise InvalidRequest(f"Standbys: {exc}") from None
-            if not _same_host(target, self._advertise):    # never a standby of itself
-                targets.append(target)
-        sync_text = sync if isinstance(sync, str) else role.sync
-        _seconds(sync_text)
-        self._book.set(volume, Role(PRIMARY, epoch, standbys=tuple(targets), sync=sync_text))
-        with self._guard:
-            self._last_sync[volume] = time.monotonic()        # it just synced: wait one interval
-        self._changed()
-        log.info("volume %s is primary here at epoch %d (handed off; standbys %s)", volume,
-                 epoch, ", ".join(targets) or "none")
-        return {"volume": volume, "epoch": epoch}
-
-    # ------------------------------------------------------------------ standing down
-
-    def _stand_down(self, volume: str, role: Role, epoch: int, primary: str | None) -> str:
-        """A primary met a higher epoch: rename its copy aside (it may hold writes the new
-        primary never saw) and become a standby of *primary*, waiting for a full sync.
-
-        :raises Conflict: containers still use it (it stays fenced, refusing new Mounts).
-        """
-        with self._locks.hold(volume):
-            now = self._book.get(volume)
-            if now is not None and not now.is_primary and now.epoch >= epoch:
-                return f"{volume}-diverged-e{role.epoch}"     # another thread did it
-            users = self._mounts.users(volume)
-            if users:
-                self._book.set(volume, role.but(fenced=f"a newer primary (epoch {epoch}) is "
-                                                       f"at {primary}; stop the containers "
-                                                       "using it here"))
-                raise Conflict(f"volume {volume}: a primary at epoch {epoch} exists at "
-                               f"{primary}, but containers still use it here; fenced")
-            aside = self._aside_name(volume, role.epoch)
-            self._book.set(volume, role.but(aside=aside, fenced="standing down"))
-            self._finish_aside(volume, self._book.get(volume) or role, locked=True)
-        self._book.set(volume, Role(STANDBY, epoch, primary=primary, sync=role.sync))
-        log.warning("volume %s: a primary at epoch %d exists (%s); this copy is kept as "
-                    "volume %s and the volume is a standby here now", volume, epoch, primary, aside)
-        return aside
-
-    def _finish_aside(self, volume: str, role: Role, *, locked: bool = False) -> None:
-        aside = str(role.aside)
-        try:
-            if locked:
-                self._backend.rename_volume(volume, aside)
-            else:
-                with self._locks.hold(volume, aside):
-                    self._backend.rename_volume(volume, aside)
-        except VolumeNotFound:
-            pass                                        # neither there: nothing to keep
-        self._volumes.known.discard(volume)
-        self._volumes.known.add(aside)
-        self._book.set(volume, role.but(aside=None))
-
-    def _aside_name(self, volume: str, epoch: int) -> str:
-        base = f"{volume}-diverged-e{epoch}"[:200]
-        name, n = base, 1
-        while self._exists(name):
-            n += 1
-            name = f"{base}-{n}"
-        return names.volume_name(name)
-
     # ------------------------------------------------------------------ helpers
 
     def describe(self, volume: str) -> dict[str, Any] | None:
@@ -645,105 +415,6 @@ class Standbys:
         except VolumeNotFound:
             return False
 
-    def _last_received_snapshot(self, volume: str) -> Any:
-        snaps = [s for s in self._backend.snapshots(volume) if s.received]
-        return snaps[-1] if snaps else None
-
-    def _last_synced(self, volume: str, role: Role) -> Any:
-        """The snapshot the standby *volume* serves if promoted now, with the time its primary
-        took it (a received snapshot's own time is when it arrived, later: writes between
-        the two would be counted as kept)."""
-        newest = self._last_received_snapshot(volume)
-        if newest is not None and role.synced == newest.name and role.synced_at is not None:
-            return replace(newest, created=role.synced_at)
-        return newest
-
-    def _last_received(self, volume: str) -> str:
-        try:
-            role = self._book.get(volume)
-            newest = self._last_synced(volume, role) if role is not None else \
-                self._last_received_snapshot(volume)
-        except PluginError:
-            return ""
-        if newest is None:
-            return ", nothing synced yet"
-        age = (self._clock() - newest.created).total_seconds()
-        return f", last synced {newest.name}, {round(age)} s old"
-
 
 class SteppedDown(Conflict):
     """This host found a newer primary and is a standby now."""
-
-
-def describe_role(role: Role | None, volume: str, replications: ReplicationLog | None,
-                  backend: Backend, now: datetime) -> dict[str, Any] | None:
-    """A role as Status shows it: role, epoch, and per standby its last synced snapshot, lag
-    in seconds (now minus when that snapshot was taken) and last error."""
-    if role is None:
-        return None
-    out: dict[str, Any] = {"role": role.role, "epoch": role.epoch, "since": rfc3339(role.since)}
-    if role.fenced:
-        out["fenced"] = role.fenced
-    if not role.is_primary:
-        out["primary"] = role.primary
-        if role.synced:
-            out["synced"] = role.synced
-            if role.synced_at is not None:
-                out["synced_at"] = rfc3339(role.synced_at)
-                out["lag_seconds"] = round((now - role.synced_at).total_seconds())
-        return out
-    out["sync"] = role.sync
-    created = {}
-    try:
-        created = {s.name: s.created for s in backend.snapshots(volume)}
-    except PluginError:
-        pass
-    rows = []
-    for target in role.standbys:
-        base = replications.base(volume, target) if replications else None
-        last = replications.last_to(volume, target) if replications else None
-        synced_at = created.get(base) if base else None
-        rows.append({"target": target, "synced": base,
-                     "synced_at": rfc3339(synced_at) if synced_at else None,
-                     "lag_seconds": round((now - synced_at).total_seconds()) if synced_at else None,
-                     "last_error": last.error if last is not None else None})
-    out["standbys"] = rows
-    return out
-
-
-def _epoch(reply: dict[str, Any]) -> int:
-    value = reply.get("epoch", reply.get("Epoch", 0))
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _when(text: object) -> datetime | None:
-    """An RFC 3339 time from a stream header (None: missing or not a time)."""
-    try:
-        when = datetime.fromisoformat(str(text))
-    except ValueError:
-        return None
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
-
-
-def _seconds(text: str) -> float:
-    try:
-        return float(parse_duration(text))
-    except ValueError:
-        return 60.0
-
-
-def _same_host(a: str | None, b: str | None) -> bool:
-    """Two targets that name the same snapvol (user, host and port; the socket may be
-    spelled out on one and found by discovery on the other)."""
-    if not a or not b:
-        return False
-    try:
-        x, y = Target.parse(a), Target.parse(b)
-    except ValueError:
-        return False
-    if x.kind == "unix" or y.kind == "unix":
-        return x == y
-    return (x.host, x.port or 22) == (y.host, y.port or 22)

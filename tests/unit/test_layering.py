@@ -38,6 +38,12 @@ FORBIDDEN = {  # module prefix -> imports it must never make
     "plugin.scheduler": ("flask", "plugin.api", "plugin.app", "plugin.cli", "plugin.backends"),
     "plugin.quiesce": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.announce": ("flask", "plugin.api", "plugin.volumes", "plugin.backends", "plugin.app"),
+    # the standby roles: common <- handoff (the role moves) <- standby (syncs, Mount)
+    "plugin.standby_common": ("flask", "plugin.api", "plugin.app", "plugin.cli",
+                              "plugin.handoff", "plugin.standby"),
+    "plugin.handoff": ("flask", "plugin.api", "plugin.app", "plugin.cli", "plugin.standby",
+                       "plugin.scheduler"),
+    "plugin.standby": ("flask", "plugin.api", "plugin.app", "plugin.cli", "plugin.scheduler"),
     "plugin.cli": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
     "plugin.client": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
 }
