@@ -154,6 +154,13 @@ class Proc:
                 except subprocess.TimeoutExpired:
                     pass
             if not self.alive():
+                if self.popen is not None:
+                    # it may have died between alive()'s poll and its look at /proc (a
+                    # zombie): reap it now, or its Popen warns "still running" when collected
+                    try:
+                        self.popen.wait(5)
+                    except subprocess.TimeoutExpired:
+                        pass
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -504,6 +511,8 @@ PidFile {ssh_dir / 'sshd.pid'}
         a host that dies), then dockerd. sshd stays, as on a host whose services died: a
         peer's ssh then fails at the plugin, not at the connection (both must read as
         "unreachable")."""
+        for worker in self._snapvol_workers():     # at once: a worker outliving its master
+            worker.send(signal.SIGKILL)            # would go on syncing for a moment
         self.kill_snapvol()
         for _ in range(50):
             pids = set(_pids_in_cgroup(self.cgroup_parent)) - {os.getpid()}
