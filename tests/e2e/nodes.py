@@ -227,6 +227,22 @@ def _remove_cgroups(parent: str) -> list[str]:
     return left
 
 
+def _sigkill_until_gone(find: Any, what: str, pause: float) -> None:
+    """SIGKILL what *find()* returns until it returns nothing (50 rounds *pause* apart);
+    raise RuntimeError(*what*: the pids) if something stays."""
+    for _ in range(50):
+        pids = find()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(pause)
+    raise RuntimeError(f"{what}: {sorted(find())}")
+
+
 def _loop_devices_under(base: Path) -> list[str]:
     """Loop devices whose backing file is at or below *base* (only ours can be)."""
     out = subprocess.run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"],
@@ -514,18 +530,8 @@ PidFile {ssh_dir / 'sshd.pid'}
         for worker in self._snapvol_workers():     # at once: a worker outliving its master
             worker.send(signal.SIGKILL)            # would go on syncing for a moment
         self.kill_snapvol()
-        for _ in range(50):
-            pids = set(_pids_in_cgroup(self.cgroup_parent)) - {os.getpid()}
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
-        else:
-            raise RuntimeError(f"{self.hostname}: container processes left: {sorted(pids)}")
+        _sigkill_until_gone(lambda: set(_pids_in_cgroup(self.cgroup_parent)) - {os.getpid()},
+                            f"{self.hostname}: container processes left", pause=0.1)
         self.kill_dockerd()
 
     def stop_dockerd(self) -> None:
@@ -584,20 +590,13 @@ PidFile {ssh_dir / 'sshd.pid'}
     def _kill_rest(self) -> None:
         holder = self.holder.pid if self.holder else None
         inode = _netns_inode(self.netns)
-        for _ in range(50):
+
+        def ours() -> set[int]:
             pids = set(_pids_in_cgroup(self.cgroup_parent))
             if inode is not None:
                 pids |= set(_pids_in_netns(inode))
-            pids -= {holder, os.getpid()}
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.2)
-        raise RuntimeError(f"processes left: {sorted(pids)}")
+            return pids - {holder, os.getpid()}
+        _sigkill_until_gone(ours, "processes left", pause=0.2)
 
     def _unmount_all(self) -> None:
         """Unmount, inside the node's mount namespace, what was mounted there (the pool, the
