@@ -17,7 +17,9 @@ from typing import Any, TextIO
 
 from . import __version__, stream
 from .client import PluginClient, UnixHTTPConnection, find_socket, send_stream
-from .units import format_size
+from .cli_render import (render_check, render_done, render_handoff, render_promote,
+                         render_prune, render_role, render_snapshots, render_status,
+                         render_sync, render_volumes)
 
 
 class Exit(enum.IntEnum):
@@ -39,42 +41,6 @@ def exit_for(http_status: int) -> Exit:
     return Exit.USAGE if http_status < 500 else Exit.ERROR
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-                     for row in rows)
-
-
-def _size(value: int | None) -> str:
-    return "-" if value is None else format_size(value)
-
-
-def render_volumes(reply: dict[str, Any]) -> str:
-    rows = [["NAME", "USED", "QUOTA", "MOUNTS", "CREATED", "OPTIONS"]]
-    for v in reply.get("Volumes", []):
-        opts = ",".join(f"{k}={val}" for k, val in sorted(v.get("options", {}).items()))
-        rows.append([v["name"], _size(v.get("used_bytes")), _size(v.get("quota_bytes")),
-                     str(v.get("mounts", 0)), v.get("created", ""), opts or "-"])
-    return _table(rows)
-
-
-def render_status(reply: dict[str, Any]) -> str:
-    status = reply.get("Status", {})
-    storage = status.get("storage", {})
-    lines = [
-        ("plugin", f"snapvol {status.get('version')} (pid {status.get('pid')}, "
-                   f"up {status.get('uptime_seconds')} s)"),
-        ("backend", status.get("backend", "?")),
-        ("storage", ", ".join(f"{k}={v}" for k, v in storage.items())),
-        ("volumes", f"{status.get('volumes')} ({status.get('volumes_in_use')} in use, "
-                    f"{status.get('mounts')} mounts)"),
-        ("options", ", ".join(status.get("options", []))),
-    ]
-    lines += [("damaged", f"{path} (a state file that did not parse, moved aside; remove it "
-                          "once read)") for path in status.get("damaged_state_files", [])]
-    return "\n".join(f"{key + ':':9} {value}" for key, value in lines)
-
-
 def _add_common(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument("--socket", default=default,
                         help="plugin socket (default: $SNAPVOL_SOCKET, "
@@ -82,82 +48,6 @@ def _add_common(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument("--json", action="store_true",
                         default=False if default is None else default,
                         help="print the reply as JSON")
-
-
-def render_snapshots(reply: dict[str, Any]) -> str:
-    rows = [["VOLUME", "SNAPSHOT", "CREATED", "OWNER", "KEPT FOR"]]
-    rows += [[s["volume"], s["name"], s["created"], s.get("owner", ""), s.get("kept_for") or ""]
-             for s in reply.get("Snapshots", [])]
-    return _table(rows)
-
-
-def render_prune(reply: dict[str, Any]) -> str:
-    decisions = reply.get("Decisions", [])
-    if not decisions:
-        return "no automatic snapshots to consider"
-    rows = [["VOLUME", "SNAPSHOT", "CREATED", "DECISION", "REASON"]]
-    verb = "would delete" if reply.get("DryRun") else "deleted"
-    for d in decisions:
-        decision = "keep" if d["keep"] else ("FAILED" if d.get("error") else verb)
-        reason = ", ".join(d["reasons"]) if d["keep"] else (d.get("error") or "no rule keeps it")
-        rows.append([d["volume"], d["snapshot"], d["created"], decision, reason])
-    return _table(rows)
-
-
-def render_check(reply: dict[str, Any]) -> str:
-    """One line per problem (and per repair done), each saying what --repair does."""
-    lines = [f"repaired: {p['what']} ({p['repair']})" for p in reply.get("Repaired", [])]
-    for problem in reply.get("Problems", []):
-        action = (f"--repair would {problem['repair']}" if problem["repair"]
-                  else problem.get("note") or "look at it yourself")
-        lines.append(f"{problem['kind']}: {problem['what']}; {action}")
-    return "\n".join(lines) or "consistent: nothing left over, nothing stale"
-
-
-def render_done(reply: dict[str, Any]) -> str:
-    return "done"
-
-
-def render_role(reply: dict[str, Any]) -> str:
-    detail = reply.get("Detail") or {}
-    lines = [f"role:     {reply.get('Role')} (epoch {reply.get('Epoch')}, since "
-             f"{detail.get('since', '-')})"]
-    if reply.get("Fenced"):
-        lines.append(f"fenced:   {reply['Fenced']}")
-    if reply.get("Role") == "standby":
-        lines.append(f"primary:  {reply.get('Primary') or 'unknown'}")
-        if detail.get("synced"):
-            lag = detail.get("lag_seconds")
-            lines.append(f"synced:   {detail['synced']}"
-                         + (f" (taken {detail.get('synced_at')}, {lag} s ago)" if lag is not None else ""))
-        return "\n".join(lines)
-    rows = [["STANDBY", "SYNCED", "LAG", "LAST ERROR"]]
-    for s in detail.get("standbys", []):
-        lag = "-" if s.get("lag_seconds") is None else f"{s['lag_seconds']} s"
-        rows.append([s["target"], s.get("synced") or "-", lag, s.get("last_error") or "-"])
-    if len(rows) > 1:
-        lines.append(_table(rows))
-    return "\n".join(lines)
-
-
-def render_sync(reply: dict[str, Any]) -> str:
-    results = reply.get("Results") or {}
-    return "\n".join(f"{t}: {e or 'synced'}" for t, e in results.items()) or \
-        "nothing to do (a sync or hand-off of the volume is running)"
-
-
-def render_handoff(reply: dict[str, Any]) -> str:
-    h = reply.get("Handoff", {})
-    if h.get("note"):
-        return f"{h['volume']}: {h['note']} (primary {h.get('primary')})"
-    return (f"{h['volume']} is primary on {h['primary']} now (epoch {h['epoch']}); this host "
-            f"is its standby. Final delta {h.get('bytes', 0)} bytes, {h.get('seconds')} s.")
-
-
-def render_promote(reply: dict[str, Any]) -> str:
-    p = reply.get("Promoted", {})
-    text = f"{p['volume']} is primary here (epoch {p['epoch']})"
-    return text + (f"; {p['note']}" if p.get("note") else "")
 
 
 def build_parser() -> argparse.ArgumentParser:

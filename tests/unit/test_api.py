@@ -289,7 +289,7 @@ def test_get_and_list_never_fail_because_a_snapshot_went_away(client, backend, m
 
 def test_status_names_the_damaged_state_files(tmp_path):
     """snapvol status shows each state file that was moved aside because it did not parse."""
-    from plugin.cli import render_status
+    from plugin.cli_render import render_status
     from plugin.history import AutoHistory
 
     (tmp_path / "schedule.json").write_text("{not json")

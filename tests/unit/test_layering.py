@@ -46,6 +46,8 @@ FORBIDDEN = {  # module prefix -> imports it must never make
     "plugin.standby": ("flask", "plugin.api", "plugin.app", "plugin.cli", "plugin.scheduler"),
     "plugin.cli": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
     "plugin.client": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
+    "plugin.cli_render": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api",
+                          "plugin.client", "plugin.cli"),
 }
 
 
