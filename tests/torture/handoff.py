@@ -32,9 +32,7 @@ import argparse
 import os
 import random
 import secrets
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,8 +41,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.harness import mounts_under
-from tests.torture.torture import Instance, Killed, out, preflight, storage
+from tests.torture.torture import (Instance, Killed, keep_logs, out, preflight, remove_base,
+                                   storage)
 
 CI_KILLS = 12
 ROUND_BYTES = 2 << 20
@@ -242,20 +240,14 @@ def run_backend(backend: str, kills: int, seed: int) -> int:
                 for inst in instances:
                     inst.stop()
                 if code:
-                    keep = Path(f"/tmp/snapvol-handoff-logs-{seed}-{backend}")
-                    keep.mkdir(parents=True, exist_ok=True)
-                    for inst in instances:
-                        if inst.proc.log.exists():
-                            shutil.copy(inst.proc.log, keep / f"{backend}-{inst.role}.log")
-                    out(f"handoff torture {backend}: the plugins' logs are in {keep}")
+                    keep_logs(instances, Path(f"/tmp/snapvol-handoff-logs-{seed}-{backend}"),
+                              backend, "handoff torture")
         return code
     except KeyboardInterrupt:
         out(f"handoff torture {backend}: interrupted; cleaned up")
         return 130
     finally:
-        for point in mounts_under(base):
-            subprocess.run(["umount", "-l", point], check=False, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
+        remove_base(base)
 
 
 def main(argv: list[str] | None = None) -> int:

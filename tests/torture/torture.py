@@ -1029,19 +1029,29 @@ def run_backend(backend: str, kills: int, seed: int, logs: Path | None = None) -
                 for inst in instances:       # before their storage goes
                     inst.stop()
                 if logs is not None or code:
-                    keep = logs or Path(f"/tmp/snapvol-torture-logs-{seed}-{backend}")
-                    keep.mkdir(parents=True, exist_ok=True)
-                    for inst in instances:
-                        if inst.proc.log.exists():
-                            shutil.copy(inst.proc.log, keep / f"{backend}-{inst.role}.log")
-                    out(f"torture {backend}: the plugins' logs are in {keep}")
+                    keep_logs(instances, logs or Path(f"/tmp/snapvol-torture-logs-{seed}-{backend}"),
+                              backend, "torture")
     except KeyboardInterrupt:
         out(f"torture {backend}: interrupted; cleaned up")
         return 130
     finally:
-        for point in mounts_under(base):
-            subprocess.run(["umount", "-l", point], check=False, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
+        remove_base(base)
+
+
+def keep_logs(instances: list[Instance], keep: Path, backend: str, label: str) -> None:
+    """Copy the plugins' logs into *keep* (BACKEND-ROLE.log) and say where they are."""
+    keep.mkdir(parents=True, exist_ok=True)
+    for inst in instances:
+        if inst.proc.log.exists():
+            shutil.copy(inst.proc.log, keep / f"{backend}-{inst.role}.log")
+    out(f"{label} {backend}: the plugins' logs are in {keep}")
+
+
+def remove_base(base: Path) -> None:
+    """Unmount whatever is still mounted below the run's directory, then remove it."""
+    for point in mounts_under(base):
+        subprocess.run(["umount", "-l", point], check=False, timeout=60)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def torture(backend: str, kills: int, seed: int, base: Path, source: Instance,
