@@ -7,6 +7,7 @@ FROM ${BASE}
 # Debian's packages only: btrfsutil is Debian's python3-btrfsutil (PyPI's does not build
 # against bookworm's libbtrfsutil). util-linux: mount, losetup; e2fsprogs: chattr.
 # python3-docker: the Docker Engine API client that pauses containers for quiesce.
+# openssh-client: ssh:// replication targets and standbys.
 # zfsutils-linux + python3-pyzfs (contrib): the ZFS backend on the host's OpenZFS through
 # /dev/zfs. The userland must match the host's module (the plugin refuses to start when they
 # differ): bookworm's is OpenZFS 2.1.11; ZFS_SUITE=bookworm-backports builds one for 2.3.x.
@@ -25,7 +26,8 @@ RUN set -eu; \
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       python3 python3-flask gunicorn python3-btrfsutil python3-docker btrfs-progs util-linux \
-      mount e2fsprogs zfsutils-linux python3-pyzfs \
+      mount e2fsprogs zfsutils-linux python3-pyzfs openssh-client \
+      python3-prometheus-client \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/* \
       /usr/share/info/* /usr/share/locale/* /var/log/*
@@ -37,4 +39,4 @@ RUN mkdir -p /run/docker/plugins /mnt/volumes /mnt/host /mnt/docker-run /run/sna
 WORKDIR /opt/snapvol
 ENV SNAPVOL_STATE_DIR=/mnt/host/snapvol SNAPVOL_PUBLISH_DIR=/mnt/volumes
 # The same command as config.json's entrypoint, for `docker run` debugging.
-CMD ["/usr/bin/gunicorn", "-c", "python:plugin.gunicorn_conf"]
+CMD ["/usr/bin/python3", "-m", "plugin.prebind", "/usr/bin/gunicorn", "-c", "python:plugin.gunicorn_conf"]

@@ -11,26 +11,35 @@ import logging
 import os
 from collections.abc import Mapping
 
-from flask import Flask, Response, request
+import time
+
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from .api import admin, volume_driver
+from .api.refusing import refusing_app
 from .api.stream_socket import StreamSocket, stream_socket_path
 from .announce import DriverAnnouncer
+from .cli_bundle import write_bundle
 from .api.wire import reply
 from .config import Settings
 from .errors import PluginError
 from .history import AutoHistory, ReplicationLog
 from .locks import VolumeLocks
+from .metrics import Metrics, MetricsServer
 from .mounts import MountTable
+from .observe import Observer
 from .pool import prepare_root
 from .quiesce import DockerQuiescer
+from .refusal import REFUSAL_ENV, is_managed, start_refusal
 from .replication import Replicator
 from .roles import RoleBook
 from .standby import Standbys
 from .scheduler import Scheduler
+from .ssh_client import SshClient
 from .storage import open_backend
 from .domain import Domain
+from .trash import TrashBook
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +55,9 @@ def build_domain(settings: Settings) -> Domain:
     extras = {"history": AutoHistory(settings.state_dir / "schedule.json"),
               "quiescer": DockerQuiescer(settings.docker_host, hook_timeout=settings.hook_timeout),
               "replications": ReplicationLog(settings.state_dir / "replication.json"),
-              "transfers": settings.transfers}
+              "transfers": settings.transfers,
+              "trash": TrashBook(settings.state_dir / "trash.json"),
+              "trash_ttl": settings.trash_ttl, "trash_full": settings.trash_full}
     backend = open_backend(settings)
     # Btrfs: a pool that went away is mounted again; ZFS volumes are re-mounted one by one on
     # Mount (ZfsBackend.attach): nothing to recover
@@ -58,10 +69,25 @@ def build_domain(settings: Settings) -> Domain:
 
 def build_replicator(domain: Domain, settings: Settings) -> Replicator:
     assert domain.replications is not None
-    return Replicator(domain.volumes, domain.transfers, domain.lifecycle, domain.replications,
-                      ssh_key=settings.ssh_key,
-                      known_hosts=settings.ssh_known_hosts, remote_snapvol=settings.remote_snapvol,
-                      timeout=settings.transfer_timeout, workers=settings.transfers)
+    ssh = SshClient(settings.ssh_key, settings.ssh_known_hosts, settings.ssh_dir,
+                    settings.remote_snapvol)
+    replicator = Replicator(domain.volumes, domain.transfers, domain.lifecycle,
+                            domain.replications, ssh=ssh, timeout=settings.transfer_timeout,
+                            workers=settings.transfers)
+    domain.volumes.create_guards.append(lambda _name, opts: replicator.refuse_unusable(opts))
+    return replicator
+
+
+def leave_host_files(settings: Settings) -> None:
+    """Managed plugin: put what the host needs into the data directory: the ``snapvol``
+    command (:mod:`plugin.cli_bundle`) and an empty ``ssh/`` for the key and known_hosts the
+    plugin reads through its ssh mount. Never a reason not to start."""
+    try:
+        write_bundle(settings.state_dir / "bin" / "snapvol")
+        (settings.state_dir / "ssh").mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        log.error("could not write the snapvol command for the host into %s: %s",
+                  settings.state_dir, exc)
 
 
 def create_app(domain: Domain | None = None,
@@ -71,22 +97,37 @@ def create_app(domain: Domain | None = None,
     if domain is None:
         domain = build_domain(settings)
     replicator = build_replicator(domain, settings) if domain.replications is not None else None
-    standbys = None
+    standbys, roles = None, None
     if replicator is not None and domain.replications is not None:
+        roles = RoleBook(settings.state_dir / "roles.json")
         standbys = Standbys(domain.volumes, domain.transfers, domain.backend, domain.mounts,
-                            domain.locks, RoleBook(settings.state_dir / "roles.json"),
+                            domain.locks, roles,
                             domain.replications, replicator, advertise=settings.advertise or None)
+        if domain.trash is not None:        # a trashed volume keeps its role until purged
+            domain.trash.records.renamers.append(roles.rename)
         standbys.recover()
         domain.status.role_of = standbys.describe
     app = Flask(__name__)
     app.extensions["snapvol.domain"] = domain
     app.extensions["snapvol.replicator"] = replicator
     app.extensions["snapvol.standbys"] = standbys
+    observer = app.extensions["snapvol.observer"] = Observer(domain, roles)
+    scheduler = None
+    metrics = app.extensions["snapvol.metrics"] = Metrics(
+        observer, domain.inflight, backend=domain.backend.kind,
+        last_pass=lambda: scheduler.last_pass if scheduler is not None else None)
+    _count_outcomes(domain, metrics)
+    _time_requests(app, metrics)
     # started by gunicorn's hooks
-    app.extensions["snapvol.scheduler"] = Scheduler(domain.schedules, domain.volumes,
-                                                     replicator=replicator, standbys=standbys)
+    scheduler = app.extensions["snapvol.scheduler"] = Scheduler(
+        domain.schedules, domain.volumes, replicator=replicator, standbys=standbys,
+        trash=domain.trash, lateness=metrics.lateness.observe)
+    if settings.metrics is not None:
+        app.extensions["snapvol.metrics_server"] = MetricsServer(metrics, settings.metrics)
     if settings.publish_dir is None:       # a host install; dockerd always lists a managed plugin
         app.extensions["snapvol.announcer"] = DriverAnnouncer(settings.docker_host, settings.driver)
+    else:
+        leave_host_files(settings)
     app.extensions["snapvol.streams"] = StreamSocket(
         domain.transfers, stream_socket_path(settings.socket), timeout=settings.transfer_timeout)
     app.register_blueprint(volume_driver.bp)
@@ -119,11 +160,42 @@ def create_app(domain: Domain | None = None,
     return app
 
 
+def _count_outcomes(domain: Domain, metrics: Metrics) -> None:
+    """Failures and bytes are counted where they are recorded (the state files' writers)."""
+    if domain.schedules.history is not None:
+        domain.schedules.history.on_record(metrics.automatic_run)
+    if domain.replications is not None:
+        domain.replications.on_record(metrics.replication)
+
+
+def _time_requests(app: Flask, metrics: Metrics) -> None:
+    """Latency and errors per endpoint of the plugin socket. The label is the route (a fixed
+    set); a path no route matches counts as ``other``, so no client can grow the labels."""
+    @app.before_request
+    def started() -> None:
+        g.snapvol_started = time.perf_counter()
+
+    @app.after_request
+    def answered(response: Response) -> Response:
+        started_at = g.get("snapvol_started")
+        if started_at is not None:
+            rule = request.url_rule
+            endpoint = rule.rule.lstrip("/") if rule is not None else "other"
+            metrics.request(endpoint, response.status_code, time.perf_counter() - started_at)
+        return response
+
+
 def wsgi() -> Flask:
     """gunicorn's entry point: like :func:`create_app`, but a configuration or storage problem
-    ends the worker with one clear log line (exit 3 makes gunicorn stop instead of retrying)."""
+    ends the worker with one clear log line (exit 3 makes gunicorn stop instead of retrying).
+    A managed plugin serves its refusal instead (:mod:`plugin.api.refusing`): when the master
+    decided it must not touch its storage, or when opening the storage fails."""
+    if os.environ.get(REFUSAL_ENV):
+        return refusing_app(os.environ[REFUSAL_ENV])
     try:
         return create_app()
     except PluginError as exc:
         log.error("snapvol cannot start: %s", exc)
+        if is_managed(os.environ):         # an exit would be restarted by dockerd for ever
+            return refusing_app(start_refusal(str(exc)))
         raise SystemExit(3) from None

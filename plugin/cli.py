@@ -15,11 +15,13 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
-from . import __version__, stream
+from . import __version__, freshness, stream
+from .cli_freshness import run_freshness
 from .client import PluginClient, UnixHTTPConnection, find_socket, send_stream
 from .cli_render import (render_check, render_done, render_handoff, render_promote,
-                         render_prune, render_role, render_snapshots, render_status,
-                         render_sync, render_volumes)
+                         render_prune, render_purged, render_restored, render_role,
+                         render_snapshots, render_status, render_sync, render_trash,
+                         render_volumes)
 
 
 class Exit(enum.IntEnum):
@@ -67,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
                            "filesystem and the mount table (exit 0 consistent, 1 problems)")
     check.add_argument("--repair", action="store_true",
                        help="fix what is provably left over or stale; change nothing else")
+    fresh = check.add_argument_group(
+        "freshness", "--freshness checks instead whether snapshots, replicas and the pool are "
+        "what the schedules promise, for Nagios and the like: exit 0 OK, 1 WARN, 2 CRIT, "
+        "3 UNKNOWN (the plugin cannot be asked), one line per problem. Ages count in "
+        "intervals of each volume's schedule (replicas: its schedule or standby sync=)")
+    fresh.add_argument("--freshness", action="store_true",
+                       help="judge freshness instead of consistency (changes nothing)")
+    limits = freshness.Thresholds()
+    for name, unit, what in (("age", "intervals", "a scheduled volume's newest snapshot is "
+                              "older than"),
+                             ("lag", "intervals", "a replica's (replicate=, standby) data is "
+                              "older than"),
+                             ("pool", "percent", "the pool is used to")):
+        for level in ("warn", "crit"):
+            default = getattr(limits, f"{level}_{name}")
+            fresh.add_argument(f"--{level}-{name}", type=float, default=default, metavar="N",
+                               help=f"{level.upper()} when {what} N {unit} (default {default:g})")
     check.set_defaults(endpoint="Snapvol.Check", render=render_check,
                        body=lambda a: {"Repair": a.repair},
                        outcome=lambda reply: Exit.ERROR if reply.get("Problems") else Exit.OK)
@@ -167,6 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
                          "whose hand-off is in doubt)")
     promote.set_defaults(endpoint="Snapvol.Promote", render=render_promote,
                          body=lambda a: {"Volume": a.volume, "Force": a.force})
+    trash = sub.add_parser("trash", help="what docker volume rm kept: list, restore, purge")
+    trash_sub = trash.add_subparsers(dest="action", required=True, metavar="ACTION")
+    trash_ls = trash_sub.add_parser("ls", parents=[common],
+                                    help="list trashed volumes, oldest first")
+    trash_ls.set_defaults(endpoint="Snapvol.TrashList", render=render_trash, body=lambda a: {})
+    restore = trash_sub.add_parser("restore", parents=[common],
+                                   help="bring a trashed volume back, with its snapshots")
+    restore.add_argument("volume", metavar="NAME", help="the name it had (the newest of that "
+                         "name), or its ID from snapvol trash ls")
+    restore.add_argument("--as", dest="as_name", metavar="NEW",
+                         help="restore it under this name (needed when its name is taken)")
+    restore.set_defaults(endpoint="Snapvol.TrashRestore", render=render_restored,
+                         body=lambda a: {"Volume": a.volume, "As": a.as_name})
+    purge = trash_sub.add_parser("purge", parents=[common],
+                                 help="destroy trashed volumes for good")
+    which = purge.add_mutually_exclusive_group(required=True)
+    which.add_argument("volume", nargs="?", metavar="NAME", help="the name it had, or its ID")
+    which.add_argument("--all", action="store_true", help="everything in the trash")
+    purge.set_defaults(endpoint="Snapvol.TrashPurge", render=render_purged,
+                       body=lambda a: {"Volume": a.volume, "All": a.all})
     # how one snapvol calls another through ssh (replication, hand-off): not for people
     call = sub.add_parser("call", parents=[common], help=argparse.SUPPRESS)
     call.add_argument("endpoint", metavar="ENDPOINT")
@@ -364,6 +403,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     except LookupError as exc:
         print(f"snapvol: {exc}", file=stderr)
         return Exit.UNREACHABLE
+    if getattr(args, "freshness", False):
+        return run_freshness(args, socket_path, stdout, stderr, connect)
     if hasattr(args, "run"):
         try:
             return args.run(args, socket_path, stdout, stderr)

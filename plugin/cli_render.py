@@ -118,3 +118,30 @@ def render_promote(reply: dict[str, Any]) -> str:
     p = reply.get("Promoted", {})
     text = f"{p['volume']} is primary here (epoch {p['epoch']})"
     return text + (f"; {p['note']}" if p.get("note") else "")
+
+
+def render_trash(reply: dict[str, Any]) -> str:
+    entries = reply.get("Trash", [])
+    ttl = reply.get("TtlSeconds", 0)
+    if not entries:
+        return "the trash is empty" + ("" if ttl else " (and off: SNAPVOL_TRASH_TTL=0)")
+    rows = [["NAME", "ID", "REMOVED", "SIZE", "SNAPSHOTS", "EXPIRES"]]
+    for e in entries:
+        snapshots = e.get("Snapshots")
+        expires = e.get("ExpiresAt") or "-"
+        if e.get("State", "trashed") != "trashed":
+            expires = f"({e['State']})"
+        rows.append([e.get("Name") or "?", e["Id"], e.get("RemovedAt", ""), _size(e.get("UsedBytes")),
+                     "-" if snapshots is None else str(snapshots), expires])
+    return _table(rows)
+
+
+def render_restored(reply: dict[str, Any]) -> str:
+    return f"restored volume {reply.get('Restored')}"
+
+
+def render_purged(reply: dict[str, Any]) -> str:
+    purged = reply.get("Purged", [])
+    if not purged:
+        return "nothing to purge"
+    return "\n".join(f"purged {p.get('Name') or '?'} ({p['Id']})" for p in purged)

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from .errors import ConfigError
 from .targets import Target
-from .units import parse_size
+from .units import parse_duration, parse_size
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -86,6 +86,34 @@ def _dataset(raw: str) -> str:
     return raw
 
 
+def _metrics_address(raw: str) -> tuple[str, int] | None:
+    """``off`` -> None; ``HOST:PORT`` (an IPv4 address, ``[IPv6]`` or ``localhost``) ->
+    (host, port)."""
+    if raw == "off":
+        return None
+    match = re.fullmatch(r"(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]{2,45}\]|localhost):(\d{1,5})", raw)
+    if not match or not 1 <= int(match.group(2)) <= 65535:
+        raise ValueError("must be off or HOST:PORT, e.g. 127.0.0.1:9618 or [::1]:9618")
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
+def _trash_ttl(raw: str) -> int:
+    """``0`` (no trash) or a duration such as ``24h``, at most a year: seconds."""
+    if raw.strip() == "0":
+        return 0
+    seconds = parse_duration(raw)
+    if not 60 <= seconds <= 365 * 86400:
+        raise ValueError("must be 0 (no trash) or from 1m to 1y, e.g. 24h or 7d")
+    return seconds
+
+
+def _percent(raw: str) -> int:
+    value = raw.strip().removesuffix("%")
+    if not value.isdigit() or not 50 <= int(value) <= 99:
+        raise ValueError("must be a whole percentage from 50 to 99, e.g. 90")
+    return int(value)
+
+
 def _pool_size(raw: str) -> int:
     size = parse_size(raw)
     if size < 256 << 20:
@@ -115,8 +143,12 @@ class Settings:
     transfer_timeout: float
     ssh_key: str
     ssh_known_hosts: str
+    ssh_dir: Path | None
     remote_snapvol: str
     advertise: str
+    metrics: tuple[str, int] | None
+    trash_ttl: int
+    trash_full: int
 
     # field -> (environment variable, default, parser, help)
     SPEC: ClassVar[dict[str, tuple[str, str, Callable[[str], object], str]]] = {
@@ -160,15 +192,30 @@ class Settings:
         "transfer_timeout": ("SNAPVOL_TRANSFER_TIMEOUT", "120", _seconds,
                              "a replication whose target makes no progress for this long fails"),
         "ssh_key": ("SNAPVOL_SSH_KEY", "", _optional_text,
-                    "private key for ssh:// replication targets; empty: ssh's defaults"),
-        "ssh_known_hosts": ("SNAPVOL_SSH_KNOWN_HOSTS", "/root/.ssh/known_hosts", _text,
-                            "known_hosts file for ssh:// targets (host keys are always checked)"),
+                    "private key for ssh:// replication targets; empty: the first of id_ed25519, "
+                    "id_ecdsa, id_rsa in SNAPVOL_SSH_DIR, else ssh's defaults"),
+        "ssh_known_hosts": ("SNAPVOL_SSH_KNOWN_HOSTS", "", _optional_text,
+                            "known_hosts file for ssh:// targets (host keys are always "
+                            "checked); empty: SNAPVOL_SSH_DIR/known_hosts, else "
+                            "/root/.ssh/known_hosts"),
+        "ssh_dir": ("SNAPVOL_SSH_DIR", "", _optional_path,
+                    "a directory with the private key and known_hosts for ssh:// targets "
+                    "(the managed plugin's ssh mount); empty: none"),
         "advertise": ("SNAPVOL_ADVERTISE", "", _advertise,
                       "how other snapvol hosts reach this one (ssh://[user@]host[:port]"
                       "[/plugin.sock]): standbys ask it for hand-offs, a new primary syncs "
                       "back to it; empty: standbys of volumes here cannot ask for hand-offs"),
+        "metrics": ("SNAPVOL_METRICS", "off", _metrics_address,
+                    "TCP address of the Prometheus /metrics endpoint (HOST:PORT, e.g. "
+                    "127.0.0.1:9618), or off"),
         "remote_snapvol": ("SNAPVOL_REMOTE_SNAPVOL", "snapvol", _text,
                            "the snapvol command on ssh:// targets (a name on their PATH or a path)"),
+        "trash_ttl": ("SNAPVOL_TRASH_TTL", "24h", _trash_ttl,
+                      "how long docker volume rm keeps a volume, with its snapshots, in the "
+                      "trash (snapvol trash ls|restore|purge); 0: no trash, rm destroys"),
+        "trash_full": ("SNAPVOL_TRASH_FULL", "90", _percent,
+                       "pool fill (percent) from which trashed volumes are purged, oldest "
+                       "first, and rm destroys at once"),
     }
 
     @classmethod

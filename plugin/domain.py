@@ -7,6 +7,7 @@ Each service is a module of its own (dependencies point down the list):
     volumes    Docker's lifecycle (Create ... Unmount) and snapshots
     transfers  send / receive
     schedules  automatic snapshots and retention
+    trash      what Remove keeps, restore and purge
     status     what inspect, ``snapvol ls`` and ``snapvol status`` show
     check      ``snapvol check [--repair]``
 """
@@ -27,6 +28,7 @@ from .quiesce import DockerQuiescer
 from .schedules import Schedules
 from .status import StatusView
 from .transfers import Transfers
+from .trash import Records, Trash, TrashBook
 from .volumes import VolumeService
 
 
@@ -43,17 +45,22 @@ class Domain:
     status: StatusView
     checker: Checker
     replications: ReplicationLog | None
+    trash: Trash | None = None
 
     @classmethod
     def assemble(cls, backend: Backend, mounts: MountTable, locks: VolumeLocks, *,
                  recover: Callable[[], object] | None = None,
                  history: AutoHistory | None = None, quiescer: DockerQuiescer | None = None,
-                 replications: ReplicationLog | None = None, transfers: int = 4) -> Domain:
+                 replications: ReplicationLog | None = None, transfers: int = 4,
+                 trash: TrashBook | None = None, trash_ttl: int = 0,
+                 trash_full: int = 90) -> Domain:
         """Wire the services. *recover* makes the storage reachable again (Mount calls it
         when the backend reports it unavailable); *history* keeps the scheduler's last runs;
         *quiescer* reaches Docker to pause containers (without one, ``quiesce=pause`` is
         refused); *replications* records replications (their bases are never pruned); at
-        most *transfers* streams run at once. Nothing is opened: call ``volumes.open()``."""
+        most *transfers* streams run at once; with *trash*, Remove keeps a volume for
+        *trash_ttl* seconds (0: it destroys) unless the pool is *trash_full* percent full.
+        Nothing is opened: call ``volumes.open()``."""
         inflight = InFlight(locks, transfers)
         state_dirs = frozenset(s.path.parent for s in (mounts, history, replications)
                                if s is not None)
@@ -61,6 +68,15 @@ class Domain:
         volumes = VolumeService(backend, mounts, locks, inflight, lifecycle, recover=recover,
                                 history=history, quiescer=quiescer, replications=replications)
         schedules = Schedules(volumes, backend, locks, lifecycle, history=history)
+        trash_service = None
+        if trash is not None:
+            records = Records()
+            records.renamers += [store.rename for store in (history, replications)
+                                 if store is not None]
+            trash_service = volumes.trash = Trash(backend, locks, trash, records, ttl=trash_ttl,
+                                         full_percent=trash_full,
+                                         destroy=volumes.destroy_trashed,
+                                         restored=volumes.restored)
         return cls(backend=backend, mounts=mounts, locks=locks, inflight=inflight,
                    lifecycle=lifecycle, volumes=volumes,
                    transfers=Transfers(volumes, backend, mounts, locks, inflight, lifecycle,
@@ -71,4 +87,4 @@ class Domain:
                    checker=Checker(backend, mounts, locks, inflight, lifecycle,
                                    replications=replications, quiescer=quiescer,
                                    state_dirs=state_dirs),
-                   replications=replications)
+                   replications=replications, trash=trash_service)

@@ -7,12 +7,26 @@ only what the filesystem cannot tell: when the last automatic run happened and h
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
 from .statefile import read_json, write_json_atomically
+
+log = logging.getLogger(__name__)
+
+
+def _tell(listeners: list[Callable[[str, object], None]], volume: str, run: object) -> None:
+    """Call each listener (metrics counting outcomes); one that fails is logged, never
+    allowed to fail the run being recorded."""
+    for listener in listeners:
+        try:
+            listener(volume, run)
+        except Exception:
+            log.exception("a listener of %s records failed", type(run).__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,7 @@ class AutoHistory:
         self._guard = threading.Lock()
         raw = read_json(path, {})
         self._runs: dict[str, AutoRun] = {}
+        self._listeners: list[Callable[[str, AutoRun], None]] = []
         for name, entry in raw.items() if isinstance(raw, dict) else ():
             try:
                 self._runs[name] = AutoRun(datetime.fromisoformat(entry["at"]), entry.get("snapshot"),
@@ -52,14 +67,26 @@ class AutoHistory:
     def last(self, volume: str) -> AutoRun | None:
         return self._runs.get(volume)
 
+    def on_record(self, listener: Callable[[str, AutoRun], None]) -> None:
+        """Call *listener(volume, run)* after every recorded run (metrics count outcomes)."""
+        self._listeners.append(listener)
+
     def record(self, volume: str, run: AutoRun) -> None:
         with self._guard:
             self._runs[volume] = run
             self._save()
+        _tell(self._listeners, volume, run)  # type: ignore[arg-type]
 
     def forget(self, volume: str) -> None:
         with self._guard:
             if self._runs.pop(volume, None) is not None:
+                self._save()
+
+    def rename(self, volume: str, new_name: str) -> None:
+        """The record of *volume* is now *new_name*'s (the trash)."""
+        with self._guard:
+            if volume in self._runs:
+                self._runs[new_name] = self._runs.pop(volume)
                 self._save()
 
     def volumes(self) -> set[str]:
@@ -99,6 +126,7 @@ class ReplicationLog:
         self._guard = threading.Lock()
         raw = read_json(path, {})
         self._entries: dict[str, dict[str, dict[str, Replication]]] = {}
+        self._listeners: list[Callable[[str, Replication], None]] = []
         for volume, targets in raw.items() if isinstance(raw, dict) else ():
             for target, kinds in targets.items() if isinstance(targets, dict) else ():
                 for kind, entry in kinds.items() if isinstance(kinds, dict) else ():
@@ -114,6 +142,10 @@ class ReplicationLog:
         """The state file."""
         return self._path
 
+    def on_record(self, listener: Callable[[str, Replication], None]) -> None:
+        """Call *listener(volume, run)* after every recorded replication."""
+        self._listeners.append(listener)
+
     def record(self, volume: str, run: Replication) -> None:
         with self._guard:
             kinds = self._entries.setdefault(volume, {}).setdefault(run.target, {})
@@ -121,6 +153,13 @@ class ReplicationLog:
             if run.error is None:
                 kinds["ok"] = run
             self._save()
+        _tell(self._listeners, volume, run)  # type: ignore[arg-type]
+
+    def records(self, volume: str) -> dict[str, tuple[Replication | None, Replication | None]]:
+        """target -> (the last replication of *volume* there, the last that succeeded)."""
+        with self._guard:
+            return {target: (k.get("last"), k.get("ok"))
+                    for target, k in self._entries.get(volume, {}).items()}
 
     # Readers take the lock too: replications record from other threads, and iterating a
     # dict that grows meanwhile raises RuntimeError.
@@ -168,6 +207,13 @@ class ReplicationLog:
     def forget(self, volume: str) -> None:
         with self._guard:
             if self._entries.pop(volume, None) is not None:
+                self._save()
+
+    def rename(self, volume: str, new_name: str) -> None:
+        """The records of *volume* (its targets and their bases) are now *new_name*'s."""
+        with self._guard:
+            if volume in self._entries:
+                self._entries[new_name] = self._entries.pop(volume)
                 self._save()
 
     def volumes(self) -> set[str]:

@@ -31,16 +31,35 @@ class InFlight:
         self._guard = threading.Lock()
         self._pins: Counter[Pin] = Counter()
         self._receiving: set[str] = set()
+        self._taken = 0
+        self.refused = 0        # transfers refused for want of a slot since the start
+
+    @property
+    def limit(self) -> int:
+        """How many transfers may run at once."""
+        return self._limit
+
+    @property
+    def running(self) -> int:
+        """Transfer slots held now (sends, receives, replications)."""
+        with self._guard:
+            return self._taken
 
     # ------------------------------------------------------------------ slots and pins
 
     def acquire_slot(self) -> None:
         """:raises VolumeBusy: all slots stayed taken for a second."""
         if not self._slots.acquire(timeout=1.0):
+            with self._guard:
+                self.refused += 1
             raise VolumeBusy(f"{self._limit} transfers are running already; try again when "
                              "one has finished")
+        with self._guard:
+            self._taken += 1
 
     def release_slot(self) -> None:
+        with self._guard:
+            self._taken -= 1
         self._slots.release()
 
     @contextmanager

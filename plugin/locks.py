@@ -67,12 +67,14 @@ class VolumeLocks:
                         del self._entries[name]
 
 
-def single_instance(state_dir: Path, *, wait: float = 10.0) -> int:
+def single_instance(state_dir: Path, *, wait: float = 10.0, who: str = "") -> int:
     """Take the exclusive lock of *state_dir* and return its file descriptor (keep it open).
 
     The lock lives as long as the descriptor: a crashed process releases it at once. We wait
     up to *wait* seconds because a killed gunicorn master leaves its worker (which inherited
-    the descriptor) running for a second or two before it notices and exits.
+    the descriptor) running for a second or two before it notices and exits. *who* (e.g.
+    "a host install") is written beside our pid, so that a refused instance can say what holds
+    the directory (a managed plugin cannot see the host's processes).
 
     :raises AlreadyRunning: another live process holds the lock.
     """
@@ -86,12 +88,14 @@ def single_instance(state_dir: Path, *, wait: float = 10.0) -> int:
             break
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                holder = os.pread(fd, 128, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
+                pid, _, kind = holder.partition(" ")
                 raise AlreadyRunning(
-                    f"another snapvol process (pid {holder}) is using {state_dir}; stop it "
-                    "first, or give this instance its own SNAPVOL_STATE_DIR") from None
+                    f"another snapvol process (pid {pid}) is using {state_dir}"
+                    + (f" ({kind})" if kind else "")
+                    + "; stop it first, or give this instance its own SNAPVOL_STATE_DIR") from None
             time.sleep(0.2)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.pwrite(fd, f"{os.getpid()} {who}".strip().encode() + b"\n", 0)
     return fd

@@ -27,8 +27,27 @@ def _shown(raw: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# Volumes snapvol keeps for itself (the trash) have names with this prefix: the backends
+# store them like any volume but never list them, and no client may name one.
+INTERNAL_PREFIX = "snapvol."
+
+
 def volume_name(raw: object) -> str:
-    """Return *raw* if it is a valid volume name.
+    """Return *raw* if it is a valid volume name a client may use.
+
+    :raises InvalidName: not a string, empty, too long, has characters outside the rule, or
+        starts with :data:`INTERNAL_PREFIX`.
+    """
+    name = stored_volume_name(raw)
+    if is_internal(name):
+        raise InvalidName(f"invalid volume name {_shown(raw)}: names starting with "
+                          f"{INTERNAL_PREFIX!r} are reserved for snapvol's own volumes")
+    return name
+
+
+def stored_volume_name(raw: object) -> str:
+    """Return *raw* if it is a valid name for a volume in a backend: a client's
+    (:func:`volume_name`) or one of snapvol's own (:func:`internal_name`).
 
     :raises InvalidName: not a string, empty, too long, or has characters outside the rule.
     """
@@ -37,6 +56,16 @@ def volume_name(raw: object) -> str:
             f"invalid volume name {_shown(raw)}: use 1-{MAX_NAME} characters from "
             "A-Z a-z 0-9 _ . -, starting with a letter or digit")
     return raw
+
+
+def is_internal(name: str) -> bool:
+    """Whether *name* is one of snapvol's own volumes (never listed, never a client's)."""
+    return name.startswith(INTERNAL_PREFIX)
+
+
+def internal_name(kind: str, token: str) -> str:
+    """The name of one of snapvol's own volumes: ``snapvol.<kind>.<token>``."""
+    return stored_volume_name(f"{INTERNAL_PREFIX}{kind}.{token}")
 
 
 def snapshot_name(raw: object) -> str:

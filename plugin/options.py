@@ -145,9 +145,12 @@ SPECS: dict[str, OptionSpec] = {spec.name: spec for spec in (
                "(snapvol handoff / promote, or a Mount there): TARGET[,TARGET]"),
     OptionSpec("sync", _schedule, _BOTH,
                "how often the standbys are brought up to date (default 1m): the most they lag"),
+    OptionSpec("trash", _one_of("on", "off"), _BOTH,
+               "off: docker volume rm destroys the volume at once instead of keeping it in "
+               "the trash for SNAPVOL_TRASH_TTL"),
 )}
 # A clone keeps its source's data, owner and mode; only these may go with from=.
-WITH_FROM = frozenset({"from", "size", "schedule", "keep", "quiesce", "replicate"})
+WITH_FROM = frozenset({"from", "size", "schedule", "keep", "quiesce", "replicate", "trash"})
 # What a received volume keeps of its source's options: storage only (a replica takes no
 # snapshots of its own, which would break the next incremental stream, and has no origin).
 REPLICA_OPTIONS = ("size", "uid", "gid", "mode", "compression", "nocow", "recordsize", "atime")

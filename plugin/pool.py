@@ -11,6 +11,14 @@ one without a single data block, left by a crash between creating and formatting
 anything else, and it reuses the loop device an image is still attached to, so the same
 Btrfs is never attached twice (two loop devices of one image would be two devices with one
 filesystem ID).
+
+A managed plugin also refuses to make a *new* pool image once it has had storage: it leaves
+:data:`STORAGE_MARK` in its propagated mount (a directory dockerd keeps on the host for as long
+as the plugin is installed, across restarts, ``disable``/``enable`` and upgrades). Without
+that, an upgrade that silently put the ``data`` mount back to ``config.json``'s default (what
+dockerd 20.10 and 26.1 do, while ``docker plugin inspect`` still shows the source set at
+install) would start the plugin on a new empty pool: every volume "gone", and dockerd forgetting the
+options and labels of each one it then asks about.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from .mountinfo import mounted_filesystem
 log = logging.getLogger(__name__)
 
 _TIMEOUT = 120.0
+STORAGE_MARK = ".snapvol-had-storage"    # in the managed plugin's propagated mount
 
 
 def is_btrfs(path: Path) -> bool:
@@ -47,12 +56,49 @@ def prepare_root(settings: Settings) -> Path:
     if directory is None and not image.exists() and is_btrfs(settings.state_dir):
         directory = settings.state_dir
     if directory is None:
+        if not image.exists():
+            refuse_new_pool_after_storage(settings)
         ensure_pool(image, settings.pool_mountpoint, settings.pool_size)
+        mark_storage(settings)
         return settings.pool_mountpoint
     if settings.publish_dir is None:
         return directory
     ensure_bind(directory, settings.pool_mountpoint)
+    mark_storage(settings)
     return settings.pool_mountpoint
+
+
+def mark_storage(settings: Settings) -> None:
+    """Record, in a managed plugin's propagated mount, that it has had storage (see the
+    module). A host install has no such place and records nothing.
+
+    :raises BackendUnavailable: the mark cannot be written.
+    """
+    if settings.publish_dir is None:
+        return
+    mark = settings.publish_dir / STORAGE_MARK
+    if mark.exists():
+        return
+    try:
+        mark.write_text(f"{settings.state_dir}\n")
+    except OSError as exc:
+        raise BackendUnavailable(f"cannot write {mark}: {exc}") from None
+
+
+def refuse_new_pool_after_storage(settings: Settings) -> None:
+    """Refuse to make a new pool image for a managed plugin that has had storage before.
+
+    :raises BackendUnavailable: the mark is there (its message says what to do).
+    """
+    if settings.publish_dir is None or not (settings.publish_dir / STORAGE_MARK).exists():
+        return
+    raise BackendUnavailable(
+        f"no pool image {settings.image_path}, but this plugin has had its volumes before: its "
+        "data mount no longer shows them (docker plugin upgrade puts mount sources back to "
+        "their defaults, whatever docker plugin inspect shows). Set it again: docker plugin "
+        "set PLUGIN data.source=DIR. To start with a new empty pool instead, remove "
+        f"{STORAGE_MARK} from the plugin's propagated mount on the host "
+        "(DOCKER_DATA_ROOT/plugins/ID/propagated-mount, /var/lib/docker by default)")
 
 
 def ensure_bind(source: Path, target: Path) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 PRE_HOOK = "snapvol.pre-snapshot"
 POST_HOOK = "snapvol.post-snapshot"
+
+#: How long a hook waits for dockerd to see a container we just unpaused as running.
+UNPAUSE_SETTLE_SECONDS = 5.0
 
 
 class QuiesceFailed(PluginError):
@@ -168,7 +172,7 @@ class DockerQuiescer:
                                 f"({exc})") from None
         log.info("container %s: running %s hook %s", container.name, label, argv)
         try:
-            result = client.api.exec_create(container.id, argv, stdout=True, stderr=True)
+            result = self._exec_create(client, container, argv)
             output = client.api.exec_start(result["Id"])
             code = client.api.exec_inspect(result["Id"])["ExitCode"]
         except Exception as exc:
@@ -179,3 +183,25 @@ class DockerQuiescer:
         if code != 0:
             raise QuiesceFailed(f"container {container.name}: {label} hook {argv} exited {code}: "
                                 f"{text[-500:]}")
+
+    @staticmethod
+    def _exec_create(client: Any, container: Container, argv: list[str]) -> Any:
+        """``exec_create``, tried again for a few seconds while dockerd calls the container
+        paused.
+
+        Why: dockerd can call a container paused for a moment after it answered our unpause.
+        Its containerd event monitor sets ``Paused`` again when containerd's "paused" event
+        is handled after the unpause, until the "resumed" event follows (daemon/monitor.go;
+        the pause and unpause are then logged twice). An exec in that window is refused
+        with 409 "is paused", and the post-snapshot hook of a quick snapshot was skipped.
+        """
+        deadline = time.monotonic() + UNPAUSE_SETTLE_SECONDS
+        while True:
+            try:
+                return client.api.exec_create(container.id, argv, stdout=True, stderr=True)
+            except Exception as exc:
+                if "is paused" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                log.info("container %s: dockerd still calls it paused; trying the hook again",
+                         container.name)
+                time.sleep(0.1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,12 +22,13 @@ from typing import Any
 
 from . import names, process
 from .client import PluginClient, send_stream
-from .errors import (CommandFailed, Conflict, InvalidRequest, NotFound, PluginError,
-                     TransferFailed)
+from .errors import (CommandFailed, Conflict, InvalidOption, InvalidRequest, NotFound,
+                     PluginError, TransferFailed)
 from .history import Replication, ReplicationLog
 from .targets import Target
 from .lifecycle import Lifecycle
 from .snapshot_names import REPL_PREFIX, unique_name
+from .ssh_client import SshClient
 from .transfers import Transfers
 from .volumes import VolumeService
 
@@ -39,16 +39,13 @@ class Replicator:
 
     def __init__(self, volumes: VolumeService, transfers: Transfers, lifecycle: Lifecycle,
                  replications: ReplicationLog, *,
-                 ssh_key: str = "", known_hosts: str = "/root/.ssh/known_hosts",
-                 remote_snapvol: str = "snapvol", timeout: float = 120.0, retries: int = 2,
+                 ssh: SshClient | None = None, timeout: float = 120.0, retries: int = 2,
                  workers: int = 4) -> None:
         self._volumes = volumes
         self._transfers = transfers
         self._lifecycle = lifecycle
         self._log = replications
-        self._ssh_key = ssh_key
-        self._known_hosts = known_hosts
-        self._remote_snapvol = remote_snapvol
+        self.ssh = ssh or SshClient()
         self._timeout = timeout
         self._retries = retries
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapvol-replicate")
@@ -240,18 +237,20 @@ class Replicator:
         return "received"
 
     def _ssh(self, where: Target, *command: str) -> list[str]:
-        """ssh in batch mode with host keys checked against our known_hosts file; the remote
-        command is quoted word by word (ssh hands it to the remote shell as one string)."""
-        argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-                "-o", f"UserKnownHostsFile={self._known_hosts}", "-o", "ConnectTimeout=10",
-                "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
-        if self._ssh_key:
-            argv += ["-i", self._ssh_key, "-o", "IdentitiesOnly=yes"]
-        if where.port:
-            argv += ["-p", str(where.port)]
-        remote = [self._remote_snapvol, *(["--socket", where.socket] if where.socket else []), *command]
-        destination = f"{where.user}@{where.host}" if where.user else where.host
-        return [*argv, "--", destination, shlex.join(remote)]
+        return self.ssh.argv(where, *command)
+
+    def refuse_unusable(self, opts: dict[str, str]) -> None:
+        """At Create: refuse ``replicate=``/``standby=`` over ssh when ssh cannot work from
+        here at all (see :meth:`SshClient.unusable`), rather than accept a volume whose every
+        sync will fail.
+
+        :raises InvalidOption: the reason, naming the option.
+        """
+        for option in ("replicate", "standby"):
+            if any(t.startswith("ssh://") for t in opts.get(option, "").split(",")):
+                why = self.ssh.unusable()
+                if why:
+                    raise InvalidOption(f"option {option}={opts[option]} cannot work: {why}")
 
     # ------------------------------------------------------------------ scheduled
 

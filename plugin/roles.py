@@ -110,6 +110,13 @@ class RoleBook:
             if self._roles.pop(volume, None) is not None:
                 self._save()
 
+    def rename(self, volume: str, new_name: str) -> None:
+        """The role of *volume* (its standbys, its epoch) is now *new_name*'s (the trash)."""
+        with self._guard:
+            if volume in self._roles:
+                self._roles[new_name] = self._roles.pop(volume)
+                self._save()
+
     def all(self) -> dict[str, Role]:
         with self._guard:
             return dict(self._roles)

@@ -22,11 +22,13 @@ from .history import AutoRun
 from .replication import Replicator
 from .schedules import Schedules
 from .standby import Standbys
+from .trash import Trash
 from .volumes import VolumeService
 
 log = logging.getLogger(__name__)
 
 MAX_SLEEP = 60.0
+TRASH_CHECK = 10.0    # seconds between looks at the pool's fill while the trash holds something
 
 
 def utc_now() -> datetime:
@@ -39,20 +41,27 @@ class Scheduler:
     def __init__(self, schedules: Schedules, volumes: VolumeService, *,
                  clock: Callable[[], datetime] = utc_now,
                  replicator: Replicator | None = None,
-                 standbys: Standbys | None = None) -> None:
+                 standbys: Standbys | None = None,
+                 trash: Trash | None = None,
+                 lateness: Callable[[float], None] | None = None) -> None:
         """Runs *schedules*, re-planning when *volumes* creates or removes a scheduled
         volume. *replicator* sends each automatic snapshot of a volume with ``replicate=TARGET``
         there, in its own bounded pool (a slow target never delays other schedules);
         *standbys* syncs primaries to their standbys, each every ``sync``, in that pool too
-        (a standby takes no automatic snapshots: its primary's come with the syncs)."""
+        (a standby takes no automatic snapshots: its primary's come with the syncs).
+        *trash* is tidied at every pass (expiry, space pressure), at least every
+        :data:`TRASH_CHECK` seconds while it holds something."""
         self._schedules = schedules
         self._replicator = replicator
         self._standbys = standbys
+        self._trash = trash
         self._clock = clock
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_due: datetime | None = None      # from the last run_once's listing
+        self._lateness = lateness
+        self.last_pass: datetime | None = None      # when run_once last listed the volumes
         volumes.on_change(self._wake.set)
         if standbys is not None:
             standbys.on_change(self._wake.set)
@@ -64,6 +73,11 @@ class Scheduler:
         """
         done: dict[str, AutoRun | Exception] = {}
         self._next_due = None
+        if self._trash is not None:
+            try:
+                self._trash.tidy(now)
+            except PluginError as exc:
+                log.error("scheduler: cannot tidy the trash: %s", exc)
         try:
             schedules = self._schedules.schedules()
         except PluginError as exc:
@@ -71,6 +85,7 @@ class Scheduler:
             return done
         # the same listing tells when to wake next: a run (done or failed) is due again one
         # interval from now, the others at their next_run
+        self.last_pass = now
         upcoming = [s.next_run if s.next_run > now else now + s.interval for s in schedules]
         self._next_due = min(upcoming, default=None)
         self._run_syncs()
@@ -79,6 +94,8 @@ class Scheduler:
                 continue
             if self._standbys is not None and self._standbys.is_standby(schedule.volume):
                 continue
+            if self._lateness is not None:
+                self._lateness(max(0.0, (now - schedule.next_run).total_seconds()))
             replicate = schedule.replicate if self._replicator is not None else None
             try:
                 run = done[schedule.volume] = self._schedules.run_automatic(
@@ -124,6 +141,8 @@ class Scheduler:
         sync = self._standbys.seconds_to_next() if self._standbys is not None else None
         if sync is not None:
             pause = min(pause, max(sync, 1.0))     # a sync running now is not due again at once
+        if self._trash is not None and self._trash.entries():
+            pause = min(pause, TRASH_CHECK)        # expiry and space pressure
         return max(0.05, min(MAX_SLEEP, pause))
 
     # ------------------------------------------------------------------ lifecycle

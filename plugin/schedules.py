@@ -57,6 +57,11 @@ class Schedules:
         self._lifecycle = lifecycle
         self._history = history
 
+    @property
+    def history(self) -> AutoHistory | None:
+        """Where each volume's last automatic run is recorded (None: not kept)."""
+        return self._history
+
     def schedules(self) -> list[Schedule]:
         """Every volume with a ``schedule`` option and its last automatic run (no lock)."""
         found = []

@@ -90,7 +90,7 @@ class Standbys(RoleChanges):
         volumes.on_create(self.created)
         volumes.on_remove(self._book.forget)
         volumes.mount_guard = self.before_mount
-        volumes.create_guard = self.before_create
+        volumes.create_guards.append(self.before_create)
 
     # ------------------------------------------------------------------ start and create
 
@@ -228,6 +228,8 @@ class Standbys(RoleChanges):
             for volume, role in self._book.all().items():
                 if not role.is_primary or not role.standbys or volume in self._busy:
                     continue
+                if names.is_internal(volume):
+                    continue                           # in the trash: kept, not synced
                 last = self._last_sync.get(volume)
                 if last is None or now - last >= seconds_of(role.sync):
                     found.append(volume)
@@ -240,7 +242,7 @@ class Standbys(RoleChanges):
         waits = []
         with self._guard:
             for volume, role in self._book.all().items():
-                if role.is_primary and role.standbys:
+                if role.is_primary and role.standbys and not names.is_internal(volume):
                     last = self._last_sync.get(volume)
                     waits.append(0.0 if last is None else max(0.0, last + seconds_of(role.sync) - now))
         return min(waits, default=None)

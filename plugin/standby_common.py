@@ -77,8 +77,9 @@ def seconds_of(text: str) -> float:
 
 
 def same_host(a: str | None, b: str | None) -> bool:
-    """Two targets that name the same snapvol (user, host and port; the socket may be
-    spelled out on one and found by discovery on the other)."""
+    """Two targets that name the same snapvol: same host and port, and the same socket when
+    both spell one out (one host may run several snapvols, e.g. managed plugins, each with
+    its socket; a socket left out is found by discovery there, so it may be any of them)."""
     if not a or not b:
         return False
     try:
@@ -87,4 +88,6 @@ def same_host(a: str | None, b: str | None) -> bool:
         return False
     if x.kind == "unix" or y.kind == "unix":
         return x == y
+    if x.socket and y.socket and x.socket != y.socket:
+        return False
     return (x.host, x.port or 22) == (y.host, y.port or 22)

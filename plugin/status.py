@@ -26,7 +26,7 @@ from .lifecycle import Lifecycle, owner
 from .snapshot_names import is_automatic
 from .statefile import quarantined
 from .units import rfc3339
-from .volumes import KnownVolumes
+from .known import KnownVolumes
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class StatusView:
         Only a volume that really does not exist is an error: dockerd purges its own
         metadata (options, labels) of a volume whose Get fails, so when the storage itself is
         unavailable we still answer, with the problem in ``Status``, for the volumes there
-        were (:class:`~plugin.volumes.KnownVolumes`), and for no other name.
+        were (:class:`~plugin.known.KnownVolumes`), and for no other name.
 
         :raises VolumeNotFound: no such volume (or none known while the storage is down).
         """

@@ -16,8 +16,7 @@ The other domain modules build on this one: ``transfers`` (send, receive), ``sch
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -27,45 +26,14 @@ from .errors import (BackendError, BackendUnavailable, Conflict, InvalidName, In
                      InvalidRequest, PluginError, SnapshotNotFound, VolumeExists, VolumeInUse, VolumeNotFound)
 from .history import AutoHistory, ReplicationLog
 from .inflight import InFlight
+from .known import KnownVolumes
 from .lifecycle import Lifecycle
 from .locks import VolumeLocks
 from .mounts import MountTable
 from .quiesce import DockerQuiescer, QuiesceFailed
+from .trash import Trash
 
 log = logging.getLogger(__name__)
-
-
-class KnownVolumes:
-    """The names of the volumes there were when the storage last answered.
-
-    While the storage is unavailable, Get answers for these, with the problem in Status
-    (dockerd drops a volume's options and labels when its Get fails), and for no other name:
-    dockerd asks every driver about a name it does not know, and an answer claims the name.
-    """
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._names: set[str] = set()
-
-    def reset(self, names: Iterable[str]) -> None:
-        with self._guard:
-            self._names = set(names)
-
-    def update(self, names: Iterable[str]) -> None:
-        with self._guard:
-            self._names.update(names)
-
-    def add(self, name: str) -> None:
-        with self._guard:
-            self._names.add(name)
-
-    def discard(self, name: str) -> None:
-        with self._guard:
-            self._names.discard(name)
-
-    def __contains__(self, name: object) -> bool:
-        with self._guard:
-            return name in self._names
 
 
 class VolumeService:
@@ -95,9 +63,12 @@ class VolumeService:
         # set by the standby roles (plugin.standby): called by Mount before anything else,
         # it refuses a volume that is not served here (a standby, a fenced primary)
         self.mount_guard: Callable[[str], None] | None = None
-        # ... and by Create, with the options, before a new volume is made: it refuses one
-        # this host must not make (named as its own standby: only a sync makes it here)
-        self.create_guard: Callable[[str, dict[str, str]], None] | None = None
+        # set by the trash (plugin.trash): Remove moves a volume there instead of destroying it
+        self.trash: Trash | None = None
+        # ... and by Create, with the options, before a new volume is made: each refuses one
+        # this host must not make (named as its own standby: only a sync makes it here; a
+        # replication over ssh that cannot work from here)
+        self.create_guards: list[Callable[[str, dict[str, str]], None]] = []
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call *listener* after a scheduled volume is created or removed (the scheduler
@@ -123,8 +94,12 @@ class VolumeService:
         :raises BackendUnavailable: the storage root is not usable.
         """
         self._backend.check()
+        if self.trash is not None:
+            self.trash.recover()           # before records of vanished volumes are forgotten
         existing = {v.name for v in self._backend.volumes()}
         self.known.reset(existing)
+        if self.trash is not None:
+            existing |= self.trash.internal_names()
         for name in self._mounts.in_use():
             if name not in existing:
                 log.warning("volume %s is gone; forgetting its mount IDs %s",
@@ -168,8 +143,10 @@ class VolumeService:
             try:
                 existing = self._backend.volume(name)
             except VolumeNotFound:
-                if self.create_guard is not None:
-                    self.create_guard(name, opts)
+                for guard in self.create_guards:
+                    guard(name, opts)
+                if self.trash is not None and self.trash.entries():
+                    self.trash.tidy()       # room for it first, if the pool is past the mark
                 if origin:
                     self._clone(name, opts)
                 else:
@@ -303,7 +280,9 @@ class VolumeService:
                     self._lifecycle.forget_lost_bases(volume)
 
     def remove(self, name: object) -> None:
-        """Destroy a volume that no container uses.
+        """Remove a volume that no container uses: into the trash (:mod:`plugin.trash`),
+        unless there is none, its option says ``trash=off`` or the pool is past the trash's
+        fill threshold; then destroy it.
 
         :raises VolumeNotFound: no such volume.
         :raises VolumeInUse: Docker mounts of it are still active.
@@ -317,23 +296,59 @@ class VolumeService:
             if users:
                 raise VolumeInUse(f"volume {name} is in use by {len(users)} container "
                                   "mount(s); stop or remove those containers first")
-            origins = self._backend.clone_origins()
-            depended_on = {volume for volume, clones in origins.items()
-                           if name in clones.values()}
-            # its clones as the filesystem has them (a clone of a clone, once the middle one
-            # went, hangs on this volume although its from= names the other): ZFS promotes
-            # them and they take this volume's clone-origin snapshots over
-            clones = set(origins.get(name, {}).values())
-            self._backend.destroy_volume(name)
-            self.known.discard(name)
-            self._mounts.forget(name)
+            kept = self.trash is not None and self.trash.keeps(info)
+            if kept:
+                self.trash.put(name)                # type: ignore[union-attr]
+                self.known.discard(name)
+                self._mounts.forget(name)
+            else:
+                related = self._destroy_locked(name)
+        if kept:
+            self._changed()         # the scheduler watches the trash (expiry, space pressure)
+            return
+        self._forget_destroyed(name, info, related)
+
+    def destroy_trashed(self, name: str) -> None:
+        """Destroy snapvol's own volume *name* (the trash's purge; the caller holds its
+        lock): as Remove destroys, with its records and clone relations.
+
+        :raises VolumeNotFound: no such volume.
+        """
+        info = self._backend.volume(name)
+        related = self._destroy_locked(name)
+        self._forget_destroyed(name, info, related)
+
+    def restored(self, name: str) -> None:
+        """Volume *name* came back from the trash: it is listed again, and planned."""
+        self.known.add(name)
+        try:
+            if "schedule" in self._backend.volume(name).options:
+                self._changed()
+        except PluginError as exc:
+            log.warning("restored volume %s cannot be read: %s", name, exc)
+
+    def _destroy_locked(self, name: str) -> set[str]:
+        """Destroy volume *name* (lock held); return the volumes whose clone relations it had."""
+        origins = self._backend.clone_origins()
+        depended_on = {volume for volume, clones in origins.items()
+                       if name in clones.values()}
+        # its clones as the filesystem has them (a clone of a clone, once the middle one
+        # went, hangs on this volume although its from= names the other): ZFS promotes
+        # them and they take this volume's clone-origin snapshots over
+        clones = set(origins.get(name, {}).values())
+        self._backend.destroy_volume(name)
+        self.known.discard(name)
+        self._mounts.forget(name)
+        return depended_on | clones
+
+    def _forget_destroyed(self, name: str, info: VolumeInfo, related: set[str]) -> None:
         if self._history is not None:
             self._history.forget(name)
         if self._replications is not None:
             self._replications.forget(name)
         for listener in self._removed:
             listener(name)
-        self._retire_clone_origin(name, info, depended_on | clones)
+        self._retire_clone_origin(name, info, related)
         if "schedule" in info.options:
             self._changed()      # only then has the scheduler anything to re-plan
 

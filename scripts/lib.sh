@@ -31,7 +31,7 @@ ensure_command() {
 }
 
 # The packages the plugin needs at run time.
-RUNTIME_PACKAGES=(btrfs-progs python3-btrfsutil python3-venv python3-flask gunicorn python3-docker python3-tqdm e2fsprogs
+RUNTIME_PACKAGES=(btrfs-progs python3-btrfsutil python3-venv python3-flask gunicorn python3-docker python3-tqdm python3-prometheus-client e2fsprogs
   util-linux)
 
 # docker_answers [DOCKER_HOST]: true if a Docker engine answers.
@@ -92,4 +92,4 @@ ensure_debian_base() {
 }
 
 # Debian packages the OpenZFS test VM needs beyond OpenZFS itself (see scripts/test).
-ZFSVM_PACKAGES="python3-pytest python3-flask python3-btrfsutil btrfs-progs gunicorn python3-docker python3-yaml python3-tqdm docker.io docker-registry openssh-server openssh-client"
+ZFSVM_PACKAGES="python3-pytest python3-flask python3-btrfsutil btrfs-progs gunicorn python3-docker python3-yaml python3-tqdm python3-prometheus-client docker.io docker-registry openssh-server openssh-client"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
 from plugin import names, process
-from plugin.backends.base import SnapshotInfo, Usage, VolumeInfo, snapshot_each
+from plugin.backends.base import Capacity, SnapshotInfo, Usage, VolumeInfo, snapshot_each
 from plugin.errors import SnapshotExists, SnapshotNotFound, VolumeExists, VolumeNotFound
 
 
@@ -51,8 +51,14 @@ class FakeBackend:
     def describe(self) -> dict[str, Any]:
         return {"root": str(self.root), "filesystem": "fake"}
 
+    def capacity(self) -> Capacity:
+        return Capacity(10 << 30, 9 << 30)
+
     def volumes(self) -> list[VolumeInfo]:
-        return list(self._volumes.values())
+        return [v for n, v in self._volumes.items() if not names.is_internal(n)]
+
+    def internal_volumes(self) -> list[VolumeInfo]:
+        return [v for n, v in self._volumes.items() if names.is_internal(n)]
 
     def volume(self, name: str) -> VolumeInfo:
         try:
@@ -63,6 +69,9 @@ class FakeBackend:
     def usage(self, name: str) -> Usage:
         self.volume(name)
         return Usage(0, None)
+
+    def usages(self) -> dict[str, Usage]:
+        return {name: Usage(0, None) for name in self._volumes if not names.is_internal(name)}
 
     def create_volume(self, name: str, options: Mapping[str, str]) -> VolumeInfo:
         if name in self._volumes:
@@ -86,6 +95,8 @@ class FakeBackend:
 
     def rename_volume(self, name: str, new_name: str) -> None:
         if new_name in self._volumes:
+            if name not in self._volumes:
+                return                          # done already (the contract: repeatable)
             raise VolumeExists(new_name)
         info = self.volume(name)
         path = info.mountpoint.parent / new_name

@@ -19,6 +19,7 @@ from ..history import Replication
 from ..replication import Replicator
 from ..standby import Standbys
 from ..targets import Target
+from ..trash import Trash
 from ..status import snapshot_row
 from ..units import rfc3339
 from .wire import docker_request, reply, required
@@ -44,6 +45,14 @@ def check() -> Response:
         raise InvalidRequest("Repair must be true or false")
     result = domain().checker.check(repair=repair)
     return reply(Problems=result["problems"], Repaired=result["repaired"])
+
+
+@bp.post("/Snapvol.Freshness")
+def freshness() -> Response:
+    """The facts ``snapvol check --freshness`` judges (read now, not from the metrics'
+    cache): per volume its newest snapshot, schedule and replication targets; the pool."""
+    docker_request()
+    return reply(Freshness=current_app.extensions["snapvol.observer"].facts(max_age=0).to_json())
 
 
 @bp.post("/Snapvol.Volumes")
@@ -237,3 +246,44 @@ def sync() -> Response:
         domain().volumes.path(volume)
         raise InvalidRequest(f"volume {volume} is not a primary with standbys here")
     return reply(Results=standbys.sync(volume, wait=50.0))
+
+
+# ---------------------------------------------------------------------------- the trash
+
+def _trash() -> Trash:
+    trash = domain().trash
+    if trash is None:
+        raise InvalidRequest("this plugin instance has no trash (no state directory)")
+    return trash
+
+
+@bp.post("/Snapvol.TrashList")
+def trash_list() -> Response:
+    """What ``docker volume rm`` kept: Trash (oldest first), with the TTL and fill threshold."""
+    docker_request()
+    trash = _trash()
+    return reply(Trash=[trash.describe(e) for e in trash.entries()], TtlSeconds=trash.ttl,
+                 FullPercent=trash.full_percent)
+
+
+@bp.post("/Snapvol.TrashRestore")
+def trash_restore() -> Response:
+    """Bring ``Volume`` (a name it had, or its trash id) back, as ``As`` if given."""
+    body = docker_request()
+    restored = _trash().restore(required(body, "Volume"), body.get("As"))
+    return reply(Restored=restored)
+
+
+@bp.post("/Snapvol.TrashPurge")
+def trash_purge() -> Response:
+    """Destroy ``Volume`` (a name it had, or its trash id) for good, or everything (``All``)."""
+    body = docker_request()
+    purge_all = body.get("All", False)
+    if not isinstance(purge_all, bool):
+        raise InvalidRequest("All must be true or false")
+    trash = _trash()
+    if purge_all:
+        purged = trash.purge_all()
+    else:
+        purged = [trash.purge(required(body, "Volume"))]
+    return reply(Purged=[{"Id": e.id, "Name": e.name} for e in purged])

@@ -60,6 +60,14 @@ class Usage:
     quota_bytes: int | None
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """Space of the storage that holds every volume: its size and what can still be written."""
+
+    size_bytes: int
+    available_bytes: int
+
+
 class Backend(Protocol):
     """Storage primitives for volumes.
 
@@ -97,14 +105,25 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]:
         """Facts for ``snapvol status``: root, filesystem, quotas... (cheap)."""
 
+    def capacity(self) -> Capacity:
+        """Size and free space of the storage (cheap: one statvfs or one ``zfs get``)."""
+
     def volumes(self) -> list[VolumeInfo]:
         """Every volume snapvol owns, in one bulk pass (no subprocess per volume)."""
+
+    def internal_volumes(self) -> list[VolumeInfo]:
+        """snapvol's own volumes (``plugin.names.is_internal``: the trash), which
+        :meth:`volumes` never lists."""
 
     def volume(self, name: str) -> VolumeInfo:
         """One volume."""
 
     def usage(self, name: str) -> Usage:
         """Used bytes and quota of one volume (cheap: no subprocess)."""
+
+    def usages(self) -> dict[str, Usage]:
+        """:meth:`usage` of every volume in one pass (metrics read it at every scrape; ZFS:
+        one ``zfs get`` for all of them, never one per volume)."""
 
     def create_volume(self, name: str, options: Mapping[str, str]) -> VolumeInfo:
         """Create a volume with its options applied, all or nothing.

@@ -28,7 +28,7 @@ from .. import names, process
 from ..errors import (BackendError, BackendUnavailable, InvalidOption, SnapshotExists, VolumeExists,
                       VolumeNotFound)
 from . import btrfs_recovery
-from .base import Leftover, SnapshotInfo, Usage, VolumeInfo, snapshot_each
+from .base import Capacity, Leftover, SnapshotInfo, Usage, VolumeInfo, snapshot_each
 from .btrfs_layout import CLI_TIMEOUT, Layout, filesystem_id
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,33 @@ class BtrfsBackend:
         return {"root": str(self.root), "filesystem": "btrfs", "fsid": self._layout.fsid,
                 "quotas": self._layout.quotas_enabled()}
 
+    def capacity(self) -> Capacity:
+        """statvfs of the root: Btrfs's estimate of what can still be written (it counts
+        data and metadata chunks; good enough to see a pool filling up)."""
+        try:
+            fs = os.statvfs(self.root)
+        except OSError as exc:
+            raise self._layout.unavailable(exc) from None
+        return Capacity(fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize)
+
     # ------------------------------------------------------------------ queries
 
     def volumes(self) -> list[VolumeInfo]:
+        return self._scan(internal=False)
+
+    def internal_volumes(self) -> list[VolumeInfo]:
+        return self._scan(internal=True)
+
+    def _scan(self, *, internal: bool) -> list[VolumeInfo]:
+        """The volumes of ours in volumes/: snapvol's own (the trash) or the others."""
         found = []
         try:
             entries = list(os.scandir(self.volumes_dir))
         except OSError as exc:
             raise self._layout.unavailable(exc) from None
         for entry in entries:
+            if names.is_internal(entry.name) != internal:
+                continue
             try:
                 found.append(self._info(entry.name, Path(entry.path)))
             except VolumeNotFound:
@@ -129,6 +147,15 @@ class BtrfsBackend:
         except (OSError, ValueError):
             return Usage(None, None)
         return Usage(used, limit or None)
+
+    def usages(self) -> dict[str, Usage]:
+        found = {}
+        for info in self.volumes():         # sysfs reads: no subprocess
+            try:
+                found[info.name] = self.usage(info.name)
+            except (VolumeNotFound, OSError):
+                continue                    # removed while we looked
+        return found
 
     def _info(self, name: str, path: Path) -> VolumeInfo:
         meta = self._layout.read_owner(path)
@@ -170,19 +197,24 @@ class BtrfsBackend:
     def rename_volume(self, name: str, new_name: str) -> None:
         """Two renames, the snapshots' directory first: repeated after a kill between them,
         the second one finishes it (the volume never shows without its snapshots once the
-        intent is finished; start-up finishes it, see ``plugin.standby``)."""
+        intent is finished; the caller keeps the intent and finishes it at start-up, see
+        ``plugin.standby`` and ``plugin.trash``). The snapshots' directory carries a
+        :data:`~.btrfs_layout.RENAMING` mark meanwhile, so that start-up's sweep of snapshots
+        whose volume is gone leaves them alone."""
         old, new = self._layout.path(name), self._layout.path(new_name)
-        old_snaps = names.under(self.snapshots_dir, names.volume_name(name))
-        new_snaps = names.under(self.snapshots_dir, names.volume_name(new_name))
+        old_snaps = names.under(self.snapshots_dir, names.stored_volume_name(name))
+        new_snaps = names.under(self.snapshots_dir, names.stored_volume_name(new_name))
         if os.path.lexists(old) and os.path.lexists(new):
             raise VolumeExists(f"cannot rename volume {name} to {new_name}: it exists")
         if not os.path.lexists(old) and not os.path.lexists(new):
             raise VolumeNotFound(name)
         try:
             if os.path.lexists(old_snaps) and not os.path.lexists(new_snaps):
+                self._layout.mark_renaming(old_snaps, new_name)
                 os.rename(old_snaps, new_snaps)
             if os.path.lexists(old):
                 os.rename(self._layout.owned_path(name), new)
+            self._layout.unmark_renaming(new_snaps)
         except OSError as exc:
             raise BackendError(f"cannot rename volume {name} to {new_name}: {exc.strerror}",
                                errno=exc.errno) from None

@@ -43,6 +43,9 @@ FORMAT = 1
 VOLUMES = "volumes"
 SNAPSHOTS = "snapshots"
 STAGING = ".snapvol-staging"
+# In snapshots/<name>/ while the volume is being renamed (Backend.rename_volume): its
+# snapshots have gone ahead of the volume, they are not orphans.
+RENAMING = ".snapvol-renaming"
 _BTRFS_IOC_FS_INFO = 0x8400941F       # _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args[1024])
 CLI_TIMEOUT = 60.0
 
@@ -74,10 +77,10 @@ class Layout:
     # ------------------------------------------------------------------ paths
 
     def path(self, name: str) -> Path:
-        return names.under(self.volumes_dir, names.volume_name(name))
+        return names.under(self.volumes_dir, names.stored_volume_name(name))
 
     def snapshot_path(self, volume: str, snapshot: str) -> Path:
-        return names.under(self.snapshots_dir, names.volume_name(volume),
+        return names.under(self.snapshots_dir, names.stored_volume_name(volume),
                            names.snapshot_name(snapshot))
 
     def temporary(self, label: str) -> Path:
@@ -99,6 +102,29 @@ class Layout:
         if not self.is_ours(path):
             raise SnapshotNotFound(volume, snapshot)
         return path
+
+    # ------------------------------------------------------------------ renames
+
+    def mark_renaming(self, snapshots: Path, new_name: str) -> None:
+        """Mark the snapshots' directory *snapshots* as moving to volume *new_name*
+        (durably: the mark must be there before the directory moves)."""
+        mark = snapshots / RENAMING
+        with mark.open("w") as f:
+            f.write(new_name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def unmark_renaming(self, snapshots: Path) -> None:
+        try:
+            (snapshots / RENAMING).unlink()
+        except FileNotFoundError:
+            pass
+
+    @staticmethod
+    def renaming(snapshots: Path) -> bool:
+        """Whether *snapshots* (a snapshots/<name>/ directory) belongs to a rename in
+        progress, whose owner finishes it."""
+        return os.path.lexists(snapshots / RENAMING)
 
     # ------------------------------------------------------------------ the owner mark
 

@@ -65,7 +65,8 @@ def leftovers(layout: Layout) -> list[Leftover]:
             found.append(Leftover(volume, f"{path}: left by an interrupted operation",
                                   "remove it"))
     for entry in os.scandir(layout.snapshots_dir):
-        if entry.is_dir(follow_symlinks=False) and not os.path.lexists(layout.volumes_dir / entry.name):
+        if (entry.is_dir(follow_symlinks=False) and not os.path.lexists(layout.volumes_dir / entry.name)
+                and not layout.renaming(Path(entry.path))):
             mine = [e.name for e in os.scandir(entry.path) if layout.is_ours(Path(e.path))]
             if mine:
                 found.append(Leftover(entry.name, f"{entry.path}: snapshot(s) "
@@ -99,7 +100,8 @@ def finish_interrupted(layout: Layout) -> None:
             log.error("could not remove %s: %s", path, exc)
     # after the rollbacks above were put back: snapshots whose volume is gone are orphans
     for entry in os.scandir(layout.snapshots_dir):
-        if entry.is_dir(follow_symlinks=False) and not os.path.lexists(layout.volumes_dir / entry.name):
+        if (entry.is_dir(follow_symlinks=False) and not os.path.lexists(layout.volumes_dir / entry.name)
+                and not layout.renaming(Path(entry.path))):    # its owner finishes the rename
             try:
                 sweep_orphan_snapshots(layout, entry.name)
             except (BackendError, InvalidName) as exc:
@@ -112,8 +114,8 @@ def sweep_orphan_snapshots(layout: Layout, name: str, *, level: int = logging.WA
     inherits them. Caller: the volume does not exist, and nothing is creating it; *level*
     is INFO where this is the normal end of a Remove, not a repair.
     Idempotent: a crash midway leaves the rest for the next call."""
-    directory = layout.snapshots_dir / names.volume_name(name)
-    if not directory.is_dir() or os.path.lexists(layout.path(name)):
+    directory = layout.snapshots_dir / names.stored_volume_name(name)
+    if not directory.is_dir() or os.path.lexists(layout.path(name)) or layout.renaming(directory):
         return
     for entry in os.scandir(directory):
         path = Path(entry.path)

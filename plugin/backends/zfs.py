@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, ClassVar
 from .. import names
 from ..errors import (BackendError, BackendUnavailable, CommandFailed, Conflict, SnapshotExists,
                       SnapshotNotFound, VolumeExists, VolumeNotFound)
-from .base import Leftover, SnapshotInfo, Usage, VolumeInfo, snapshot_each
+from .base import Capacity, Leftover, SnapshotInfo, Usage, VolumeInfo, snapshot_each
 from .zfs_commands import ZfsCommands
 from .zfs_layout import OPTIONS, OWNER, Layout
 from .zfs_receive import INBOX, Receiver
@@ -124,11 +124,22 @@ class ZfsBackend:
     def describe(self) -> dict[str, Any]:
         return {"root": self.root, "filesystem": "zfs", "mounts": str(self.mount_base), **self._facts}
 
+    def capacity(self) -> Capacity:
+        """The root dataset's used + available: the pool's room for volumes (less any quota
+        set on the root)."""
+        props = self._zfs.get(self.root, ["used", "available"])
+        used, available = int(props["used"]), int(props["available"])
+        return Capacity(used + available, available)
+
     # ------------------------------------------------------------------ queries
 
     def volumes(self) -> list[VolumeInfo]:
         return [self._layout.info(name, props) for name, props in self._layout.children().items()
-                if props.get(OWNER) == "snapvol"]
+                if props.get(OWNER) == "snapvol" and not names.is_internal(name)]
+
+    def internal_volumes(self) -> list[VolumeInfo]:
+        return [self._layout.info(name, props) for name, props in self._layout.children().items()
+                if props.get(OWNER) == "snapvol" and names.is_internal(name)]
 
     def volume(self, name: str) -> VolumeInfo:
         props = self._zfs.get(self._layout.dataset(name), [OWNER, OPTIONS, "creation"], missing_ok=True)
@@ -141,6 +152,20 @@ class ZfsBackend:
         props = self._zfs.get(self._layout.owned(name), ["referenced", "refquota"])
         quota = int(props["refquota"]) if props["refquota"].isdigit() else 0
         return Usage(int(props["referenced"]), quota or None)
+
+    def usages(self) -> dict[str, Usage]:
+        found = self._zfs.get_with_children(self.root, ["type", "referenced", "refquota", OWNER])
+        prefix = self.root + "/"
+        usages = {}
+        for dataset, props in found.items():
+            name = dataset[len(prefix):]
+            if (dataset.startswith(prefix) and "/" not in name and "@" not in name
+                    and not names.is_internal(name)
+                    and props.get(OWNER) == "snapvol" and props.get("referenced", "").isdigit()):
+                quota = props.get("refquota", "")
+                usages[name] = Usage(int(props["referenced"]),
+                                     int(quota) if quota.isdigit() and int(quota) else None)
+        return usages
 
     # ------------------------------------------------------------------ changes
 

@@ -243,7 +243,7 @@ class ZfsCommands:
             raise lzc_failed(f"cannot destroy dataset {dataset}", exc) from None
 
     def rename(self, dataset: str, new_name: str) -> None:
-        process.run(["zfs", "rename", dataset, new_name], timeout=TIMEOUT)
+        run_while_busy(["zfs", "rename", dataset, new_name])    # zfs-fuse, after an unmount
 
     def promote(self, clone: str) -> None:
         process.run(["zfs", "promote", clone], timeout=TIMEOUT)

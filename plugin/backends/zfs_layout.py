@@ -39,10 +39,10 @@ class Layout:
         self.mount_base = mount_base
 
     def dataset(self, name: str) -> str:
-        return f"{self.root}/{names.volume_name(name)}"
+        return f"{self.root}/{names.stored_volume_name(name)}"
 
     def mountpoint(self, name: str) -> Path:
-        return names.under(self.mount_base, names.volume_name(name))
+        return names.under(self.mount_base, names.stored_volume_name(name))
 
     def owned(self, name: str) -> str:
         """The dataset of volume *name*.

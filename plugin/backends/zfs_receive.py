@@ -39,7 +39,7 @@ class Receiver:
         self._layout = layout
 
     def inbox(self, volume: str) -> str:
-        return f"{self._layout.root}/{INBOX}{names.volume_name(volume)}"
+        return f"{self._layout.root}/{INBOX}{names.stored_volume_name(volume)}"
 
     def token(self, dataset: str) -> str | None:
         """The resume token an interrupted receive left in *dataset*, if any (OpenZFS)."""

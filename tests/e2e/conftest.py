@@ -3,7 +3,7 @@
 Order matters (PROTOCOL.md section 4): the plugin starts before dockerd and stops after it, so
 dockerd never holds a reference to a driver whose socket has gone.
 
-Two lanes (``SNAPVOL_E2E_LANE``), both run by scripts/test:
+Three lanes (``SNAPVOL_E2E_LANE``), all run by scripts/test:
 
 ``host`` (default)
     Btrfs and zfs-fuse on this machine: host processes (``scripts/run``'s kind of plugin) of
@@ -13,6 +13,9 @@ Two lanes (``SNAPVOL_E2E_LANE``), both run by scripts/test:
     Real OpenZFS (inside the test VM where this kernel has no module): a host process with
     libzfs_core and the managed plugin with ``SNAPVOL_BACKEND=zfs``, installed from a loopback
     registry serving the builds the host lane left in ``SNAPVOL_E2E_REGISTRY``.
+``engine``
+    A newer Docker Engine than the host's 20.10 (scripts/newer-engine), in the namespaced
+    nodes of tests/e2e/nodes.py: only test_newer_engine.py, which no other lane runs.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Lane:
     instances: tuple[str, ...]      # host processes started before dockerd
     build_plugin: bool              # build and push the plugin, or install what is there
     swarm: bool                     # two Docker nodes in a Swarm, each with a Btrfs host plugin
+    only: tuple[str, ...] = ()      # test modules this lane runs, and no other lane does
 
 
 LANES = {
@@ -59,6 +63,10 @@ LANES = {
     # zfs-fuse in the host lane.
     "openzfs": Lane(drivers=("managed-zfs",), host_backends=(), managed_backends=("zfs",),
                     instances=(), build_plugin=False, swarm=False),
+    # Its own daemons in its own namespaces (tests/e2e/test_newer_engine.py): none of the
+    # host lane's fixtures, and the plugin builds come from the registry storage.
+    "engine": Lane(drivers=(), host_backends=(), managed_backends=(), instances=(),
+                   build_plugin=False, swarm=False, only=("test_newer_engine.py",)),
 }
 LANE_NAME = os.environ.get("SNAPVOL_E2E_LANE", "host")
 if LANE_NAME not in LANES:
@@ -72,6 +80,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.docker)
+    # A lane with modules of its own runs only those; the other lanes run them only when
+    # the command line names them (`pytest tests/e2e/test_newer_engine.py` runs that module
+    # in any lane, a plain `pytest` in the host lane does not). Deselected, not skipped, as below.
+    named = {Path(arg.split("::", 1)[0]).name for arg in config.args}
+    owned = {module for lane in LANES.values() for module in lane.only} - named
+    if LANE.only:
+        other = [item for item in items if Path(str(item.fspath)).name not in LANE.only]
+    else:
+        other = [item for item in items if Path(str(item.fspath)).name in owned]
+    if other:
+        config.hook.pytest_deselected(items=other)
+        items[:] = [item for item in items if item not in other]
     # A lane without the Swarm nodes deselects their tests (not a skip: in CI a skip reads as
     # a missing tool), even when test_swarm.py is named on the command line.
     if not LANE.swarm:

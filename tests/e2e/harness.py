@@ -45,10 +45,12 @@ def mounts_under(base: Path) -> list[str]:
 
 
 class DockerDaemon:
-    """A dockerd of our own, with no bridge network and no iptables changes."""
+    """A dockerd of our own, with no bridge network and no iptables changes. *cli*: the
+    docker CLI that talks to it (the engine's own, for a dockerd not on PATH)."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, cli: str = "docker") -> None:
         self.base = base
+        self.cli = cli
         self.socket = base / "docker.sock"
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.socket}"}
         self.log = base / "dockerd.log"
@@ -67,7 +69,7 @@ class DockerDaemon:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"dockerd exited: {self.log.read_text()[-2000:]}")
             if self.socket.exists() and subprocess.run(
-                    ["docker", "info"], env=self.env, capture_output=True).returncode == 0:
+                    [self.cli, "info"], env=self.env, capture_output=True).returncode == 0:
                 return
             time.sleep(0.3)
         raise RuntimeError(f"dockerd did not answer in 60 s: {self.log.read_text()[-2000:]}")
@@ -75,7 +77,7 @@ class DockerDaemon:
     def __call__(self, *args: str, check: bool = True, timeout: float = 180,
                  input: str | None = None) -> str:
         """Run the docker CLI against this daemon; return stdout (stderr in the failure)."""
-        proc = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True,
+        proc = subprocess.run([self.cli, *args], env=self.env, capture_output=True, text=True,
                               timeout=timeout, input=input)
         if check and proc.returncode != 0:
             raise CommandError(f"docker {' '.join(args)} failed ({proc.returncode}): "
@@ -83,7 +85,7 @@ class DockerDaemon:
         return proc.stdout if check else proc.stdout + proc.stderr
 
     def result(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True,
+        return subprocess.run([self.cli, *args], env=self.env, capture_output=True, text=True,
                               timeout=timeout)
 
     def import_busybox(self) -> str:
@@ -101,7 +103,7 @@ class DockerDaemon:
             archive = Path(tmp) / "busybox.tar"
             with tarfile.open(archive, "w") as tar:
                 tar.add(root, arcname=".")
-            subprocess.run(["docker", "import", "--change", "ENV PATH=/bin", str(archive),
+            subprocess.run([self.cli, "import", "--change", "ENV PATH=/bin", str(archive),
                             BUSYBOX_IMAGE], env=self.env, check=True, capture_output=True)
         return BUSYBOX_IMAGE
 
@@ -220,6 +222,21 @@ class PluginProcess:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(3)}"
+
+
+def remove_volume(instance: Any, name: str, timeout: float = 60.0) -> None:
+    """VolumeDriver.Remove on *instance* until the volume is removed or gone.
+
+    Why: a transfer of the volume (a sync, a replication) refuses Remove for a moment, and a
+    test's volume left behind with a schedule or standbys keeps taking the instance's
+    transfer slots during later tests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, reply = instance.call("VolumeDriver.Remove", {"Name": name})
+        if status in (200, 404):
+            return
+        assert time.monotonic() < deadline, f"cannot remove {name}: {reply}"
+        time.sleep(0.5)
 
 
 def inspect_volume(docker: DockerDaemon, name: str) -> dict[str, Any]:

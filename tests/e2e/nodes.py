@@ -54,8 +54,11 @@ every scan. The scan (pkg/plugins/discovery.go ``Scan``) takes every socket in
 stream socket ``snapvol.sock.stream`` reads as a plugin "snapvol.sock" that has no
 ``snapvol.sock.sock``; dockerd logs it and goes on (harmless, but noise in its log).
 
-Command line (for people): ``python -m tests.e2e.nodes up BASE`` / ``down BASE`` (as root,
-from the repository, with its venv's python).
+Both nodes run the host's dockerd and docker CLI, or another engine's (``TwoNodes(engine=)``,
+tests/e2e/engine.py: the engine lane runs trixie's 26.1 this way, beside the host's 20.10).
+
+Command line (for people): ``python -m tests.e2e.nodes up BASE [--engine DIR]`` / ``down
+BASE`` (as root, from the repository, with its venv's python).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from pathlib import Path
 from typing import Any
 
 from plugin.client import PluginClient
+from tests.e2e.engine import Engine
 from tests.e2e.harness import REPO, CommandError, DockerDaemon
 
 SOCKET = "/run/docker/plugins/snapvol.sock"      # inside each node's mount namespace
@@ -84,6 +88,8 @@ DRIVER = "snapvol"
 SNAPVOL_CLI = REPO / ".venv" / "bin" / "snapvol"
 PLUGIN_ENTRY = {"Type": "Volume", "Name": DRIVER}
 NODE_NAMES = ("a", "b")
+EXEC_ROOT = "/run/docker/x"      # each dockerd's, in its node's private /run/docker tmpfs
+PROCESSES = ("holder", "sshd", "snapvol", "dockerd", "registry")   # a Node's, by attribute
 
 
 # ---------------------------------------------------------------------- processes by pid
@@ -300,7 +306,8 @@ class Node:
         self.veth = f"{nodes.prefix}{name}0"
         self.cgroup_parent = f"/{nodes.prefix}{name}"
         self.dir = nodes.base / name
-        self.docker = NodeDocker(self.dir)          # socket: DIR/docker.sock, on the host's /tmp
+        # socket: DIR/docker.sock, on the host's /tmp; the CLI of the nodes' engine
+        self.docker = NodeDocker(self.dir, cli=nodes.engine.cli)
         self.docker_host = f"unix://{self.docker.socket}"
         self.advertise = f"ssh://root@{ip}{SOCKET}"
         self.run_dir = f"/run/docker/snapvol-{self.netns}"   # in the node's private tmpfs
@@ -308,6 +315,7 @@ class Node:
         self.sshd: Proc | None = None
         self.snapvol: Proc | None = None
         self.dockerd: Proc | None = None
+        self.registry: Proc | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.hostname} {self.ip} {self.docker_host}>"
@@ -316,11 +324,11 @@ class Node:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "ip": self.ip,
-                **{k: getattr(self, k).to_json() for k in ("holder", "sshd", "snapvol", "dockerd")
+                **{k: getattr(self, k).to_json() for k in PROCESSES
                    if getattr(self, k) is not None}}
 
     def load(self, data: dict[str, Any]) -> None:
-        for key in ("holder", "sshd", "snapvol", "dockerd"):
+        for key in PROCESSES:
             if key in data:
                 setattr(self, key, Proc(*data[key]))
 
@@ -483,11 +491,12 @@ PidFile {ssh_dir / 'sshd.pid'}
         assert self.snapvol is not None and self.snapvol.alive(), \
             f"{self.hostname}: snapvol must start before dockerd"
         assert not (self.dockerd and self.dockerd.alive()), f"{self.hostname}: dockerd runs already"
-        argv = ["dockerd", "--data-root", str(self.dir / "data"), "--exec-root", "/run/docker/x",
+        engine = self.nodes.engine
+        argv = [engine.dockerd, "--data-root", str(self.dir / "data"), "--exec-root", EXEC_ROOT,
                 "--host", self.docker_host, "--pidfile", str(self.dir / "dockerd.pid"),
                 "--bridge=none", "--iptables=false", "--ip-masq=false",
                 "--cgroup-parent", self.cgroup_parent]
-        self.dockerd = self._spawn(argv, self.docker.log)
+        self.dockerd = self._spawn(argv, self.docker.log, env={**os.environ, "PATH": engine.path()})
         self.nodes.save()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -551,13 +560,46 @@ PidFile {ssh_dir / 'sshd.pid'}
             return None
         return json.loads(out.stdout)
 
+    # -- a registry on the node's loopback
+
+    def start_registry(self, storage: Path, timeout: float = 30) -> str:
+        """Serve the registry storage *storage* (a ``docker-registry`` filesystem root, e.g.
+        what tests/e2e/publish.py filled) on this node's loopback, where its dockerd trusts
+        plain HTTP as it does on any 127.0.0.0/8 (the host's loopback is another network
+        namespace: the node's dockerd cannot reach a registry there). Returns its address.
+        Stopped by :meth:`teardown`.
+
+        :raises RuntimeError: it does not answer within *timeout* seconds (with its log).
+        """
+        assert not (self.registry and self.registry.alive()), f"{self.hostname}: registry runs"
+        address = f"127.0.0.1:{random.randint(20000, 29999)}"   # the node's own port space
+        directory = self.dir / "registry"
+        directory.mkdir(exist_ok=True)
+        config, log = directory / "config.yml", directory / "registry.log"
+        config.write_text(f"version: 0.1\nlog: {{level: warn}}\n"
+                          f"storage: {{filesystem: {{rootdirectory: {storage}}}}}\n"
+                          f"http: {{addr: {address}}}\n")
+        self.registry = self._spawn(["docker-registry", "serve", str(config)], log)
+        self.nodes.save()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.registry.alive():
+                break
+            # busybox's wget, run in the node's network namespace (urllib here runs in ours)
+            if self.run("busybox", "wget", "-q", "-O", "/dev/null", f"http://{address}/v2/",
+                        timeout=10).returncode == 0:
+                return address
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.hostname}: registry on {address} did not answer: "
+                           f"{log.read_text(errors='replace')[-2000:]}")
+
     # -- images
 
     def load_image(self, source_docker_env: dict[str, str], tag: str) -> None:
         """``docker save`` TAG from another dockerd (its env: DOCKER_HOST...) | ``docker load`` here."""
         save = subprocess.Popen(["docker", "save", tag], env=source_docker_env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        load = subprocess.run(["docker", "load", "-q"], env=self.docker.env, stdin=save.stdout,
+        load = subprocess.run([self.docker.cli, "load", "-q"], env=self.docker.env, stdin=save.stdout,
                               capture_output=True, text=True, timeout=600)
         assert save.stdout is not None and save.stderr is not None
         save.stdout.close()
@@ -581,6 +623,7 @@ PidFile {ssh_dir / 'sshd.pid'}
 
         step("stop dockerd", self.stop_dockerd)
         step("stop snapvol", self.stop_snapvol)
+        step("stop the registry", lambda: self.registry and self.registry.stop(10))
         step("stop sshd", lambda: self.sshd and self.sshd.stop(10))
         step("kill the rest", self._kill_rest)
         step("unmount", self._unmount_all)
@@ -621,13 +664,15 @@ PidFile {ssh_dir / 'sshd.pid'}
 class TwoNodes:
     """Two Docker nodes "a" and "b" on one machine, one the Swarm manager (*manager*, "a"
     unless told), the other a worker; see the module. A test that kills a node's dockerd
-    kills the worker: a 2-node Swarm whose only manager is gone schedules nothing."""
+    kills the worker: a 2-node Swarm whose only manager is gone schedules nothing. *engine*:
+    the dockerd and docker CLI both nodes run (default: the host's, from PATH)."""
 
     def __init__(self, base: Path, extra_env: dict[str, str] | None = None,
-                 manager: str = "a") -> None:
+                 manager: str = "a", engine: Engine | None = None) -> None:
         if manager not in NODE_NAMES:
             raise ValueError(f"manager must be one of {NODE_NAMES}")
         self.base = Path(base).resolve()
+        self.engine = engine or Engine()
         self.extra_env = dict(extra_env or {})
         self.manager_name = manager
         self.prefix = f"snv{secrets.token_hex(3)}"
@@ -684,6 +729,7 @@ class TwoNodes:
     def _save(self) -> None:
         data = {"prefix": self.prefix, "subnet": str(self.subnet), "extra_env": self.extra_env,
                 "manager": self.manager_name,
+                "engine": str(self.engine.root) if self.engine.root else None,
                 "nodes": [n.to_json() for n in self]}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
@@ -692,7 +738,8 @@ class TwoNodes:
     @classmethod
     def load(cls, base: Path) -> TwoNodes:
         data = json.loads((Path(base) / "nodes.json").read_text())
-        nodes = cls(base, data.get("extra_env"), data.get("manager", "a"))
+        engine = Engine(Path(data["engine"])) if data.get("engine") else None
+        nodes = cls(base, data.get("extra_env"), data.get("manager", "a"), engine)
         nodes.prefix = data["prefix"]
         nodes.subnet = ipaddress.ip_network(data["subnet"])
         nodes.nodes = {}
@@ -860,7 +907,7 @@ class TwoNodes:
             left += [f"mount {line.split()[4]}" for line in f
                      if line.split()[4].startswith(str(self.base))]
         for node in self:
-            for what in ("holder", "sshd", "snapvol", "dockerd"):
+            for what in PROCESSES:
                 proc = getattr(node, what)
                 if proc is not None and proc.alive():
                     left.append(f"{node.hostname} {what} pid {proc.pid}")
@@ -879,9 +926,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("base", type=Path, help="a new or empty directory (removed by down)")
     parser.add_argument("--manager", choices=NODE_NAMES, default="a",
                         help="the node that inits the Swarm (default a)")
+    parser.add_argument("--engine", type=Path, metavar="DIR",
+                        help="run the dockerd and docker CLI unpacked in DIR (what "
+                             "scripts/newer-engine prints) instead of the host's")
     args = parser.parse_args(argv)
     if args.action == "up":
-        nodes = TwoNodes(args.base, manager=args.manager)
+        nodes = TwoNodes(args.base, manager=args.manager,
+                         engine=Engine(args.engine) if args.engine else None)
         try:
             nodes.up()
         except BaseException:

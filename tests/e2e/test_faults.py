@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import destroy_pool, make_pool
 from tests.e2e.conftest import LANE, docker_socket
-from tests.e2e.harness import PluginProcess, inspect_volume, mounts_under, unique
+from tests.e2e.harness import PluginProcess, inspect_volume, mounts_under, remove_volume, unique
 from tests.e2e.test_replication import (children_running, cli, digest, every_slot_hanging, fill,
                                         ssh_target)
 
@@ -162,6 +162,11 @@ def test_a_refused_receive_leaves_the_replica_usable(docker, busybox, host_plugi
         assert code == 4 and "transfers are running already" in err, err
         assert run_on(docker, busybox, plugin, copy, "cat /data/f").strip() == "one"
     code, out, err = cli(plugin, "receive", copy, "-i", str(inc))
+    if code != 0 and "I/O error" in err and not os.path.exists("/dev/zfs"):
+        # zfs-fuse's own flake (seen once in CI, never on kernel ZFS; see
+        # zfs_receive.Receiver._drop_unaccepted): an answer, not the wedge this test is about, which
+        # answers "being received". The same stream again must be taken.
+        code, out, err = cli(plugin, "receive", copy, "-i", str(inc))
     assert code == 0 and "(incremental from s1)" in out, err
     assert run_on(docker, busybox, plugin, copy, "cat /data/f").strip() == "two"
     for name in (copy, vol):
@@ -249,4 +254,4 @@ def test_standbys_that_cannot_take_syncs_never_stop_their_primary(request, docke
             docker("volume", "rm", filler)
     finally:
         docker("volume", "rm", vol)
-        tight.call("VolumeDriver.Remove", {"Name": vol})
+        remove_volume(tight, vol)

@@ -17,6 +17,23 @@ def actions(docker, container: str, since: float) -> list[str]:
             if line.split(":")[0] in ("pause", "unpause", "exec_start")]
 
 
+def one_quiesce(docker, container: str, since: float) -> list[str]:
+    """:func:`actions` of what must be a single quiesce, a pause/unpause pair repeated back
+    to back counted once.
+
+    Why: dockerd can record one pause and unpause twice. It logs "pause" when it pauses, and
+    its containerd event monitor logs it again if containerd's own "paused" event is handled
+    only after the unpause (daemon/monitor.go sets Paused back and logs; seen once in CI, on
+    a snapshot refused at once, so unpaused within milliseconds). A real second quiesce would
+    also run the hooks twice, and the hooks' exec_start events are kept as they are."""
+    seen: list[str] = []
+    for action in actions(docker, container, since):
+        seen.append(action)
+        if seen[-4:] == ["pause", "unpause", "pause", "unpause"]:
+            del seen[-2:]
+    return seen
+
+
 def state(docker, container: str) -> str:
     return docker("inspect", "-f", "{{.State.Status}}", container).strip()
 
@@ -36,7 +53,7 @@ def test_quiesce_pauses_runs_hooks_and_always_unpauses(docker, driver, busybox):
         since = time.time() - 0.5
         code, out, err = cli(driver, "snapshot", "create", vol, "--name", "q1", "--quiesce", "pause")
         assert code == 0, err
-        assert actions(docker, app, since) == ["exec_start", "pause", "unpause", "exec_start"]
+        assert one_quiesce(docker, app, since) == ["exec_start", "pause", "unpause", "exec_start"]
         assert state(docker, app) == "running"
 
         docker("volume", "create", "-d", driver.driver, "-o", f"from={vol}@q1", clone)
@@ -49,14 +66,14 @@ def test_quiesce_pauses_runs_hooks_and_always_unpauses(docker, driver, busybox):
         since = time.time() - 0.5
         code, _, err = cli(driver, "snapshot", "create", vol, "--name", "q1", "--quiesce", "pause")
         assert code == 4 and f"snapshot {vol}@q1 already exists" in err
-        assert actions(docker, app, since) == ["exec_start", "pause", "unpause", "exec_start"]
+        assert one_quiesce(docker, app, since) == ["exec_start", "pause", "unpause", "exec_start"]
         assert state(docker, app) == "running"
 
         # a failing pre-snapshot hook cancels the snapshot and pauses nothing
         since = time.time() - 0.5
         code, _, err = cli(driver, "snapshot", "create", bad_vol, "--name", "b1", "--quiesce", "pause")
         assert code == 4 and f"container {bad_app}: snapvol.pre-snapshot hook ['false'] exited 1" in err
-        assert actions(docker, bad_app, since) == ["exec_start"]
+        assert one_quiesce(docker, bad_app, since) == ["exec_start"]
         assert state(docker, bad_app) == "running"
         code, out, _ = cli(driver, "snapshot", "ls", bad_vol, "--json")
         assert json.loads(out)["Snapshots"] == []

@@ -37,17 +37,7 @@ def test_full_checklist(docker, driver, busybox):
     assert read.splitlines() == ["hello snapvol", "random: OK", written.strip()]
 
     # two containers share the volume at the same time
-    holder = unique("holder")
-    docker("run", "-d", "--name", holder, "--network", "none", "-v", f"{name}:/shared", busybox,
-           "sh", "-c", "while [ ! -f /shared/ping ]; do sleep 0.1; done; echo pong > /shared/pong; "
-           "exec sleep 300")
-    reply = docker(*RUN, "-v", f"{name}:/data", busybox, "sh", "-c",
-                   "echo ping > /data/ping; for i in $(seq 100); do "
-                   "[ -f /data/pong ] && cat /data/pong && exit 0; sleep 0.1; done; exit 1")
-    assert reply.strip() == "pong"
-    assert inspect_volume(docker, name)["Status"]["mounts"] == 1
-    refused = docker.result("volume", "rm", name)
-    assert refused.returncode != 0 and "volume is in use" in refused.stderr
+    holder = assert_shared_and_kept_while_in_use(docker, busybox, name)
     docker("rm", "-f", holder)
     assert inspect_volume(docker, name)["Status"]["mounts"] == 0
 
@@ -124,3 +114,21 @@ def test_cli_lists_what_docker_created(docker, driver):
     row = next(line for line in out.getvalue().splitlines() if line.startswith(name))
     assert row.split()[2] == "32.0M" and "size=32M" in row
     docker("volume", "rm", name)
+
+
+def assert_shared_and_kept_while_in_use(docker, busybox: str, name: str) -> str:
+    """Two containers use volume *name* at once (one answers the other through it), the
+    plugin counts the one still running as its only mount, and ``docker volume rm`` is
+    refused while it runs. Returns that container's name (still running: the caller ends it)."""
+    holder = unique("holder")
+    docker("run", "-d", "--name", holder, "--network", "none", "-v", f"{name}:/shared", busybox,
+           "sh", "-c", "while [ ! -f /shared/ping ]; do sleep 0.1; done; echo pong > /shared/pong; "
+           "exec sleep 300")
+    reply = docker(*RUN, "-v", f"{name}:/data", busybox, "sh", "-c",
+                   "echo ping > /data/ping; for i in $(seq 100); do "
+                   "[ -f /data/pong ] && cat /data/pong && exit 0; sleep 0.1; done; exit 1")
+    assert reply.strip() == "pong"
+    assert inspect_volume(docker, name)["Status"]["mounts"] == 1
+    refused = docker.result("volume", "rm", name)
+    assert refused.returncode != 0 and "volume is in use" in refused.stderr
+    return holder

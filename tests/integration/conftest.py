@@ -25,5 +25,5 @@ def backend(request, tmp_path: Path):
     b.check()
     yield b
     if request.param == "zfs":       # unmount before the pool goes (zfs-fuse keeps mounts busy)
-        for volume in b.volumes():
+        for volume in b.volumes() + b.internal_volumes():
             b.destroy_volume(volume.name)

@@ -54,6 +54,18 @@ def test_many_volumes_listed_in_one_pass(backend):
     assert sorted(v.name for v in backend.volumes()) == [f"v{i:02d}" for i in range(20)]
 
 
+def test_usages_in_one_pass_agree_with_usage_and_capacity_is_the_pool(backend):
+    backend.create_volume("a", {})
+    backend.create_volume("b", {"size": "64M"})
+    usages = backend.usages()
+    assert set(usages) == {"a", "b"}
+    assert usages == {name: backend.usage(name) for name in ("a", "b")}
+    capacity = backend.capacity()
+    assert 0 < capacity.available_bytes < capacity.size_bytes
+    if backend.kind == "zfs" or usages["b"].quota_bytes is not None:
+        assert usages["b"].quota_bytes == 64 << 20
+
+
 def write(path: Path, text: str) -> None:
     path.write_text(text)
     with open(path) as f:

@@ -330,3 +330,23 @@ def test_check_lists_crash_leftovers_and_the_next_start_removes_them(backend, tm
     assert len(domain.checker.check(repair=True)["problems"]) == 2
     assert running_service().checker.check() == {"problems": [], "repaired": []}
     assert not (backend.snapshots_dir / "v1").exists()
+
+
+def test_a_rename_killed_between_its_two_renames_loses_no_snapshot(backend):
+    """rename_volume moves snapshots/<name>/ first: killed before the volume follows, start-up
+    must not take those snapshots for orphans (their volume is not at the new name yet), and
+    repeating the rename (the trash's or the standby's intent) finishes it."""
+    backend.create_volume("v", {})
+    backend.create_snapshot("v", "s1")
+    layout = backend._layout
+    old_snaps, new_snaps = layout.snapshots_dir / "v", layout.snapshots_dir / "snapvol.trash.x1"
+    layout.mark_renaming(old_snaps, "snapvol.trash.x1")
+    os.rename(old_snaps, new_snaps)                       # ... and here the plugin died
+    assert not [l for l in backend.leftovers() if "no longer exists" in l.what]
+    backend.check()                                       # start-up: finish_interrupted
+    assert (new_snaps / "s1").is_dir()
+    backend.rename_volume("v", "snapvol.trash.x1")
+    assert [s.name for s in backend.snapshots("snapvol.trash.x1")] == ["s1"]
+    assert not (new_snaps / ".snapvol-renaming").exists()
+    assert [v.name for v in backend.internal_volumes()] == ["snapvol.trash.x1"]
+    assert backend.volumes() == []

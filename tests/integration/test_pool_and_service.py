@@ -12,7 +12,7 @@ from plugin.app import build_domain
 from plugin.config import Settings
 from plugin.errors import BackendUnavailable
 from plugin.mountinfo import mounted_filesystem
-from plugin.pool import attached_loop_device, ensure_pool, prepare_root
+from plugin.pool import STORAGE_MARK, attached_loop_device, ensure_pool, prepare_root
 from tests.conftest import need
 
 
@@ -114,6 +114,55 @@ def test_publish_dir_binds_a_btrfs_directory(btrfs_mount, tmp_path):
         assert prepare_root(settings) == root            # idempotent
     finally:
         subprocess.run(["umount", str(publish / "pool")], check=False)
+
+
+def test_managed_plugin_refuses_a_new_pool_once_it_had_one(pool_dir, tmp_path):
+    """A managed plugin whose data mount no longer shows its pool (an upgrade put the
+    source back to its default) refuses to make a new empty one, saying what to do; its own
+    pool still mounts; without the mark a new pool is made as on a fresh install."""
+    publish = tmp_path / "published"
+
+    def settings(state: Path) -> Settings:
+        return Settings.from_env({"SNAPVOL_STATE_DIR": str(state), "SNAPVOL_POOL_SIZE": "300M",
+                                  "SNAPVOL_RUN_DIR": str(tmp_path / "run"),
+                                  "SNAPVOL_PUBLISH_DIR": str(publish)})
+
+    ours, elsewhere = pool_dir / "ours", tmp_path / "default-source" / "snapvol"
+    root = publish / "pool"
+    try:
+        assert prepare_root(settings(ours)) == root and mounted_filesystem(root) == "btrfs"
+        (root / "precious").write_text("kept")
+        assert (publish / STORAGE_MARK).exists()
+        subprocess.run(["umount", str(root)], check=True)        # disable -f, upgrade
+
+        with pytest.raises(BackendUnavailable) as refused:
+            prepare_root(settings(elsewhere))
+        assert "this plugin has had its volumes before" in str(refused.value)
+        assert "docker plugin set PLUGIN data.source=DIR" in str(refused.value)
+        assert not (elsewhere / "pool.img").exists() and mounted_filesystem(root) is None
+
+        assert prepare_root(settings(ours)) == root                # the source set again
+        assert (root / "precious").read_text() == "kept"
+        subprocess.run(["umount", str(root)], check=True)
+
+        (publish / STORAGE_MARK).unlink()                          # "start anew", on purpose
+        assert prepare_root(settings(elsewhere)) == root
+        assert (elsewhere / "pool.img").exists() and not (root / "precious").exists()
+    finally:
+        if mounted_filesystem(root):
+            subprocess.run(["umount", str(root)], check=True)
+
+
+def test_host_install_makes_a_new_pool_where_its_image_went(pool_dir):
+    """No propagated mount, no mark: a host install whose image is gone makes a new pool
+    (scripts/run's state directory is the user's to manage)."""
+    settings = Settings.from_env({"SNAPVOL_STATE_DIR": str(pool_dir), "SNAPVOL_POOL_SIZE": "300M",
+                                  "SNAPVOL_RUN_DIR": str(pool_dir / "run")})
+    assert prepare_root(settings) == pool_dir / "pool"
+    subprocess.run(["umount", str(pool_dir / "pool")], check=True)
+    (pool_dir / "pool.img").unlink()
+    assert prepare_root(settings) == pool_dir / "pool"
+    assert not list(pool_dir.glob(f"**/{STORAGE_MARK}"))
 
 
 def test_mount_recovers_storage_that_was_unmounted(pool_dir):

@@ -786,7 +786,7 @@ def check_ownership(inst: Instance, seen: dict[str, Observed]) -> list[str]:
     snaps = {v: list(o.snaps) for v, o in seen.items()}
     deadline = time.monotonic() + 15
     while True:
-        stray = storage_entries(inst) - owned_entries(inst, snaps)
+        stray = unexplained(inst, snaps)
         if not stray or time.monotonic() > deadline:
             break
         # the scheduler may have taken a snapshot since we listed: list again
@@ -794,12 +794,35 @@ def check_ownership(inst: Instance, seen: dict[str, Observed]) -> list[str]:
             status, listed = inst.call("Snapvol.SnapshotList", {"Volume": volume})
             if status == 200:
                 snaps[volume] = sorted(set(snaps[volume]) | {s["name"] for s in listed["Snapshots"]})
-        stray = storage_entries(inst) - owned_entries(inst, snaps)
+        stray = unexplained(inst, snaps)
         if not stray:
             break
         time.sleep(0.5)
     return [f"{inst.role}: {inst.backend} holds {e!r}, which no volume, snapshot or transfer owns"
             for e in sorted(stray)]
+
+
+def trashed_names(inst: Instance) -> set[str]:
+    """The internal names of the volumes in the plugin's trash: ``docker volume rm`` keeps a
+    volume under ``snapvol.trash.<id>`` (plugin.trash)."""
+    status, reply = inst.call("Snapvol.TrashList")
+    return {f"snapvol.trash.{e['Id']}" for e in reply.get("Trash") or []} if status == 200 else set()
+
+
+def unexplained(inst: Instance, snaps: dict[str, list[str]]) -> set[str]:
+    """What the storage holds that no volume or snapshot owns, the trash's volumes and their
+    snapshots left out. The trash is asked before and after the storage is listed: the
+    scheduler may purge one meanwhile (space pressure, expiry)."""
+    trash = trashed_names(inst)
+    entries = storage_entries(inst) - owned_entries(inst, snaps)
+    trash |= trashed_names(inst)
+
+    def in_trash(entry: str) -> bool:
+        if inst.backend == "btrfs":
+            parts = entry.split("/")
+            return len(parts) >= 2 and parts[0] in ("volumes", "snapshots") and parts[1] in trash
+        return entry.partition("@")[0] in trash
+    return {e for e in entries if not in_trash(e)}
 
 
 def check_state(inst: Instance) -> list[str]:

@@ -83,7 +83,7 @@ def test_unknown_option_names_the_option_and_the_accepted_ones(client, backend):
     assert status == 400
     assert reply["Err"] == ("unknown option(s): 'bogus'; btrfs volumes accept: size, uid, "
                             "gid, mode, compression, nocow, from, schedule, keep, quiesce, replicate, "
-                                "standby, sync")
+                                "standby, sync, trash")
     assert backend.volumes() == []
 
 
@@ -389,3 +389,43 @@ def test_check_compares_mount_ids_with_the_containers_docker_knows(tmp_path):
     result = domain.checker.check(repair=True)
     assert result["problems"] == [] and len(result["repaired"]) == 2
     assert mounts.in_use() == {"held": 1, "starting": 1}
+
+
+@pytest.fixture
+def trash_client(backend: FakeBackend, tmp_path: Path):
+    from plugin.trash import TrashBook
+    domain = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(0.5),
+                             trash=TrashBook(tmp_path / "trash.json"), trash_ttl=3600)
+    domain.volumes.open()
+    return create_app(domain=domain).test_client()
+
+
+def test_remove_goes_to_the_trash_and_bad_trash_requests_change_nothing(trash_client, backend):
+    assert call(trash_client, "VolumeDriver.Create", {"Name": "v"})[0] == 200
+    assert call(trash_client, "VolumeDriver.Remove", {"Name": "v"}) == (200, {"Err": ""})
+    assert call(trash_client, "VolumeDriver.Get", {"Name": "v"})[0] == 404
+    status, listed = call(trash_client, "Snapvol.TrashList", {})
+    [entry] = listed["Trash"]
+    assert status == 200 and entry["Name"] == "v" and listed["TtlSeconds"] == 3600
+    internal = f"snapvol.trash.{entry['Id']}"
+    for endpoint in ("VolumeDriver.Get", "VolumeDriver.Mount", "VolumeDriver.Remove",
+                     "VolumeDriver.Create"):
+        status, answer = call(trash_client, endpoint, {"Name": internal, "ID": "m"})
+        assert status == 400 and "reserved for snapvol's own volumes" in answer["Err"]
+    for body, code, message in (
+            ({}, 400, "missing field 'Volume'"),
+            ({"Volume": "nothing"}, 404, "no trashed volume nothing"),
+            ({"Volume": "v", "As": "../x"}, 400, "invalid volume name"),
+            ({"Volume": ["v"]}, 400, "give a trashed volume's name or id"),
+            ({"Volume": "x" * 10000}, 400, "give a trashed volume's name or id")):
+        status, answer = call(trash_client, "Snapvol.TrashRestore", body)
+        assert (status, message in answer["Err"]) == (code, True), answer
+    assert call(trash_client, "Snapvol.TrashPurge", {"Volume": "v", "All": "yes"})[0] == 400
+    assert [e["Id"] for e in call(trash_client, "Snapvol.TrashList", {})[1]["Trash"]] == [entry["Id"]]
+    assert call(trash_client, "Snapvol.TrashRestore", {"Volume": "v"})[1] == {"Restored": "v", "Err": ""}
+    assert call(trash_client, "VolumeDriver.Get", {"Name": "v"})[0] == 200
+
+
+def test_without_a_trash_the_trash_endpoints_say_so(client):
+    status, answer = call(client, "Snapvol.TrashList", {})
+    assert status == 400 and "no trash" in answer["Err"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "plugin"
-DOMAIN = ("lifecycle", "volumes", "transfers", "schedules", "status", "check", "domain")
+DOMAIN = ("lifecycle", "trash", "volumes", "transfers", "schedules", "status", "check", "domain")
 FORBIDDEN = {  # module prefix -> imports it must never make
     "plugin.backends": ("flask", "plugin.api", "plugin.app", "plugin.volumes", "plugin.cli"),
     # the domain: each module may import only those before it in DOMAIN
@@ -44,11 +44,27 @@ FORBIDDEN = {  # module prefix -> imports it must never make
     "plugin.handoff": ("flask", "plugin.api", "plugin.app", "plugin.cli", "plugin.standby",
                        "plugin.scheduler"),
     "plugin.standby": ("flask", "plugin.api", "plugin.app", "plugin.cli", "plugin.scheduler"),
+    # monitoring: observe reads the domain (no HTTP, no storage library); metrics renders it
+    # for Prometheus; freshness judges it, pure, for the CLI
+    "plugin.observe": ("flask", "plugin.api", "plugin.app", "plugin.cli", "plugin.metrics",
+                       "plugin.scheduler", "plugin.replication", "plugin.standby",
+                       "btrfsutil", "libzfs_core", "prometheus_client"),
+    "plugin.metrics": ("flask", "plugin.api", "plugin.app", "plugin.cli", "plugin.backends"),
+    "plugin.freshness": ("flask", "plugin.api", "plugin.app", "plugin.backends", "plugin.volumes",
+                         "plugin.observe", "plugin.metrics", "prometheus_client"),
+    "plugin.cli_freshness": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes",
+                             "plugin.api", "plugin.observe", "plugin.metrics", "prometheus_client"),
     "plugin.cli": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
     "plugin.client": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
     "plugin.cli_render": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api",
                           "plugin.client", "plugin.cli"),
 }
+
+# the domain never knows it is measured: it offers listeners (history.on_record), counts
+# (inflight.refused) and a heartbeat (scheduler.last_pass) that plugin.metrics reads
+for _name in ("history", "inflight", "scheduler", "replication", "standby", *DOMAIN):
+    FORBIDDEN[f"plugin.{_name}"] = (*FORBIDDEN.get(f"plugin.{_name}", ()), "prometheus_client",
+                                    "plugin.metrics", "plugin.observe")
 
 
 def module_name(path: Path) -> str:
@@ -89,7 +105,7 @@ def test_the_master_binds_without_the_heavy_imports(tmp_path: Path):
              "from plugin.storage import open_backend\n"
              "open_backend(Settings.from_env({'SNAPVOL_BACKEND': 'zfs', "
              "'SNAPVOL_ZFS_ROOT': 'tank/x'}), libzfs_core=False)\n"
-             "print(' '.join(m for m in ('flask', 'werkzeug', 'libzfs_core', 'docker', "
+             "print(' '.join(m for m in ('flask', 'werkzeug', 'libzfs_core', 'docker', 'prometheus_client', "
              "'btrfsutil', 'plugin.app', 'plugin.volumes') if m in sys.modules))\n")
     env = {**os.environ, "SNAPVOL_STATE_DIR": str(tmp_path), "SNAPVOL_BACKEND": "zfs",
            "SNAPVOL_ZFS_ROOT": "tank/x"}

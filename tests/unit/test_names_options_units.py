@@ -126,3 +126,22 @@ def test_libzfs_core_errors_keep_errno_and_each_reason():
                           "failed for one or more reasons; EEXIST: Snapshot is cloned "
                           "(tank/snapvol/v1@s1)")
     assert lzc_failed("cannot hold", RuntimeError("boom")).errno is None
+
+
+def test_internal_names_are_the_backends_and_never_a_clients():
+    """snapvol.<kind>.<id> names the trash's volumes: a backend stores them, no client may
+    create, mount or remove one by that name."""
+    internal = names.internal_name("trash", "0123456789ab")
+    assert internal == "snapvol.trash.0123456789ab" and names.is_internal(internal)
+    assert names.stored_volume_name(internal) == internal
+    with pytest.raises(InvalidName, match="reserved for snapvol's own volumes"):
+        names.volume_name(internal)
+    with pytest.raises(InvalidName, match="reserved"):
+        names.volume_name("snapvol.mine")
+    assert names.volume_name("snapvolx") == "snapvolx" and not names.is_internal("snapvol-data")
+
+
+def test_the_trash_option():
+    assert options.validate({"trash": "off"}, "btrfs") == {"trash": "off"}
+    with pytest.raises(InvalidOption, match="trash"):
+        options.validate({"trash": "later"}, "zfs")

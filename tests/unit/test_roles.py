@@ -7,7 +7,10 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
+
 from plugin.roles import PRIMARY, STANDBY, Role, RoleBook
+from plugin.standby_common import same_host
 
 
 def test_every_field_survives_a_restart(tmp_path: Path):
@@ -50,3 +53,14 @@ def test_but_moves_since_only_when_the_role_or_epoch_changes():
     assert role.but(fenced="x").since == old
     assert role.but(epoch=2).since > old and role.but(epoch=2).epoch == 2
     assert role.but(role=STANDBY).since > old
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("ssh://root@h:22/run/x.sock", "ssh://root@h/run/x.sock", True),
+    ("ssh://h/run/docker/plugins/1/snapvol.sock", "ssh://h/run/docker/plugins/2/snapvol.sock", False),
+    ("ssh://h/run/docker/plugins/1/snapvol.sock", "ssh://h", True),      # found by discovery
+    ("ssh://h:2222", "ssh://h", False),
+    ("unix:///run/a.sock", "unix:///run/b.sock", False),
+])
+def test_same_host_tells_two_snapvols_of_one_host_apart(a, b, same):
+    assert same_host(a, b) is same and same_host(b, a) is same
