@@ -89,15 +89,34 @@ def zfs_running() -> Iterator[None]:
     try:
         yield
     finally:
-        pid = int(pidfile.read_text())
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
+        stop_daemon(int(pidfile.read_text()))
         shutil.rmtree(pidfile.parent, ignore_errors=True)
+
+
+def _gone(pid: int) -> bool:
+    """True once *pid* has exited: no such process, or a zombie (zfs-fuse daemonizes, so its
+    parent is init, and not every init here reaps at once)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def stop_daemon(pid: int, grace: float = 120.0) -> None:
+    """SIGTERM a daemon we started and wait until it has really exited (SIGKILL after *grace*
+    seconds). zfs-fuse answers on its socket while it shuts down, and a shutdown after a
+    busy run has taken more than 20 s here: whoever came next must not find it still
+    answering, take it for a running ZFS and lose it a moment later (a hand-off torture
+    that followed the crash torture did, in a clean-clone rehearsal)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
+        os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if _gone(pid):
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"the daemon {pid} did not exit after SIGKILL")
 
 
 @pytest.fixture(scope="session")
