@@ -1,0 +1,103 @@
+"""The host lane of scripts/test, in two sides that run at the same time.
+
+``python -m tests.host_lane LOGDIR``
+
+* **The waiting side**: the end-to-end tier (``pytest tests/e2e``), which spends most of its
+  time waiting on dockerd, containers, timers and the filesystems (the CPU was measured 75 %
+  idle while it ran alone). It starts at once and prints to this process's output.
+* **The working side**, niced so that it yields the CPU to the first: the crash torture's CI
+  slice, the hand-off torture's, then the unit and integration tiers. Its output goes to
+  ``LOGDIR/working-side.log`` and is printed when both sides have ended.
+
+Both sides use one ZFS: where the kernel has none, one zfs-fuse is started here for both and
+stopped at the end (:func:`tests.conftest.zfs_running`; each side alone would stop its own
+under the other). Exit status 0 when every step of both sides passed, else 1. A step's failure
+does not stop the steps after it, as in scripts/test: one run shows every failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import zfs_running
+
+PYTHON = sys.executable
+WORKING_NICENESS = 10          # as the OpenZFS VM beside: the two share what the e2e tier leaves
+E2E = [PYTHON, "-m", "pytest", "-p", "no:cacheprovider", "--durations=15", "tests/e2e"]
+WORKING_STEPS = [
+    ("crash torture (CI slice)", [PYTHON, "-m", "tests.torture.torture"]),
+    ("hand-off torture (CI slice)", [PYTHON, "-m", "tests.torture.handoff"]),
+    ("unit and integration tiers", [PYTHON, "-m", "pytest", "-p", "no:cacheprovider",
+                                    "--durations=10",
+                                    "tests/unit", "tests/integration"]),
+]
+
+
+def log(message: str) -> None:
+    print(f"snapvol: {message}", flush=True)
+
+
+def run_working_side() -> int:
+    """The working side's steps, one after the other (in the child started below)."""
+    failed = False
+    for title, argv in WORKING_STEPS:
+        started = time.monotonic()
+        code = subprocess.call(argv)
+        log(f"{title}: {time.monotonic() - started:.0f} s (exit {code})")
+        failed |= code != 0
+    return 1 if failed else 0
+
+
+def start_working_side(log_file: Path) -> subprocess.Popen:
+    """Start the working side niced, in a session of its own, its output to *log_file*."""
+    with log_file.open("wb") as out:
+        return subprocess.Popen([PYTHON, "-m", "tests.host_lane", "--working-side"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: os.nice(WORKING_NICENESS))
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a side we started and everything it started (its own session)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--working-side"]:
+        return run_working_side()
+    if len(argv) != 1:
+        print("usage: python -m tests.host_lane LOGDIR", file=sys.stderr)
+        return 2
+    log_dir = Path(argv[0])
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / "working-side.log"
+    with zfs_running():
+        started = time.monotonic()
+        working = start_working_side(log_file)
+        log(f"host lane: the tortures, unit and integration tiers beside the end-to-end tier "
+            f"(niced; their output: {log_file}, printed at the end)")
+        try:
+            e2e = subprocess.call(E2E)
+            log(f"end-to-end tier: {time.monotonic() - started:.0f} s (exit {e2e})")
+            working_code = working.wait()
+        finally:
+            stop(working)
+        print("----- the working side: tortures, unit and integration tiers -----", flush=True)
+        sys.stdout.buffer.write(log_file.read_bytes())
+        print("----- end of the working side -----", flush=True)
+        log(f"host lane: {time.monotonic() - started:.0f} s")
+    return 1 if e2e or working_code else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
