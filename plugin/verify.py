@@ -204,6 +204,7 @@ class Verifier:
         self._clock = clock
         self._guard = threading.Lock()
         self._running: set[str] = set()
+        self._recovering = False
         self.recovered = False
 
     # ------------------------------------------------------------------ a verification
@@ -234,6 +235,9 @@ class Verifier:
         with self._guard:
             if volume in self._running:
                 raise VolumeBusy(f"volume {volume} is being verified already")
+            if self._recovering:
+                raise VolumeBusy("snapvol is removing what an interrupted verification left; "
+                                 "try again in a moment")
             self._running.add(volume)
         try:
             result = self._verify(info, snapshot, overrides, progress)
@@ -342,26 +346,33 @@ class Verifier:
 
     def recover(self) -> bool:
         """Remove what a verification killed midway left: its check containers (through
-        Docker), then its scratch clones. Returns whether Docker could be asked (if not,
-        the clones are left for the next try: a container may still use one)."""
-        if self._checks is not None and not self._refusal:
-            try:
-                removed = self._checks.remove_leftovers()
-            except PluginError as exc:
-                log.warning("verify: cannot remove leftover check containers yet: %s", exc)
-                return False
-            if removed:
-                log.warning("verify: removed %d check container(s) of an interrupted "
-                            "verification", removed)
+        Docker), then its scratch clones. Returns whether it is done; not while a
+        verification runs (its container and clone are not leftovers), nor when Docker
+        cannot be asked (a container may still use a clone): then the caller tries again."""
         with self._guard:
-            busy = bool(self._running)
-        for info in self._backend.internal_volumes():
-            if info.name.startswith(SCRATCH_PREFIX) and not busy:
-                log.warning("verify: removing the clone %s of an interrupted verification",
-                            info.name)
-                self._destroy(info.name)
-        self.recovered = True
-        return True
+            if self._running:
+                return False
+            self._recovering = True          # verify() waits for the next try meanwhile
+        try:
+            if self._checks is not None and not self._refusal:
+                try:
+                    removed = self._checks.remove_leftovers()
+                except PluginError as exc:
+                    log.warning("verify: cannot remove leftover check containers yet: %s", exc)
+                    return False
+                if removed:
+                    log.warning("verify: removed %d check container(s) of an interrupted "
+                                "verification", removed)
+            for info in self._backend.internal_volumes():
+                if info.name.startswith(SCRATCH_PREFIX):
+                    log.warning("verify: removing the clone %s of an interrupted verification",
+                                info.name)
+                    self._destroy(info.name)
+            self.recovered = True
+            return True
+        finally:
+            with self._guard:
+                self._recovering = False
 
     def forget_gone(self, existing: set[str]) -> None:
         """Forget the results of volumes that no longer exist (*existing*: every volume,

@@ -233,6 +233,10 @@ def test_start_up_removes_leftover_containers_then_clones(world):
     backend.clone("db", "s1", "snapvol.verify.0123456789ab", {})
     backend.clone("db", "s1", "snapvol.other.1", {})          # not a verify clone: kept
     checks.leftovers = 1
+    domain.verifier._running.add("db")              # a verification running: not leftovers
+    assert domain.verifier.recover() is False
+    assert len(backend.internal_volumes()) == 2
+    domain.verifier._running.clear()
     assert domain.verifier.recover() is True
     assert [v.name for v in backend.internal_volumes()] == ["snapvol.other.1"]
 
