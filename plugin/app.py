@@ -41,7 +41,7 @@ from .storage import open_backend
 from .domain import Domain
 from .trash import TrashBook
 from .verify import VerifyBook
-from .verify_docker import DockerChecks
+from .verify_docker import DockerChecks, managed_driver
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,11 @@ def build_domain(settings: Settings) -> Domain:
               "trash": TrashBook(settings.state_dir / "trash.json"),
               "trash_ttl": settings.trash_ttl, "trash_full": settings.trash_full,
               "verify_book": VerifyBook(settings.state_dir / "verify.json"),
-              "checks": DockerChecks(settings.docker_host),
-              # the managed plugin's paths are not the host's: a bind mount of the clone
-              # would show the check container an empty directory
-              "verify_refusal": None if settings.publish_dir is None else (
-                  "snapvol verify needs a host install of snapvol (./scripts/run); the "
-                  "managed plugin cannot run checks yet")}
+              # the managed plugin's paths are not the host's: it mounts the clone into the
+              # check container as a volume of its own driver, not as a bind mount
+              "checks": DockerChecks(settings.docker_host, driver=None if settings.publish_dir
+                                     is None else managed_driver(settings.docker_host,
+                                                                 settings.publish_dir))}
     backend = open_backend(settings)
     # Btrfs: a pool that went away is mounted again; ZFS volumes are re-mounted one by one on
     # Mount (ZfsBackend.attach): nothing to recover

@@ -204,6 +204,7 @@ class Verifier:
         self._clock = clock
         self._guard = threading.Lock()
         self._running: set[str] = set()
+        self._active: dict[str, Path] = {}   # scratch clone -> its mountpoint, while checked
         self._recovering = False
         self.recovered = False
 
@@ -271,11 +272,15 @@ class Verifier:
                 progress(f"cloning {info.name}@{snapshot}")
                 with self._locks.hold(info.name, scratch):
                     clone = self._backend.clone(info.name, snapshot, scratch, {})
+                with self._guard:
+                    self._active[scratch] = clone.mountpoint
                 try:
                     progress(f"running the check ({spec.image}"
                              f"{' ' + spec.command if spec.command else ''}; timeout {spec.timeout})")
                     outcome = self._checks.run(self._check_run(spec, scratch, clone.mountpoint))  # type: ignore[union-attr]
                 finally:
+                    with self._guard:
+                        self._active.pop(scratch, None)
                     progress("removing the clone")
                     self._destroy(scratch)
             except PluginError as exc:
@@ -330,6 +335,13 @@ class Verifier:
         return CheckRun(clone=scratch, source=source, image=spec.image, path=spec.path,
                         timeout=spec.timeout_seconds, network=spec.network or "none",
                         entrypoint=entrypoint, command=command, workdir=workdir, user=user)
+
+    def active_clone(self, name: object) -> Path | None:
+        """The mountpoint of *name* if it is a scratch clone being checked now (the managed
+        plugin mounts it into the check container as a volume of its own driver: Docker's
+        calls for it are answered from here, with no lock; see ``api/volume_driver``)."""
+        with self._guard:
+            return self._active.get(name) if isinstance(name, str) else None
 
     def _destroy(self, scratch: str) -> None:
         """Destroy a scratch clone; a failure is logged (start-up removes it)."""

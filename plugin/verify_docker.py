@@ -1,8 +1,11 @@
 """The Docker side of validated restores (:mod:`plugin.verify`): which container uses a
 volume, and the check container itself, through dockerd's API (the ``docker`` SDK).
 
-The check container gets only the scratch clone, as a bind mount of its path on the host (a
-host install: the plugin's paths are the host's), never the volume itself; no network unless
+The check container gets only the scratch clone, never the volume itself: on a host install
+as a bind mount of its path (the plugin's paths are the host's); from the managed plugin,
+whose paths are not the host's, as a volume of the plugin's own driver (Docker asks the
+plugin for its path, and maps it to the propagated mount as for any of its volumes; see
+``api/volume_driver``, and :func:`managed_driver` for the driver's name); no network unless
 the volume's options ask for one; the label :data:`~plugin.verify.CONTAINER_LABEL` so a
 plugin killed meanwhile removes it at its next start; it is killed at its timeout and always
 removed. Its command is an argv given to dockerd, never a shell string of anything a user
@@ -15,10 +18,13 @@ CLI's verify call and the scheduler use it.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .errors import PluginError
-from .verify import CONTAINER_LABEL, TAIL_LINES, CheckRun, Outcome, Use
+from .verify import CONTAINER_LABEL, SCRATCH_PREFIX, TAIL_LINES, CheckRun, Outcome, Use
 from .verify_spec import LABEL
 
 log = logging.getLogger(__name__)
@@ -35,11 +41,25 @@ class CheckCannotRun(PluginError):
 
 class DockerChecks:
     """Runs check containers through dockerd at *base_url* (``unix:///var/run/docker.sock``),
-    each API call bounded by *timeout* seconds (the wait for the check by its own)."""
+    each API call bounded by *timeout* seconds (the wait for the check by its own). With
+    *driver* (the managed plugin), the clone is mounted as a volume of the driver it names."""
 
-    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, *, timeout: float = 10.0,
+                 driver: Callable[[], str] | None = None) -> None:
         self._base_url = base_url
         self._timeout = timeout
+        self._driver = driver
+        self._driver_name: str | None = None
+
+    def _mount(self, check: CheckRun) -> Any:
+        from docker.types import DriverConfig, Mount
+
+        if self._driver is None:
+            return Mount(target=check.path, source=str(check.source), type="bind")
+        if self._driver_name is None:
+            self._driver_name = self._driver()
+        return Mount(target=check.path, source=check.clone, type="volume",
+                     driver_config=DriverConfig(self._driver_name), no_copy=True)
 
     def _client(self, timeout: float) -> Any:
         import docker   # on first use: Docker's calls to the plugin never need it
@@ -77,9 +97,9 @@ class DockerChecks:
         :raises CheckCannotRun: the image is missing, or dockerd refused the container.
         """
         import docker
-        from docker.types import Mount
         from requests.exceptions import RequestException
 
+        mount = self._mount(check)
         client = self._client(self._timeout)
         waiter = self._client(check.timeout + WAIT_SLACK)
         try:
@@ -90,7 +110,7 @@ class DockerChecks:
                     environment=check.env or None, network_mode=check.network,
                     labels={CONTAINER_LABEL: check.clone},
                     name=f"snapvol-verify-{check.clone.rsplit('.', 1)[-1]}",
-                    mounts=[Mount(target=check.path, source=str(check.source), type="bind")],
+                    mounts=[mount],
                     detach=True)
             except docker.errors.ImageNotFound:
                 raise CheckCannotRun(f"image {check.image} is not on this host; pull or "
@@ -121,6 +141,8 @@ class DockerChecks:
             finally:
                 try:
                     container.remove(force=True)
+                    if self._driver is not None:     # Docker's record of the clone's volume
+                        client.volumes.get(check.clone).remove(force=True)
                 except Exception as exc:
                     log.error("verify: cannot remove the check container %s (the next start "
                               "does): %s", container.short_id, exc)
@@ -135,8 +157,47 @@ class DockerChecks:
             leftovers = client.containers.list(all=True, filters={"label": CONTAINER_LABEL})
             for c in leftovers:
                 c.remove(force=True)
+            if self._driver is not None:             # Docker's records of the clones' volumes
+                for volume in client.volumes.list(filters={"name": SCRATCH_PREFIX}):
+                    if volume.name.startswith(SCRATCH_PREFIX):
+                        volume.remove(force=True)
             return len(leftovers)
         except Exception as exc:
             raise CheckCannotRun(f"cannot remove leftover check containers: {exc}") from None
         finally:
             client.close()
+
+
+_PROPAGATED = re.compile(r"/plugins/([0-9a-f]{64})/propagated-mount")
+
+
+def plugin_id(publish_dir: Path, mountinfo: str = "/proc/self/mountinfo") -> str:
+    """The managed plugin's own ID: dockerd mounts ``<data-root>/plugins/<ID>/propagated-mount``
+    at its propagatedMount (*publish_dir*), and mountinfo's root field names it.
+
+    :raises CheckCannotRun: no such mount line.
+    """
+    with open(mountinfo, encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            match = _PROPAGATED.search(fields[3]) if len(fields) > 4 else None
+            if match and fields[4] == str(publish_dir):
+                return match.group(1)
+    raise CheckCannotRun(f"cannot find this plugin's ID: no propagated mount at {publish_dir} "
+                         "in /proc/self/mountinfo")
+
+
+def managed_driver(base_url: str, publish_dir: Path) -> Callable[[], str]:
+    """A function returning the managed plugin's driver name (``NAME:TAG`` as installed), asked
+    from dockerd by the plugin's ID on first use (never while dockerd waits on the plugin)."""
+    def name() -> str:
+        ident = plugin_id(publish_dir)
+        client = DockerChecks(base_url)._client(10.0)
+        try:
+            return str(client.plugins.get(ident).name)
+        except Exception as exc:
+            raise CheckCannotRun(f"cannot ask Docker for this plugin's name ({ident[:12]}): "
+                                 f"{exc}") from None
+        finally:
+            client.close()
+    return name

@@ -162,3 +162,27 @@ def test_a_plugin_killed_mid_verify_leaves_nothing_after_its_restart(docker, plu
         assert "removing the clone snapvol.verify." in plugin.log_tail(20000)
     finally:
         remove_volume(plugin, vol)
+
+
+def test_the_managed_plugin_mounts_the_clone_as_a_volume_of_its_own_driver(docker, managed, busybox):
+    vol = unique("mgdverify")
+    docker("volume", "create", "-d", managed.driver, "-o", f"verify-image={busybox}",
+           "-o", "verify-cmd=builtin:sha256sum", vol)
+    try:
+        docker(*RUN, "-v", f"{vol}:/data", busybox, "sh", "-c",
+               "cd /data && echo payload > f && sha256sum f > SHA256SUMS")
+        code, _, err = cli(managed, "snapshot", "create", vol, "--name", "s1")
+        assert code == 0, err
+        docker(*RUN, "-v", f"{vol}:/data", busybox, "sh", "-c", "echo changed > /data/f")
+        code, out, err = cli(managed, "verify", vol)         # the clone of s1, not the volume
+        assert code == 0 and "f: OK" not in out, out + err   # (the output shows on failures)
+        last = inspect_volume(docker, vol)["Status"]["verify"]["last"]
+        assert last["result"] == "passed" and "f: OK" in last["message"]
+        code, out, err = cli(managed, "verify", vol, "--cmd", "sh -c 'echo broken >> f && sha256sum -c SHA256SUMS'")
+        assert code == 1 and "FAILED" in out, out + err
+        assert not _verifying(docker)
+        volumes = managed.volume_dir(vol).parent
+        assert not [p.name for p in volumes.iterdir() if p.name.startswith("snapvol.verify.")]
+        assert not [n for n in docker("volume", "ls", "-q").split() if n.startswith("snapvol.")]
+    finally:
+        remove_volume(managed, vol)

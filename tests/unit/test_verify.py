@@ -354,3 +354,60 @@ def test_cli_verify_json_and_refusals_and_an_absent_plugin(tmp_path):
     assert main(["verify", "db", "--socket", str(tmp_path / "none.sock")], stdout=io.StringIO(),
                 stderr=err) == 2
     assert "cannot reach the plugin" in err.getvalue()
+
+
+# ---------------------------------------------------------------------- the managed plugin
+
+def test_docker_asks_for_an_active_scratch_clone_by_name_and_gets_its_path(world):
+    from plugin.app import create_app
+    domain, backend, checks = world
+    client = create_app(domain=domain).test_client()
+
+    def call(endpoint, body):
+        response = client.post("/" + endpoint, data=json.dumps(body).encode())
+        return response.status_code, json.loads(response.data)
+
+    scratch = "snapvol.verify.00aa11bb22cc"
+    assert call("VolumeDriver.Get", {"Name": scratch})[0] == 404     # not while none runs
+    assert call("VolumeDriver.Mount", {"Name": scratch, "ID": "m1"})[0] == 404
+    seen = {}
+
+    def run(check):
+        held, done = threading.Event(), threading.Event()
+
+        def hold():         # the endpoints take no lock: they answer while another holds it
+            with domain.locks.hold(check.clone, "db"):
+                held.set()
+                done.wait(10)
+        threading.Thread(target=hold, daemon=True).start()
+        held.wait(5)
+        try:
+            for endpoint in ("Create", "Get", "Path", "Mount", "Unmount", "Remove"):
+                seen[endpoint] = call(f"VolumeDriver.{endpoint}", {"Name": check.clone, "ID": "m1"})
+        finally:
+            done.set()
+        return Outcome(0, "ok")
+    checks.run = run
+    assert domain.verifier.verify("db").result == PASSED
+    clone_path = seen["Path"][1]["Mountpoint"]
+    assert clone_path.startswith(str(backend.root)) and "snapvol.verify." in clone_path
+    assert seen["Get"] == (200, {"Volume": {"Name": seen["Get"][1]["Volume"]["Name"],
+                                            "Mountpoint": clone_path}, "Err": ""})
+    assert seen["Mount"] == (200, {"Mountpoint": clone_path, "Err": ""})
+    assert all(seen[e] == (200, {"Err": ""}) for e in ("Create", "Unmount", "Remove"))
+    assert backend.internal_volumes() == []                          # destroyed by the verifier
+    names_listed = [v["Name"] for v in call("VolumeDriver.List", {})[1]["Volumes"]]
+    assert not [n for n in names_listed if n.startswith("snapvol.")]
+
+
+def test_the_managed_plugin_finds_its_id_in_mountinfo(tmp_path):
+    from plugin.verify_docker import CheckCannotRun, plugin_id
+    ident = "ab" * 32
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 0:21 / / rw - overlay overlay rw\n"
+        f"40 22 8:1 /var/lib/docker/plugins/{ident}/propagated-mount /mnt/volumes rw,relatime "
+        "shared:5 - ext4 /dev/sda1 rw\n")
+    assert plugin_id(Path("/mnt/volumes"), str(info)) == ident
+    with pytest.raises(CheckCannotRun, match="no propagated mount at /mnt/other"):
+        plugin_id(Path("/mnt/other"), str(info))
