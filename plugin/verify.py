@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import threading
 from collections.abc import Callable
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 KIND = "verify"                             # internal_name(KIND, token): the scratch clones
 SCRATCH_PREFIX = f"{names.INTERNAL_PREFIX}{KIND}."
+SCRATCH_NAME = re.compile(re.escape(SCRATCH_PREFIX) + r"[0-9a-f]{12}")   # token_hex(6)
 CONTAINER_LABEL = "snapvol.verify.clone"    # on check containers: the clone they check
 TAIL_LINES = 20
 PASSED, FAILED, ERROR = "passed", "failed", "error"

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app
 from ..domain import Domain
 from ..errors import VolumeNotFound
 from ..units import rfc3339
-from ..verify import SCRATCH_PREFIX
+from ..verify import SCRATCH_NAME
 from .wire import docker_request, reply, required
 
 bp = Blueprint("volume_driver", __name__)
@@ -38,7 +38,7 @@ def _scratch(name: object) -> bool:
     managed plugin mounts one into its check container as a volume of its own driver, so
     Docker asks for it by name. Answered from the verifier's table, with no lock (the
     verification holds none while its check runs)."""
-    return isinstance(name, str) and name.startswith(SCRATCH_PREFIX)
+    return isinstance(name, str) and SCRATCH_NAME.fullmatch(name) is not None
 
 
 def _scratch_path(name: str) -> Path:

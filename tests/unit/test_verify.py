@@ -396,6 +396,8 @@ def test_docker_asks_for_an_active_scratch_clone_by_name_and_gets_its_path(world
     assert seen["Mount"] == (200, {"Mountpoint": clone_path, "Err": ""})
     assert all(seen[e] == (200, {"Err": ""}) for e in ("Create", "Unmount", "Remove"))
     assert backend.internal_volumes() == []                          # destroyed by the verifier
+    for other in ("snapvol.verify.x", "snapvol.trash.00aa11bb22cc"):    # reserved, not scratch
+        assert call("VolumeDriver.Remove", {"Name": other})[0] == 400
     names_listed = [v["Name"] for v in call("VolumeDriver.List", {})[1]["Volumes"]]
     assert not [n for n in names_listed if n.startswith("snapvol.")]
 
