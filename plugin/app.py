@@ -40,6 +40,8 @@ from .ssh_client import SshClient
 from .storage import open_backend
 from .domain import Domain
 from .trash import TrashBook
+from .verify import VerifyBook
+from .verify_docker import DockerChecks, managed_driver
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +59,24 @@ def build_domain(settings: Settings) -> Domain:
               "replications": ReplicationLog(settings.state_dir / "replication.json"),
               "transfers": settings.transfers,
               "trash": TrashBook(settings.state_dir / "trash.json"),
-              "trash_ttl": settings.trash_ttl, "trash_full": settings.trash_full}
+              "trash_ttl": settings.trash_ttl, "trash_full": settings.trash_full,
+              "verify_book": VerifyBook(settings.state_dir / "verify.json"),
+              # the managed plugin's paths are not the host's: it mounts the clone into the
+              # check container as a volume of its own driver, not as a bind mount
+              "checks": DockerChecks(settings.docker_host, driver=None if settings.publish_dir
+                                     is None else managed_driver(settings.docker_host,
+                                                                 settings.publish_dir))}
     backend = open_backend(settings)
     # Btrfs: a pool that went away is mounted again; ZFS volumes are re-mounted one by one on
     # Mount (ZfsBackend.attach): nothing to recover
     recover = None if settings.backend == "zfs" else (lambda: prepare_root(settings))
     domain = Domain.assemble(backend, mounts, locks, recover=recover, **extras)
     domain.volumes.open()
+    if domain.verifier is not None:
+        existing = {v.name for v in backend.volumes()}
+        if domain.trash is not None:
+            existing |= domain.trash.internal_names()
+        domain.verifier.forget_gone(existing)
     return domain
 
 
@@ -121,7 +134,7 @@ def create_app(domain: Domain | None = None,
     # started by gunicorn's hooks
     scheduler = app.extensions["snapvol.scheduler"] = Scheduler(
         domain.schedules, domain.volumes, replicator=replicator, standbys=standbys,
-        trash=domain.trash, lateness=metrics.lateness.observe)
+        trash=domain.trash, verifier=domain.verifier, lateness=metrics.lateness.observe)
     if settings.metrics is not None:
         app.extensions["snapvol.metrics_server"] = MetricsServer(metrics, settings.metrics)
     if settings.publish_dir is None:       # a host install; dockerd always lists a managed plugin

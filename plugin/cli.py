@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from . import __version__, freshness, stream
 from .cli_freshness import run_freshness
+from .cli_verify import run_verify
 from .client import PluginClient, UnixHTTPConnection, find_socket, send_stream
 from .cli_render import (render_check, render_done, render_handoff, render_promote,
                          render_prune, render_purged, render_restored, render_role,
@@ -206,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="everything in the trash")
     purge.set_defaults(endpoint="Snapvol.TrashPurge", render=render_purged,
                        body=lambda a: {"Volume": a.volume, "All": a.all})
+    verify = sub.add_parser("verify", parents=[common],
+                            help="validated restore: run a check container on a clone of a "
+                            "snapshot (exit 0 passed, 1 failed, 2 could not run)")
+    verify.add_argument("source", metavar="VOLUME[@SNAPSHOT]",
+                        help="without @SNAPSHOT, the volume's newest snapshot")
+    verify.add_argument("--image", help="check image (default: -o verify-image=, the "
+                        "snapvol.verify label, the image of the container using the volume)")
+    verify.add_argument("--cmd", help="check command (words, no shell), or builtin:postgres, "
+                        "builtin:sha256sum [SUMFILE] (default: -o verify-cmd=, the label)")
+    verify.add_argument("--path", help="where the clone is mounted in the check container "
+                        "(default: -o verify-path=, where the volume is mounted, /data)")
+    verify.add_argument("--timeout", help="kill the check and fail after this long, e.g. 10m "
+                        "(default: -o verify-timeout=, 10m)")
+    verify.set_defaults(run=run_verify)
     # how one snapvol calls another through ssh (replication, hand-off): not for people
     call = sub.add_parser("call", parents=[common], help=argparse.SUPPRESS)
     call.add_argument("endpoint", metavar="ENDPOINT")

@@ -39,16 +39,34 @@ def render_status(reply: dict[str, Any]) -> str:
                     f"{status.get('mounts')} mounts)"),
         ("options", ", ".join(status.get("options", []))),
     ]
+    for volume, v in sorted((status.get("verifications") or {}).items()):
+        lines.append(("verify", f"{volume}: {v['result']} ({v['snapshot'] or '-'}, "
+                                f"{v['started']}, {v['seconds']} s)"))
     lines += [("damaged", f"{path} (a state file that did not parse, moved aside; remove it "
                           "once read)") for path in status.get("damaged_state_files", [])]
     return "\n".join(f"{key + ':':9} {value}" for key, value in lines)
 
 
 def render_snapshots(reply: dict[str, Any]) -> str:
-    rows = [["VOLUME", "SNAPSHOT", "CREATED", "OWNER", "KEPT FOR"]]
-    rows += [[s["volume"], s["name"], s["created"], s.get("owner", ""), s.get("kept_for") or ""]
-             for s in reply.get("Snapshots", [])]
+    snapshots = reply.get("Snapshots", [])
+    verified = any(s.get("verified") for s in snapshots)     # the column only when it says something
+    rows = [["VOLUME", "SNAPSHOT", "CREATED", "OWNER", *(["VERIFIED"] if verified else []),
+             "KEPT FOR"]]
+    rows += [[s["volume"], s["name"], s["created"], s.get("owner", ""),
+              *([("passed" if s.get("verified") else "")] if verified else []),
+              s.get("kept_for") or ""] for s in snapshots]
     return _table(rows)
+
+
+def render_verify(result: dict[str, Any]) -> str:
+    """A verification: one line, then (unless it passed) the check's last output lines."""
+    head = (f"{result['volume']}@{result.get('snapshot') or '-'}: {result['result'].upper()} "
+            f"in {result.get('seconds')} s ({result.get('image') or '-'}"
+            f"{' ' + result['command'] if result.get('command') else ''})")
+    message = (result.get("message") or "").rstrip()
+    if result["result"] == "passed" or not message:
+        return head
+    return head + "\n" + "\n".join("  " + line for line in message.splitlines())
 
 
 def render_prune(reply: dict[str, Any]) -> str:

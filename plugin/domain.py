@@ -8,6 +8,7 @@ Each service is a module of its own (dependencies point down the list):
     transfers  send / receive
     schedules  automatic snapshots and retention
     trash      what Remove keeps, restore and purge
+    verify     validated restores: a check container on a clone of a snapshot
     status     what inspect, ``snapvol ls`` and ``snapvol status`` show
     check      ``snapvol check [--repair]``
 """
@@ -29,6 +30,7 @@ from .schedules import Schedules
 from .status import StatusView
 from .transfers import Transfers
 from .trash import Records, Trash, TrashBook
+from .verify import Checks, Verifier, VerifyBook
 from .volumes import VolumeService
 
 
@@ -46,6 +48,7 @@ class Domain:
     checker: Checker
     replications: ReplicationLog | None
     trash: Trash | None = None
+    verifier: Verifier | None = None
 
     @classmethod
     def assemble(cls, backend: Backend, mounts: MountTable, locks: VolumeLocks, *,
@@ -53,14 +56,16 @@ class Domain:
                  history: AutoHistory | None = None, quiescer: DockerQuiescer | None = None,
                  replications: ReplicationLog | None = None, transfers: int = 4,
                  trash: TrashBook | None = None, trash_ttl: int = 0,
-                 trash_full: int = 90) -> Domain:
+                 trash_full: int = 90, verify_book: VerifyBook | None = None,
+                 checks: Checks | None = None, verify_refusal: str | None = None) -> Domain:
         """Wire the services. *recover* makes the storage reachable again (Mount calls it
         when the backend reports it unavailable); *history* keeps the scheduler's last runs;
         *quiescer* reaches Docker to pause containers (without one, ``quiesce=pause`` is
         refused); *replications* records replications (their bases are never pruned); at
         most *transfers* streams run at once; with *trash*, Remove keeps a volume for
-        *trash_ttl* seconds (0: it destroys) unless the pool is *trash_full* percent full.
-        Nothing is opened: call ``volumes.open()``."""
+        *trash_ttl* seconds (0: it destroys) unless the pool is *trash_full* percent full;
+        with *verify_book*, validated restores are recorded there and run by *checks*
+        (refused with *verify_refusal* if given). Nothing is opened: call ``volumes.open()``."""
         inflight = InFlight(locks, transfers)
         state_dirs = frozenset(s.path.parent for s in (mounts, history, replications)
                                if s is not None)
@@ -77,14 +82,31 @@ class Domain:
                                          full_percent=trash_full,
                                          destroy=volumes.destroy_trashed,
                                          restored=volumes.restored)
+        verifier = None
+        if verify_book is not None:
+            verifier = Verifier(backend, locks, inflight, verify_book, checks,
+                                refusal=verify_refusal)
+            lifecycle.verified = _newest_passed(verify_book)
+            volumes.on_remove(verify_book.forget)
+            if trash_service is not None:
+                trash_service.records.renamers.append(verify_book.rename)
+        status = StatusView(backend, mounts, schedules, lifecycle, volumes.known,
+                            replications=replications, state_dirs=state_dirs)
+        status.verify_book = verify_book
         return cls(backend=backend, mounts=mounts, locks=locks, inflight=inflight,
                    lifecycle=lifecycle, volumes=volumes,
                    transfers=Transfers(volumes, backend, mounts, locks, inflight, lifecycle,
                                        replications),
                    schedules=schedules,
-                   status=StatusView(backend, mounts, schedules, lifecycle, volumes.known,
-                                     replications=replications, state_dirs=state_dirs),
+                   status=status,
                    checker=Checker(backend, mounts, locks, inflight, lifecycle,
                                    replications=replications, quiescer=quiescer,
                                    state_dirs=state_dirs),
-                   replications=replications, trash=trash_service)
+                   replications=replications, trash=trash_service, verifier=verifier)
+
+
+def _newest_passed(book: VerifyBook) -> Callable[[str], str | None]:
+    def newest(volume: str) -> str | None:
+        passed = book.passed(volume)
+        return passed.snapshot if passed is not None else None
+    return newest

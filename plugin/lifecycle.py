@@ -64,6 +64,9 @@ class Lifecycle:
         self._locks = locks
         self._inflight = inflight
         self._replications = replications
+        # set by validated restores (plugin.verify): the newest snapshot of a volume that
+        # passed verification, kept so that there is always one known-good restore point
+        self.verified: Callable[[str], str | None] | None = None
 
     def needs(self, volume: str, volumes: Iterable[VolumeInfo] | None = None,
               origins: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
@@ -89,6 +92,9 @@ class Lifecycle:
                 needed[base] = f"base of replication to {target}"
         for snapshot in self._inflight.sending(volume):
             needed[snapshot] = "being sent"
+        verified = self.verified(volume) if self.verified is not None else None
+        if verified:
+            needed.setdefault(verified, "newest verified restore point")
         return needed
 
     def forget_lost_bases(self, volume: str) -> None:

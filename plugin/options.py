@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from . import targets
+from . import targets, verify_spec
 from .errors import InvalidName, InvalidOption
 from .names import snapshot_name, volume_name
 from .retention import Policy
@@ -148,9 +148,26 @@ SPECS: dict[str, OptionSpec] = {spec.name: spec for spec in (
     OptionSpec("trash", _one_of("on", "off"), _BOTH,
                "off: docker volume rm destroys the volume at once instead of keeping it in "
                "the trash for SNAPVOL_TRASH_TTL"),
+    OptionSpec("verify", _schedule, _BOTH,
+               "verify the newest snapshot every interval (snapvol verify: a check "
+               "container on a clone of it), e.g. 1d"),
+    OptionSpec("verify-image", verify_spec.parse_image, _BOTH,
+               "image of the check container (default: that of the container using the volume)"),
+    OptionSpec("verify-cmd", verify_spec.parse_command, _BOTH,
+               "command of the check container (words, never a shell string), or "
+               "builtin:postgres, builtin:sha256sum [SUMFILE]"),
+    OptionSpec("verify-path", verify_spec.parse_path, _BOTH,
+               "where the clone is mounted in the check container (default: where the volume "
+               f"is mounted in its container, else {verify_spec.DEFAULT_PATH})"),
+    OptionSpec("verify-timeout", verify_spec.parse_timeout, _BOTH,
+               f"the check is killed and fails after this long (default {verify_spec.DEFAULT_TIMEOUT})"),
+    OptionSpec("verify-network", _one_of("none", "bridge"), _BOTH,
+               "network of the check container (default none)"),
 )}
 # A clone keeps its source's data, owner and mode; only these may go with from=.
-WITH_FROM = frozenset({"from", "size", "schedule", "keep", "quiesce", "replicate", "trash"})
+WITH_FROM = frozenset({"from", "size", "schedule", "keep", "quiesce", "replicate", "trash",
+                       "verify", "verify-image", "verify-cmd", "verify-path", "verify-timeout",
+                       "verify-network"})
 # What a received volume keeps of its source's options: storage only (a replica takes no
 # snapshots of its own, which would break the next incremental stream, and has no origin).
 REPLICA_OPTIONS = ("size", "uid", "gid", "mode", "compression", "nocow", "recordsize", "atime")
@@ -207,7 +224,7 @@ def validate(raw: object, backend: str,
         extra = ", ".join(sorted(set(result) - WITH_FROM))
         raise InvalidOption(f"option(s) {extra} cannot be combined with from= (a clone keeps "
                             "its source's data, owner and mode; only size, schedule, keep, "
-                            "quiesce and replicate may be given)")
+                            "quiesce, replicate, trash and verify* may be given)")
     if "sync" in result and "standby" not in result:
         raise InvalidOption("option sync applies to standby copies; give standby= too "
                             "(e.g. -o standby=ssh://nodeB -o sync=1m)")

@@ -15,7 +15,7 @@ import logging
 import threading
 from functools import partial
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from .errors import PluginError
 from .history import AutoRun
@@ -23,6 +23,7 @@ from .replication import Replicator
 from .schedules import Schedules
 from .standby import Standbys
 from .trash import Trash
+from .verify import Verifier
 from .volumes import VolumeService
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Scheduler:
                  replicator: Replicator | None = None,
                  standbys: Standbys | None = None,
                  trash: Trash | None = None,
+                 verifier: Verifier | None = None,
                  lateness: Callable[[float], None] | None = None) -> None:
         """Runs *schedules*, re-planning when *volumes* creates or removes a scheduled
         volume. *replicator* sends each automatic snapshot of a volume with ``replicate=TARGET``
@@ -50,11 +52,14 @@ class Scheduler:
         *standbys* syncs primaries to their standbys, each every ``sync``, in that pool too
         (a standby takes no automatic snapshots: its primary's come with the syncs).
         *trash* is tidied at every pass (expiry, space pressure), at least every
-        :data:`TRASH_CHECK` seconds while it holds something."""
+        :data:`TRASH_CHECK` seconds while it holds something. *verifier* runs the
+        validated restores of volumes with ``verify=`` when due (each in its own thread),
+        after it has removed what a killed verification left (its first pass)."""
         self._schedules = schedules
         self._replicator = replicator
         self._standbys = standbys
         self._trash = trash
+        self._verifier = verifier
         self._clock = clock
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -63,6 +68,7 @@ class Scheduler:
         self._lateness = lateness
         self.last_pass: datetime | None = None      # when run_once last listed the volumes
         volumes.on_change(self._wake.set)
+        volumes.on_create(lambda _name, opts: self._wake.set() if "verify" in opts else None)
         if standbys is not None:
             standbys.on_change(self._wake.set)
 
@@ -89,6 +95,7 @@ class Scheduler:
         upcoming = [s.next_run if s.next_run > now else now + s.interval for s in schedules]
         self._next_due = min(upcoming, default=None)
         self._run_syncs()
+        self._run_verifications(now)
         for schedule in sorted(schedules, key=lambda s: s.next_run):
             if schedule.next_run > now or self._stop.is_set():
                 continue
@@ -110,6 +117,16 @@ class Scheduler:
                                         then=partial(self._prune_after_replication,
                                                      schedule.volume, replicate, run))
         return done
+
+    def _run_verifications(self, now: datetime) -> None:
+        """Start the validated restores that are due (after the start-up clean-up)."""
+        if self._verifier is None:
+            return
+        try:
+            if self._verifier.recovered or self._verifier.recover():
+                self._verifier.run_due(now)
+        except PluginError as exc:
+            log.error("scheduler: cannot start verifications: %s", exc)
 
     def _run_syncs(self) -> None:
         """Start the standby syncs that are due, in the replication pool."""
@@ -143,6 +160,11 @@ class Scheduler:
             pause = min(pause, max(sync, 1.0))     # a sync running now is not due again at once
         if self._trash is not None and self._trash.entries():
             pause = min(pause, TRASH_CHECK)        # expiry and space pressure
+        if self._verifier is not None:
+            due = (self._verifier.next_due() if self._verifier.recovered
+                   else now + timedelta(seconds=5))   # Docker not reachable yet
+            if due is not None:
+                pause = min(pause, max((due - now).total_seconds(), 1.0))
         return max(0.05, min(MAX_SLEEP, pause))
 
     # ------------------------------------------------------------------ lifecycle

@@ -27,6 +27,7 @@ from .snapshot_names import is_automatic
 from .statefile import quarantined
 from .units import rfc3339
 from .known import KnownVolumes
+from .verify import VerifyBook, VerifyResult
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class StatusView:
         self._started = time.time()
         # set by the standby roles (plugin.standby, above this module): a volume's role
         self.role_of: Callable[[str], dict[str, Any] | None] | None = None
+        # set by the domain: the results of validated restores (plugin.verify)
+        self.verify_book: VerifyBook | None = None
 
     def get(self, name: object) -> VolumeView:
         """One volume with its status for ``docker volume inspect`` (no lock).
@@ -109,7 +112,10 @@ class StatusView:
         volume = names.volume_name(volume)
         listed = self._backend.snapshots(volume)
         needed = self._lifecycle.needs(volume)
-        return [{**snapshot_row(s), "kept_for": needed.get(s.name)} for s in listed]
+        passed = self.verify_book.passed(volume) if self.verify_book is not None else None
+        return [{**snapshot_row(s), "kept_for": needed.get(s.name),
+                 "verified": rfc3339(passed.started) if passed is not None
+                 and passed.snapshot == s.name else None} for s in listed]
 
     def describe_volumes(self) -> list[dict[str, Any]]:
         """Every volume with usage and mount count, for ``snapvol ls``; a volume whose details
@@ -144,7 +150,12 @@ class StatusView:
                 "atomic_multi_volume_snapshots": self._backend.atomic_snapshots,
                 "volumes": len(volumes), "volumes_in_use": len(in_use),
                 "mounts": sum(in_use.values()), "options": options.accepted(self._backend.kind),
-                "damaged_state_files": [str(p) for p in quarantined(*self._state_dirs)]}
+                "damaged_state_files": [str(p) for p in quarantined(*self._state_dirs)],
+                "verifications": {name: _verify_row(self.verify_book.last(name))
+                                  for name in sorted(self.verify_book.volumes())
+                                  if not names.is_internal(name)
+                                  and self.verify_book.last(name) is not None}
+                if self.verify_book is not None else {}}
 
     def status(self, info: VolumeInfo, in_use: dict[str, int] | None = None) -> dict[str, Any]:
         usage = self._backend.usage(info.name)
@@ -167,6 +178,12 @@ class StatusView:
         role = self.role_of(info.name) if self.role_of is not None else None
         if role is not None:
             status["role"] = role
+        verified = self.verify_book.last(info.name) if self.verify_book is not None else None
+        if verified is not None or "verify" in info.options:
+            passed = self.verify_book.passed(info.name) if self.verify_book is not None else None
+            status["verify"] = {"every": info.options.get("verify"),
+                                "last": _verify_row(verified),
+                                "passed": _verify_row(passed)}
         schedule = schedule_of(info)
         if schedule is not None:
             last = self._schedules.last_run(info.name, listed)
@@ -184,3 +201,12 @@ def snapshot_row(info: SnapshotInfo) -> dict[str, Any]:
     """A snapshot as the CLI's endpoints show it."""
     return {"volume": info.volume, "name": info.name, "created": rfc3339(info.created),
             "identity": info.identity, "received": info.received, "owner": owner(info.name)}
+
+
+def _verify_row(result: VerifyResult | None) -> dict[str, Any] | None:
+    """A verification as Status and ``snapvol status`` show it."""
+    if result is None:
+        return None
+    return {"result": result.result, "snapshot": result.snapshot,
+            "started": rfc3339(result.started), "seconds": result.seconds,
+            "message": result.message[-1000:]}

@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flask import Blueprint, Response, current_app, request
 
@@ -22,6 +22,8 @@ from ..targets import Target
 from ..trash import Trash
 from ..status import snapshot_row
 from ..units import rfc3339
+from ..verify import Verifier, VerifyResult
+from ..verify_spec import CheckSpec, parse_command, parse_image, parse_path, parse_timeout
 from .wire import docker_request, reply, required
 
 log = logging.getLogger(__name__)
@@ -287,3 +289,64 @@ def trash_purge() -> Response:
     else:
         purged = [trash.purge(required(body, "Volume"))]
     return reply(Purged=[{"Id": e.id, "Name": e.name} for e in purged])
+
+
+# ------------------------------------------------------------------ validated restores
+
+def _verify_row(result: VerifyResult) -> dict[str, object]:
+    return {**result.to_json(), "message": result.message[-4000:]}
+
+
+def _override(body: dict[str, object], field: str, parse: Callable[[str], str]) -> str | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{field} must be a string")
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"{field.lower()} {value[:60]!r}: {exc}") from None
+
+
+@bp.post("/Snapvol.Verify")
+def verify() -> Response:
+    """Verify ``Volume``'s ``Snapshot`` (its newest if null) with the check its options say,
+    or ``Image``/``Cmd``/``Path``/``Timeout``. Streams JSON lines: ``{"Step": text}`` while
+    it runs, then ``{"Err": "", "Verify": result}`` or ``{"Err": ..., "Status": n}``; a
+    request that is wrong from the start is an ordinary error reply."""
+    body = docker_request()
+    verifier: Verifier | None = domain().verifier
+    if verifier is None:
+        raise VolumeBusy("this plugin instance cannot verify (no state directory)")
+    overrides = CheckSpec(image=_override(body, "Image", parse_image),
+                          command=_override(body, "Cmd", parse_command),
+                          path=_override(body, "Path", parse_path),
+                          timeout=_override(body, "Timeout", parse_timeout))
+    volume, snapshot = names.volume_name(required(body, "Volume")), body.get("Snapshot")
+    domain().volumes.snapshots(volume)              # a missing volume: 404 now, not mid-stream
+    if snapshot is not None:
+        names.snapshot_name(snapshot)
+    events: queue.Queue[dict[str, object]] = queue.Queue()
+
+    def work() -> None:
+        try:
+            result = verifier.verify(volume, snapshot, overrides,
+                                     progress=lambda step: events.put({"Step": step}))
+            events.put({"Err": "", "Verify": _verify_row(result)})
+        except PluginError as exc:
+            events.put({"Err": str(exc), "Status": exc.http_status})
+        except Exception:   # our bug: the traceback stays in the log
+            log.exception("verification of %s failed", volume)
+            events.put({"Err": "internal error in snapvol; see the plugin log", "Status": 500})
+
+    threading.Thread(target=work, name="snapvol-verify", daemon=True).start()
+
+    def lines() -> Iterator[bytes]:
+        while True:
+            event = events.get()
+            yield json.dumps(event).encode() + b"\n"
+            if "Err" in event:
+                return
+
+    return Response(lines(), mimetype="application/x-ndjson")

@@ -83,7 +83,8 @@ def test_unknown_option_names_the_option_and_the_accepted_ones(client, backend):
     assert status == 400
     assert reply["Err"] == ("unknown option(s): 'bogus'; btrfs volumes accept: size, uid, "
                             "gid, mode, compression, nocow, from, schedule, keep, quiesce, replicate, "
-                                "standby, sync, trash")
+                                "standby, sync, trash, verify, verify-image, verify-cmd, "
+                                "verify-path, verify-timeout, verify-network")
     assert backend.volumes() == []
 
 
