@@ -76,7 +76,7 @@ class InFlight:
             self.release_slot()
 
     def pin(self, pins: list[Pin]) -> None:
-        """Mark snapshots as being sent (counted: two sends may share one)."""
+        """Mark snapshots as being sent or verified (counted: two sends may share one)."""
         with self._guard:
             self._pins.update(pins)
 
@@ -132,5 +132,5 @@ class InFlight:
         """:raises VolumeBusy: a snapshot of *volume* is being sent."""
         sending = sorted(self.sending(volume))
         if sending:
-            raise VolumeBusy(f"volume {volume} is being sent ({', '.join(sending)}); try again "
-                             "when the transfer is done")
+            raise VolumeBusy(f"volume {volume} is being sent or verified ({', '.join(sending)}); "
+                             "try again when that is done")

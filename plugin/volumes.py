@@ -244,8 +244,8 @@ class VolumeService:
                 raise Conflict(f"snapshot {volume}@{snapshot} is the origin of volume {clone}, "
                                "which depends on it; remove that volume first")
             if snapshot in self._inflight.sending(volume):
-                raise Conflict(f"snapshot {volume}@{snapshot} is being sent; try again when "
-                               "the transfer is done")
+                raise Conflict(f"snapshot {volume}@{snapshot} is being sent or verified; try "
+                               "again when that is done")
             self._backend.destroy_snapshot(volume, snapshot)
 
     def rollback(self, volume: object, snapshot: object, *, destroy_newer: bool = False) -> None:
