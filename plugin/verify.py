@@ -99,11 +99,13 @@ class VerifyBook:
     def path(self) -> Path:
         return self._path
 
-    def record(self, result: VerifyResult) -> None:
+    def record(self, result: VerifyResult, older_than_passed: bool = False) -> None:
+        """Record *result* as the volume's last; a pass also becomes its passed result,
+        unless *older_than_passed* (a newer snapshot passed already and stays the one kept)."""
         with self._guard:
             kinds = self._entries.setdefault(result.volume, {})
             kinds["last"] = result
-            if result.result == PASSED:
+            if result.result == PASSED and not older_than_passed:
                 kinds["passed"] = result
             self._save()
 
@@ -247,7 +249,9 @@ class Verifier:
         finally:
             with self._guard:
                 self._running.discard(volume)
-        self.book.record(result)
+        passed = self.book.passed(volume)
+        self.book.record(result, older_than_passed=passed is not None and passed.snapshot in listed
+                         and listed.index(passed.snapshot) > listed.index(snapshot))
         log.info("verified %s@%s: %s in %.1f s%s", volume, snapshot, result.result,
                  result.seconds, f" ({result.message.splitlines()[-1][:200]})"
                  if result.result != PASSED and result.message else "")

@@ -133,3 +133,11 @@ def test_retention_keeps_the_newest_snapshot_that_passed(backend, tmp_path):
     assert left[0] == verified and len(left) == 3             # last=2, plus the verified one
     decisions = {r["snapshot"]: r for r in d.schedules.prune("auto", now=ticks[-1], dry_run=True)}
     assert decisions[verified]["keep"] and "protected" in decisions[verified]["reasons"]
+
+
+def test_a_pass_of_an_older_snapshot_keeps_the_newer_one_that_passed(domain):
+    domain.volumes.snapshot(["db"], "s2")
+    assert domain.verifier.verify("db", "s2").result == PASSED
+    assert domain.verifier.verify("db", "s1").result == PASSED
+    assert domain.verifier.book.last("db").snapshot == "s1"
+    assert domain.verifier.book.passed("db").snapshot == "s2"      # the newest that passed
