@@ -51,7 +51,7 @@ class Thresholds:
 @dataclass(frozen=True)
 class Finding:
     level: Level
-    kind: str          # "snapshot age" | "replication lag" | "pool" | "storage"
+    kind: str          # "snapshot age" | "verification" | "replication lag" | "pool" | "storage"
     what: str
 
     def line(self) -> str:
@@ -85,6 +85,8 @@ def assess(facts: dict[str, Any], limits: Thresholds) -> list[Finding]:
 
     * a scheduled volume whose newest snapshot (or, without one, its creation) is older than
       ``warn_age``/``crit_age`` intervals; standbys are left out (their primary snapshots);
+    * a volume whose last validated restore failed, or with ``verify=``, whose last passed
+      one is older than ``warn_age``/``crit_age`` intervals;
     * a ``replicate=`` target or a standby whose copy was taken longer ago than
       ``warn_lag``/``crit_lag`` intervals (never synced: counted from the volume's creation);
       targets replicated to by hand have no cadence and are not judged;
@@ -110,6 +112,7 @@ def assess(facts: dict[str, Any], limits: Thresholds) -> list[Finding]:
                         f"volume {name}: {what} {human(age)} ago, schedule every "
                         f"{human(interval)} (warn after {human(limits.warn_age * interval)}, "
                         f"crit after {human(limits.crit_age * interval)})")))
+        found += _verification(name, created, volume.get("verify"), now, limits)
         for target in volume.get("targets", []):
             expected = target.get("interval")
             if not expected:
@@ -137,6 +140,32 @@ def assess(facts: dict[str, Any], limits: Thresholds) -> list[Finding]:
                 f"{percent:.0f}% used, {available >> 20} MiB of {size >> 20} MiB free "
                 f"(warn at {limits.warn_pool:g}%, crit at {limits.crit_pool:g}%)")))
     return sorted(found, key=lambda f: -f.level)
+
+
+def _verification(name: str, created: datetime | None, verify: dict[str, Any] | None,
+                  now: datetime, limits: Thresholds) -> list[Finding]:
+    """A volume's validated restores: its last one failed (WARN: the newest restore point
+    did not pass; the one kept is older), or with ``verify=``, none passed for longer than
+    ``warn_age``/``crit_age`` intervals (never: counted from the volume's creation)."""
+    if not verify:
+        return []
+    found = []
+    if verify.get("last_failed"):
+        found.append(Finding(Level.WARN, "verification", (
+            f"volume {name}: its last validated restore did not pass (snapvol status and "
+            f"docker volume inspect: Status.verify.last)")))
+    interval = verify.get("interval")
+    since = _time(verify.get("last_success")) or created
+    if interval and since is not None:
+        age = (now - since).total_seconds()
+        level = _judge(age, interval, limits.warn_age, limits.crit_age)
+        if level:
+            what = "last passed" if verify.get("last_success") else "none passed yet, created"
+            found.append(Finding(level, "verification", (
+                f"volume {name}: validated restore {what} {human(age)} ago, verify every "
+                f"{human(interval)} (warn after {human(limits.warn_age * interval)}, crit after "
+                f"{human(limits.crit_age * interval)})")))
+    return found
 
 
 def summary(facts: dict[str, Any], findings: list[Finding]) -> tuple[Level, list[str]]:

@@ -7,8 +7,8 @@ Two kinds of metric live here:
   scheduler lateness. They start at zero with the process, as Prometheus counters do.
 * state read at scrape time by :class:`StateCollector` from :class:`~plugin.observe.Observer`
   (cached for a few seconds): per volume its snapshot count, newest snapshot time, used
-  bytes, schedule; per replication target its last success, lag and bytes; the pool's fill;
-  transfers in flight. These come from the filesystem and the state files, so they survive a
+  bytes, schedule, validated restores (last one, last success); per replication target its
+  last success, lag and bytes; the pool's fill; transfers in flight. These come from the filesystem and the state files, so they survive a
   restart: alerts judge the *age* of the last success (the batch-job pattern), never a single
   failure.
 
@@ -173,7 +173,22 @@ class StateCollector(Collector):
         every = family("snapvol_replication_interval_seconds", "How often the target is due "
                        "(replicate=: the schedule; standby: its sync=); absent for targets "
                        "replicated to by hand", ("volume", "target", "kind"))
+        verify_every = family("snapvol_verify_interval_seconds", "The volume's verify= interval")
+        verify_last = family("snapvol_verify_last_timestamp_seconds",
+                             "When the volume's last validated restore ended, passed or not")
+        verify_failed = family("snapvol_verify_last_failed", "1 when the volume's last "
+                               "validated restore failed or could not run")
+        verify_success = family("snapvol_verify_last_success_timestamp_seconds",
+                                "When the volume's last validated restore that passed ended")
         for v in volumes:
+            if v.verify is not None:
+                if v.verify.interval:
+                    verify_every.add_metric([v.name], v.verify.interval)
+                if v.verify.last is not None:
+                    verify_last.add_metric([v.name], v.verify.last.timestamp())
+                    verify_failed.add_metric([v.name], 1 if v.verify.last_failed else 0)
+                if v.verify.last_success is not None:
+                    verify_success.add_metric([v.name], v.verify.last_success.timestamp())
             if v.created is not None:
                 created.add_metric([v.name], v.created.timestamp())
             count.add_metric([v.name], v.snapshots)
@@ -197,7 +212,8 @@ class StateCollector(Collector):
                     lag.add_metric(labels, max(0.0, (now - t.synced_created).total_seconds()))
                 if t.interval:
                     every.add_metric([*labels, t.kind], t.interval)
-        yield from (created, count, newest, used, quota, interval, success, attempt, failed, lag, size, every)
+        yield from (created, count, newest, used, quota, interval, success, attempt, failed, lag,
+                    size, every, verify_every, verify_last, verify_failed, verify_success)
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:

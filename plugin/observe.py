@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .domain import Domain
@@ -25,7 +25,8 @@ from .roles import RoleBook
 from .schedules import schedule_of
 from .standby_common import seconds_of
 from .targets import Target
-from .units import rfc3339
+from .units import parse_duration, rfc3339
+from .verify import PASSED, VerifyResult
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,22 @@ class TargetFacts:
 
 
 @dataclass(frozen=True)
+class VerifyFacts:
+    """A volume's validated restores (:mod:`plugin.verify`): when the last one ended and
+    whether it passed, when the last one that passed ended."""
+
+    interval: float | None            # verify=, in seconds (None: verified by hand only)
+    last: datetime | None
+    last_failed: bool                 # failed, or could not run
+    last_success: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"interval": self.interval, "last": rfc3339(self.last) if self.last else None,
+                "last_failed": self.last_failed,
+                "last_success": rfc3339(self.last_success) if self.last_success else None}
+
+
+@dataclass(frozen=True)
 class VolumeFacts:
     name: str
     created: datetime | None
@@ -63,6 +80,7 @@ class VolumeFacts:
     interval: float | None            # the schedule's, in seconds
     role: str | None                  # "primary" with standbys, "standby", or None
     targets: tuple[TargetFacts, ...] = ()
+    verify: VerifyFacts | None = None  # with verify= or once verified
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "created": rfc3339(self.created) if self.created else None,
@@ -70,7 +88,8 @@ class VolumeFacts:
                 "newest": rfc3339(self.newest) if self.newest else None,
                 "used_bytes": self.used_bytes, "quota_bytes": self.quota_bytes,
                 "interval": self.interval, "role": self.role,
-                "targets": [t.to_json() for t in self.targets]}
+                "targets": [t.to_json() for t in self.targets],
+                "verify": self.verify.to_json() if self.verify is not None else None}
 
 
 @dataclass(frozen=True)
@@ -166,8 +185,25 @@ class Observer:
                 info.name, info.created, len(listed),
                 max((s.created for s in listed), default=None), used, quota, interval,
                 None if role is None or (role.is_primary and not role.standbys) else role.role,
-                tuple(targets)))
+                tuple(targets), self._verify_facts(info)))
         return Facts(now, tuple(volumes), capacity.size_bytes, capacity.available_bytes)
+
+
+    def _verify_facts(self, info) -> VerifyFacts | None:
+        verifier = self._domain.verifier
+        if verifier is None:
+            return None
+        last, passed = verifier.book.last(info.name), verifier.book.passed(info.name)
+        every = info.options.get("verify")
+        if every is None and last is None:
+            return None
+        return VerifyFacts(float(parse_duration(every)) if every else None,
+                           _ended(last), last is not None and last.result != PASSED,
+                           _ended(passed))
+
+
+def _ended(result: VerifyResult | None) -> datetime | None:
+    return result.started + timedelta(seconds=result.seconds) if result is not None else None
 
 
 def _normal(target: str | None) -> str | None:

@@ -166,3 +166,29 @@ def test_cli_json_lists_the_findings():
     parsed = json.loads(out)
     assert code == 2 and parsed["Status"] == "CRIT"
     assert [f["kind"] for f in parsed["Findings"]] == ["snapshot age"]
+
+
+def verify(passed: float | None, *, interval: float | None = 86400.0, failed=False) -> dict:
+    return {"interval": interval, "last": at(0), "last_failed": failed,
+            "last_success": None if passed is None else at(passed)}
+
+
+@pytest.mark.parametrize("passed,failed,expected", [
+    (3600, False, []),                                          # passed an hour ago: fine
+    (2 * 86400, False, [("WARN", "verification")]),             # 2 intervals: warn
+    (4 * 86400, False, [("CRIT", "verification")]),             # past 3: crit
+    (3600, True, [("WARN", "verification")]),                   # the newest did not pass
+    (None, False, [("CRIT", "verification")]),                  # none ever, created 30 d ago
+])
+def test_validated_restores_are_judged_by_the_age_of_the_last_pass(passed, failed, expected):
+    found = assess(facts({**volume(), "verify": verify(passed, failed=failed)}), Thresholds())
+    assert levels(found) == expected
+    if failed:
+        assert "did not pass" in found[0].what
+
+
+def test_a_volume_verified_by_hand_only_is_judged_by_its_last_result():
+    by_hand = verify(40 * 86400, interval=None)
+    assert assess(facts({**volume(), "verify": by_hand}), Thresholds()) == []
+    assert levels(assess(facts({**volume(), "verify": {**by_hand, "last_failed": True}}),
+                         Thresholds())) == [("WARN", "verification")]

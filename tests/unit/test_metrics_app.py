@@ -133,3 +133,28 @@ def test_standbys_and_replicate_targets_carry_their_cadence(tmp_path: Path):
     assert got == {"unix:///r/b.sock": ("replicate", 3600, NOW, taken.created),
                    "unix:///r/s.sock": ("standby", 30, None, None),
                    "unix:///r/hand.sock": ("manual", None, NOW, taken.created)}
+
+
+def test_validated_restores_are_metrics_of_their_last_result_and_last_success(tmp_path: Path):
+    """A volume with verify= carries its interval; its last verification's end and whether
+    it failed, and the end of its last one that passed (the batch-job pattern)."""
+    from plugin.verify import FAILED, PASSED, VerifyBook, VerifyResult
+
+    domain = Domain.assemble(FakeBackend(tmp_path / "root"), MountTable(tmp_path / "mounts.json"),
+                             VolumeLocks(0.5), verify_book=VerifyBook(tmp_path / "verify.json"))
+    domain.backend.check()
+    domain.volumes.open()
+    domain.volumes.create("pg", {"verify": "1d", "verify-image": "postgres:16"})
+    domain.volumes.create("web", {})
+    app = create_app(domain=domain, environ={"SNAPVOL_STATE_DIR": str(tmp_path)})
+    book = domain.verifier.book
+    book.record(VerifyResult("pg", "s1", PASSED, NOW, 2.0))
+    book.record(VerifyResult("pg", "s2", FAILED, NOW.replace(hour=5), 3.0, "bad checksum"))
+    got = samples(app)
+    pg = frozenset({"volume": "pg"}.items())
+    assert got[("snapvol_verify_interval_seconds", pg)] == 86400
+    assert got[("snapvol_verify_last_success_timestamp_seconds", pg)] == NOW.timestamp() + 2
+    assert got[("snapvol_verify_last_timestamp_seconds", pg)] == NOW.timestamp() + 5 * 3600 + 3
+    assert got[("snapvol_verify_last_failed", pg)] == 1
+    assert not [key for key in got if key[0].startswith("snapvol_verify") and
+                dict(key[1]).get("volume") == "web"]
