@@ -35,6 +35,7 @@ from tests.unit.test_monitoring import referenced_metrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 NO_DOCKER = "unix:///run/snapvol-metrics-test-no-docker.sock"   # nothing listens there
+VERIFY_SERIES = {"snapvol_verify_last_success_timestamp_seconds", "snapvol_verify_interval_seconds"}
 
 
 def scrape(port: int) -> Samples:
@@ -258,7 +259,10 @@ def test_the_dashboard_and_alert_rules_query_only_exported_metrics(monitored):
                                           volume=volume, target=label, kind="replicate") == 3600, instance=source)
     assert value(samples, "snapvol_volume_schedule_interval_seconds", volume=volume) == 3600
     exported = {name for name, _ in samples}
-    assert referenced_metrics() - exported == set()
+    # A validated restore that passes needs a dockerd to run its check, and this source has
+    # none on purpose: the verify series are checked in the unit tier's registry
+    # (test_metrics_app.py) and their facts through a real plugin in test_verify.py.
+    assert referenced_metrics() - exported - VERIFY_SERIES == set()
     # and the README's table documents every series the plugin exports
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("### Metrics and monitoring")[1].split("\n## ")[0]

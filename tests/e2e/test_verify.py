@@ -51,7 +51,9 @@ def wait_for(what: str, predicate, timeout: float = 60.0, step: float = 0.3):
         time.sleep(step)
 
 
-def test_postgres_snapshot_verifies_and_a_damaged_one_fails(docker, plugin, postgres_image, busybox):
+def test_postgres_snapshot_verifies_and_a_damaged_one_fails(docker, host_plugin, postgres_image,
+                                                            busybox):
+    plugin = host_plugin                                # Btrfs and ZFS
     vol, db = unique("pgverify"), unique("pgv")
     docker("volume", "create", "-d", plugin.driver, "-o", "verify-cmd=builtin:postgres", vol)
     try:
@@ -123,6 +125,15 @@ def test_scheduled_verification_and_a_hung_check(docker, host_plugin, busybox):
         assert time.monotonic() - started < 30
         code, out, err = cli(plugin, "verify", hung, "--image", "snapvol-test/absent:1")
         assert code == 2 and "is not on this host" in out, out + err
+
+        # what monitoring reads (the facts behind /metrics and check --freshness)
+        code, out, err = cli(plugin, "check", "--freshness", "--json")
+        report = json.loads(out)
+        facts = {v["name"]: v["verify"] for v in report["Facts"]["volumes"]}
+        assert facts[vol]["interval"] == 3 and facts[vol]["last_success"], facts[vol]
+        assert facts[hung]["last_failed"] and facts[hung]["last_success"] is None, facts[hung]
+        assert [f for f in report["Findings"] if f["kind"] == "verification"
+                and f"volume {hung}:" in f["what"]], report["Findings"]
     finally:
         for name in (vol, hung):
             remove_volume(plugin, name)
