@@ -1,13 +1,15 @@
 """The host lane of scripts/test, in two sides that run at the same time.
 
-``python -m tests.host_lane LOGDIR``
+``python -m tests.host_lane LOGDIR``; ``python -m tests.host_lane --early`` runs the tortures'
+zfs-fuse halves, which scripts/test runs beforehand, beside the plugin's build.
 
 * **The waiting side**: the end-to-end tier (``pytest tests/e2e``), which spends most of its
   time waiting on dockerd, containers, timers and the filesystems (the CPU was measured 75 %
   idle while it ran alone). It starts at once and prints to this process's output.
-* **The working side**, niced so that it yields the CPU to the first: the crash torture's CI
-  slice, the hand-off torture's, then the unit and integration tiers. Its output goes to
-  ``LOGDIR/working-side.log`` and is printed when both sides have ended.
+* **The working side**, niced so that it yields the CPU to the first: the Btrfs halves of the
+  crash torture's CI slice and of the hand-off torture's, then the unit and integration
+  tiers. Its output goes to ``LOGDIR/working-side.log`` and is printed when both sides have
+  ended.
 
 Both sides use one ZFS: where the kernel has none, one zfs-fuse is started here for both and
 stopped at the end (:func:`tests.conftest.zfs_running`; each side alone would stop its own
@@ -29,9 +31,16 @@ from tests.conftest import zfs_running
 PYTHON = sys.executable
 WORKING_NICENESS = 10          # as the OpenZFS VM beside: the two share what the e2e tier leaves
 E2E = [PYTHON, "-m", "pytest", "-p", "no:cacheprovider", "--durations=15", "tests/e2e"]
+# The tortures' zfs-fuse halves run first, beside the plugin's build (scripts/test), not beside
+# the end-to-end tier: every dockerd volume lookup asks the zfs-fuse plugins too, and a
+# zfs-fuse busy with a torture made them wait past Compose's 60 s.
+EARLY_STEPS = [
+    ("crash torture (CI slice, zfs-fuse)", [PYTHON, "-m", "tests.torture.torture", "--backend", "zfs"]),
+    ("hand-off torture (CI slice, zfs-fuse)", [PYTHON, "-m", "tests.torture.handoff", "--backend", "zfs"]),
+]
 WORKING_STEPS = [
-    ("crash torture (CI slice)", [PYTHON, "-m", "tests.torture.torture"]),
-    ("hand-off torture (CI slice)", [PYTHON, "-m", "tests.torture.handoff"]),
+    ("crash torture (CI slice, Btrfs)", [PYTHON, "-m", "tests.torture.torture", "--backend", "btrfs"]),
+    ("hand-off torture (CI slice, Btrfs)", [PYTHON, "-m", "tests.torture.handoff", "--backend", "btrfs"]),
     ("unit and integration tiers", [PYTHON, "-m", "pytest", "-p", "no:cacheprovider",
                                     "--durations=10",
                                     "tests/unit", "tests/integration"]),
@@ -42,10 +51,10 @@ def log(message: str) -> None:
     print(f"snapvol: {message}", flush=True)
 
 
-def run_working_side() -> int:
-    """The working side's steps, one after the other (in the child started below)."""
+def run_steps(steps: list[tuple[str, list[str]]]) -> int:
+    """*steps* one after the other, each timed; 1 if any failed (all run regardless)."""
     failed = False
-    for title, argv in WORKING_STEPS:
+    for title, argv in steps:
         started = time.monotonic()
         code = subprocess.call(argv)
         log(f"{title}: {time.monotonic() - started:.0f} s (exit {code})")
@@ -74,9 +83,12 @@ def stop(process: subprocess.Popen) -> None:
 
 def main(argv: list[str]) -> int:
     if argv == ["--working-side"]:
-        return run_working_side()
+        return run_steps(WORKING_STEPS)
+    if argv == ["--early"]:
+        with zfs_running():
+            return run_steps(EARLY_STEPS)
     if len(argv) != 1:
-        print("usage: python -m tests.host_lane LOGDIR", file=sys.stderr)
+        print("usage: python -m tests.host_lane LOGDIR | --early", file=sys.stderr)
         return 2
     log_dir = Path(argv[0])
     log_dir.mkdir(parents=True, exist_ok=True)

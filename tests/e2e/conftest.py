@@ -39,6 +39,11 @@ from tests.e2e.harness import (DockerDaemon, ManagedPlugin, PluginProcess, Regis
 from tests.e2e.publish import PLUGIN_TAGS   # two builds: the second for `docker plugin upgrade`
 
 DEFAULT_DATA = Path("/var/lib/snapvol")
+# The session's instances keep what `docker volume rm` trashes for 5 minutes, not 24 hours:
+# every test removes its volumes, and hundreds of trashed datasets under one zfs-fuse root made
+# every listing, and so every dockerd volume lookup that asks all drivers, slower as the
+# session went on (a Compose request past its 60 s, a `docker volume rm` past 180 s).
+SESSION_TRASH = {"SNAPVOL_TRASH_TTL": "5m"}
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,8 @@ def sshd(e2e_base: Path) -> Iterator[SshServer]:
 def plugin(e2e_base: Path, sshd: SshServer) -> Iterator[PluginProcess]:
     """snapvol on its embedded pool (the default a user gets), unique driver name."""
     process = PluginProcess(f"snapvole2e{secrets.token_hex(4)}", e2e_base / "state",
-                            {"SNAPVOL_DOCKER_HOST": f"unix://{docker_socket(e2e_base)}", **sshd.env()})
+                            {"SNAPVOL_DOCKER_HOST": f"unix://{docker_socket(e2e_base)}",
+                             **sshd.env(), **SESSION_TRASH})
     process.start()
     yield process
     process.stop()
@@ -144,7 +150,8 @@ def _zfs_instance(e2e_base: Path, label: str, env: dict[str, str]) -> Iterator[P
     pool = make_pool(e2e_base, size=2 << 30)
     process = PluginProcess(f"{label}{secrets.token_hex(4)}", e2e_base / f"{label}-state",
                             {"SNAPVOL_BACKEND": "zfs", "SNAPVOL_ZFS_ROOT": f"{pool}/snapvol",
-                             "SNAPVOL_DOCKER_HOST": f"unix://{docker_socket(e2e_base)}", **env})
+                             "SNAPVOL_DOCKER_HOST": f"unix://{docker_socket(e2e_base)}",
+                             **SESSION_TRASH, **env})
     process.pool = pool  # type: ignore[attr-defined]
     process.start()
     yield process
@@ -161,7 +168,8 @@ def zfs_plugin(e2e_base: Path, zfs_service: None, sshd: SshServer) -> Iterator[P
 @pytest.fixture(scope="session")
 def replica(e2e_base: Path) -> Iterator[PluginProcess]:
     """A second Btrfs instance with its own pool and socket: the replication target."""
-    process = PluginProcess(f"snapvolrep{secrets.token_hex(4)}", e2e_base / "replica-state")
+    process = PluginProcess(f"snapvolrep{secrets.token_hex(4)}", e2e_base / "replica-state",
+                            SESSION_TRASH)
     process.start()
     yield process
     process.stop()

@@ -52,7 +52,10 @@ class DockerDaemon:
         self.base = base
         self.cli = cli
         self.socket = base / "docker.sock"
-        self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.socket}"}
+        # docker-compose v1 gives up on a request after 60 s: a volume call that waits on a
+        # busy plugin (zfs-fuse, a loaded CI machine) may take longer, as dockerd allows
+        self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.socket}",
+                    "COMPOSE_HTTP_TIMEOUT": "300"}
         self.log = base / "dockerd.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -127,10 +130,13 @@ class DockerDaemon:
 class PluginProcess:
     """One snapvol instance (gunicorn) on a legacy socket with a unique driver name."""
 
-    def __init__(self, driver: str, state_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, driver: str, state_dir: Path, extra_env: dict[str, str] | None = None,
+                 socket_dir: Path = Path("/run/docker/plugins")) -> None:
+        """*socket_dir*: where dockerd finds legacy plugins by default; an instance no dockerd
+        should see (the tortures') gets a directory of its own."""
         self.driver = driver
         self.state_dir = state_dir
-        self.socket = Path("/run/docker/plugins") / f"{driver}.sock"
+        self.socket = socket_dir / f"{driver}.sock"
         self.log = state_dir.parent / f"{driver}.log"
         self.pidfile = state_dir.parent / f"{driver}.pid"
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),

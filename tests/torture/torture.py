@@ -154,8 +154,10 @@ class Instance:
         self.root = root                    # btrfs: the mount directory; zfs: the dataset
         env = {"SNAPVOL_BACKEND": backend, **storage,
                "SNAPVOL_DOCKER_HOST": f"unix://{base}/no-dockerd.sock"}
+        # its socket outside /run/docker/plugins: the host lane's dockerd, running beside,
+        # would probe it (and wait on it while it is killed) for every volume lookup
         self.proc = PluginProcess(f"svtorture{role[0]}{secrets.token_hex(4)}",
-                                  base / f"{role}-state", env)
+                                  base / f"{role}-state", env, socket_dir=base)
         self._log_offset = 0
 
     @property
