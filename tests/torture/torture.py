@@ -784,22 +784,24 @@ def observe(inst: Instance, k: int) -> tuple[dict[str, Observed], list[str]]:
 def check_ownership(inst: Instance, seen: dict[str, Observed]) -> list[str]:
     """Nothing on the storage that no volume or snapshot of the plugin owns. A transfer
     still in flight on the target (a stream cut by the source's death) owns its inbox until
-    it has noticed: so the unexplained rest is looked at again for up to 15 s."""
+    it has noticed: so the unexplained rest is looked at again for up to 15 s.
+
+    Only what stays unexplained in every look counts: the scheduler keeps taking and pruning
+    snapshots meanwhile (schedule=2s here), and one taken after the plugin was asked but
+    before the storage was listed is no stray. Under load a listing of zfs-fuse outlasted the
+    schedule, so each look found a new such snapshot and the old check failed (a rehearsal
+    beside the plugin's build)."""
     snaps = {v: list(o.snaps) for v, o in seen.items()}
     deadline = time.monotonic() + 15
-    while True:
-        stray = unexplained(inst, snaps)
-        if not stray or time.monotonic() > deadline:
-            break
+    stray = unexplained(inst, snaps)
+    while stray and time.monotonic() <= deadline:
+        time.sleep(0.5)
         # the scheduler may have taken a snapshot since we listed: list again
         for volume in snaps:
             status, listed = inst.call("Snapvol.SnapshotList", {"Volume": volume})
             if status == 200:
                 snaps[volume] = sorted(set(snaps[volume]) | {s["name"] for s in listed["Snapshots"]})
-        stray = unexplained(inst, snaps)
-        if not stray:
-            break
-        time.sleep(0.5)
+        stray &= unexplained(inst, snaps)        # a stray must stay one
     return [f"{inst.role}: {inst.backend} holds {e!r}, which no volume, snapshot or transfer owns"
             for e in sorted(stray)]
 
