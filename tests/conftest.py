@@ -105,10 +105,10 @@ def _gone(pid: int) -> bool:
 
 def stop_daemon(pid: int, grace: float = 120.0) -> None:
     """SIGTERM a daemon we started and wait until it has really exited (SIGKILL after *grace*
-    seconds). zfs-fuse answers on its socket while it shuts down, and a shutdown after a
-    busy run has taken more than 20 s here: whoever came next must not find it still
-    answering, take it for a running ZFS and lose it a moment later (a hand-off torture
-    that followed the crash torture did, in a clean-clone rehearsal)."""
+    seconds). zfs-fuse takes its time to exit after SIGTERM (still running 5 s later here,
+    after a short run): whoever comes next must not find it still answering, take it for a
+    running ZFS and lose it a moment later (a hand-off torture that followed the crash
+    torture did, in a clean-clone rehearsal)."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
         os.kill(pid, sig)
         deadline = time.monotonic() + wait
