@@ -1,14 +1,15 @@
 """The host lane of scripts/test, in two sides that run at the same time.
 
-``python -m tests.host_lane LOGDIR``; ``python -m tests.host_lane --early`` runs the tortures'
-zfs-fuse halves, which scripts/test runs beforehand, beside the plugin's build.
+``python -m tests.host_lane LOGDIR``; ``python -m tests.host_lane --early`` runs what uses
+zfs-fuse (the tortures' halves, the integration tier's tests), which scripts/test runs
+beforehand, beside the plugin's build.
 
 * **The waiting side**: the end-to-end tier (``pytest tests/e2e``), which spends most of its
   time waiting on dockerd, containers, timers and the filesystems (the CPU was measured 75 %
   idle while it ran alone). It starts at once and prints to this process's output.
 * **The working side**, niced so that it yields the CPU to the first: the Btrfs halves of the
-  crash torture's CI slice and of the hand-off torture's, then the unit and integration
-  tiers. Its output goes to ``LOGDIR/working-side.log`` and is printed when both sides have
+  crash torture's CI slice and of the hand-off torture's, then the unit tier and the
+  integration tier on Btrfs and the fake backend. Its output goes to ``LOGDIR/working-side.log`` and is printed when both sides have
   ended.
 
 Both sides use one ZFS: where the kernel has none, one zfs-fuse is started here for both and
@@ -31,19 +32,21 @@ from tests.conftest import zfs_running
 PYTHON = sys.executable
 WORKING_NICENESS = 10          # as the OpenZFS VM beside: the two share what the e2e tier leaves
 E2E = [PYTHON, "-m", "pytest", "-p", "no:cacheprovider", "--durations=15", "tests/e2e"]
-# The tortures' zfs-fuse halves run first, beside the plugin's build (scripts/test), not beside
-# the end-to-end tier: every dockerd volume lookup asks the zfs-fuse plugins too, and a
-# zfs-fuse busy with a torture made them wait past Compose's 60 s.
+PYTEST = [PYTHON, "-m", "pytest", "-p", "no:cacheprovider", "--durations=10"]
+# What uses zfs-fuse runs first, beside the plugin's build (scripts/test), never beside the
+# end-to-end tier, whose zfs-fuse plugins share the one zfs-fuse daemon: every dockerd volume
+# lookup asks them too, and a zfs-fuse busy with a torture made them wait past Compose's 60 s;
+# an incremental receive of the integration tier beside them was answered "I/O error".
 EARLY_STEPS = [
     ("crash torture (CI slice, zfs-fuse)", [PYTHON, "-m", "tests.torture.torture", "--backend", "zfs"]),
     ("hand-off torture (CI slice, zfs-fuse)", [PYTHON, "-m", "tests.torture.handoff", "--backend", "zfs"]),
+    ("integration tier on zfs-fuse", [*PYTEST, "tests/integration", "-k", "zfs"]),
 ]
 WORKING_STEPS = [
     ("crash torture (CI slice, Btrfs)", [PYTHON, "-m", "tests.torture.torture", "--backend", "btrfs"]),
     ("hand-off torture (CI slice, Btrfs)", [PYTHON, "-m", "tests.torture.handoff", "--backend", "btrfs"]),
-    ("unit and integration tiers", [PYTHON, "-m", "pytest", "-p", "no:cacheprovider",
-                                    "--durations=10",
-                                    "tests/unit", "tests/integration"]),
+    ("unit tier", [*PYTEST, "tests/unit"]),
+    ("integration tier on Btrfs and the fake", [*PYTEST, "tests/integration", "-k", "not zfs"]),
 ]
 
 
