@@ -102,16 +102,9 @@ def assess(facts: dict[str, Any], limits: Thresholds) -> list[Finding]:
         name, created = volume["name"], _time(volume.get("created"))
         interval = volume.get("interval")
         if interval and volume.get("role") != "standby":
-            since = _time(volume.get("newest")) or created
-            if since is not None:
-                age = (now - since).total_seconds()
-                level = _judge(age, interval, limits.warn_age, limits.crit_age)
-                if level:
-                    what = "newest snapshot" if volume.get("newest") else "no snapshot yet, created"
-                    found.append(Finding(level, "snapshot age", (
-                        f"volume {name}: {what} {human(age)} ago, schedule every "
-                        f"{human(interval)} (warn after {human(limits.warn_age * interval)}, "
-                        f"crit after {human(limits.crit_age * interval)})")))
+            what = "newest snapshot" if volume.get("newest") else "no snapshot yet, created"
+            found += _age("snapshot age", f"volume {name}: {what}", "schedule every",
+                          _time(volume.get("newest")) or created, now, interval, limits)
         found += _verification(name, created, volume.get("verify"), now, limits)
         for target in volume.get("targets", []):
             expected = target.get("interval")
@@ -154,18 +147,26 @@ def _verification(name: str, created: datetime | None, verify: dict[str, Any] | 
         found.append(Finding(Level.WARN, "verification", (
             f"volume {name}: its last validated restore did not pass (snapvol status and "
             f"docker volume inspect: Status.verify.last)")))
-    interval = verify.get("interval")
-    since = _time(verify.get("last_success")) or created
-    if interval and since is not None:
-        age = (now - since).total_seconds()
-        level = _judge(age, interval, limits.warn_age, limits.crit_age)
-        if level:
-            what = "last passed" if verify.get("last_success") else "none passed yet, created"
-            found.append(Finding(level, "verification", (
-                f"volume {name}: validated restore {what} {human(age)} ago, verify every "
-                f"{human(interval)} (warn after {human(limits.warn_age * interval)}, crit after "
-                f"{human(limits.crit_age * interval)})")))
+    if verify.get("interval"):
+        what = "last passed" if verify.get("last_success") else "none passed yet, created"
+        found += _age("verification", f"volume {name}: validated restore {what}", "verify every",
+                      _time(verify.get("last_success")) or created, now, verify["interval"],
+                      limits)
     return found
+
+
+def _age(kind: str, subject: str, cadence: str, since: datetime | None, now: datetime,
+         interval: float, limits: Thresholds) -> list[Finding]:
+    """A finding when *since* lies more than ``warn_age``/``crit_age`` *interval*s back."""
+    if since is None:
+        return []
+    age = (now - since).total_seconds()
+    level = _judge(age, interval, limits.warn_age, limits.crit_age)
+    if not level:
+        return []
+    return [Finding(level, kind, (
+        f"{subject} {human(age)} ago, {cadence} {human(interval)} (warn after "
+        f"{human(limits.warn_age * interval)}, crit after {human(limits.crit_age * interval)})"))]
 
 
 def summary(facts: dict[str, Any], findings: list[Finding]) -> tuple[Level, list[str]]:
