@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .backends.base import Backend
+from .backends.base import Backend, Leftover
 from .errors import VolumeNotFound
 from .history import ReplicationLog
 from .inflight import InFlight
@@ -88,8 +88,7 @@ class Checker:
     def _problems(self) -> list[dict[str, Any]]:
         problems = [{"kind": "leftover", "what": leftover.what, "repair": None,
                      "note": f"the next start of the plugin will {leftover.repair}"}
-                    for leftover in self._backend.leftovers()
-                    if not (self._locks.busy(leftover.volume) or self._inflight.is_receiving(leftover.volume))]
+                    for leftover in self._interrupted_leftovers()]
         problems += [{"kind": "damaged state file",
                       "what": f"{path}: a state file that did not parse, moved aside",
                       "repair": None} for path in quarantined(*self._state_dirs)]
@@ -118,6 +117,26 @@ class Checker:
                       "what": f"{volume}@{snapshot}, taken for {owner(snapshot)}: {why}",
                       "repair": "remove it"} for volume, snapshot, why in self._lifecycle.unneeded(busy=self._locks.busy)]
         return problems
+
+    def _interrupted_leftovers(self) -> list[Leftover]:
+        """The backend's leftovers that no running operation can own: those no operation
+        holds, seen again in a second look.
+
+        One look is not enough: a listing can take seconds, and an operation can finish
+        between it and the lock check (a trash purge marks its dataset "removing", destroys
+        it and lets go). Its temporary is then in the listing but not busy, though it is
+        already gone. What a crash left stays until the next start, so it is in both looks;
+        the second look costs a listing only when the first found something.
+        """
+        def unowned(leftovers: list[Leftover]) -> dict[str, Leftover]:
+            return {found.what: found for found in leftovers
+                    if not (self._locks.busy(found.volume) or self._inflight.is_receiving(found.volume))}
+
+        first = unowned(self._backend.leftovers())
+        if not first:
+            return []
+        again = unowned(self._backend.leftovers())
+        return [found for what, found in first.items() if what in again]
 
     def _unheld_mounts(self) -> list[tuple[str, int]]:
         """(volume, mount count) of existing volumes the mount table counts as in use that

@@ -356,6 +356,32 @@ def test_check_finds_stale_state_and_repairs_only_what_is_provably_stale(tmp_pat
     assert status == 400 and "Repair must be true or false" in body["Err"]
 
 
+def test_check_reports_only_leftovers_that_stay_and_no_operation_holds(tmp_path):
+    """A temporary a live operation finished with while it was being listed (a trash purge's
+    "removing" dataset, gone by the second look) is not a leftover; one that stays is, and
+    one whose volume's lock is held is not."""
+    from plugin.backends.base import Leftover
+
+    class Leaving(FakeBackend):
+        looks = 0
+
+        def leftovers(self):
+            self.looks += 1
+            stays = [Leftover("v1", "root/v1.tmp: left creating", "destroy it"),
+                     Leftover("held", "root/held.tmp: left creating", "destroy it")]
+            return stays + ([Leftover("snapvol.trash.1", "root/snapvol.trash.1: left removing",
+                                      "destroy it")] if self.looks == 1 else [])
+
+    backend = Leaving(tmp_path / "root")
+    locks = VolumeLocks(0.5)
+    domain = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), locks)
+    domain.volumes.open()
+    with locks.hold("held"):
+        problems = domain.checker.check()["problems"]
+    assert [p["what"] for p in problems] == ["root/v1.tmp: left creating"]
+    assert problems[0]["kind"] == "leftover" and backend.looks == 2
+
+
 def test_check_compares_mount_ids_with_the_containers_docker_knows(tmp_path):
     """Mount IDs of a volume no container may hold (dockerd was killed, an Unmount never came)
     are reported and forgotten by --repair; those of a volume a container holds or may be
