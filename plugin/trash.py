@@ -268,10 +268,17 @@ class Trash:
         entry = self._find(key)
         with self._locks.hold(entry.internal):
             entry = self._find(entry.id)
-            entry = replace(entry, state="purging")
-            self._book.put(entry)
-            self._finish(entry)
-        return entry
+            purging = replace(entry, state="purging")
+            self._book.put(purging)
+            try:
+                self._finish(purging)
+            except BaseException:
+                # refused with the volume whole (a promote out of space, a busy dataset):
+                # trashed again, listed and purged later; else start-up finishes the intent
+                if entry.state == "trashed" and self._exists(entry.internal):
+                    self._book.put(entry)
+                raise
+        return purging
 
     def purge_all(self) -> list[Trashed]:
         done = []
@@ -295,19 +302,29 @@ class Trash:
                     log.info("purging %s (volume %s) from the trash: %s", entry.id, entry.name,
                              "expired" if self.enabled else "the trash is off")
                     purged.append(self._purge_quietly(entry))
+            tried: set[str] = set()
             while self.under_pressure():
-                left = [e for e in self._book.all() if e.state == "trashed"]
+                left = self._pressure_order([e for e in self._book.all()
+                                             if e.state == "trashed" and e.id not in tried])
                 if not left:
                     break
                 fill = self.fill_percent()
                 log.warning("pool %.0f%% full (threshold %d%%): purging the oldest trashed "
                             "volume %s (%s)", fill or 0, self.full_percent, left[0].id, left[0].name)
+                tried.add(left[0].id)           # once per tidy: a refused purge is not retried
                 purged.append(self._purge_quietly(left[0]))
                 if not self._backend_frees_at_once:
                     break                   # Btrfs frees in the background: measure next time
             return [p for p in purged if p is not None]
         finally:
             self._purge_guard.release()
+
+    def _pressure_order(self, entries: list[Trashed]) -> list[Trashed]:
+        """*entries* (oldest first) in the order space pressure purges them: those no
+        volume is a clone of first. Destroying a clone origin frees only what its clones do
+        not share, and ZFS must promote them first, which a full pool can refuse."""
+        origins = set(self._backend.clone_origins()) if entries else set()
+        return sorted(entries, key=lambda entry: entry.internal in origins)   # stable
 
     @property
     def _backend_frees_at_once(self) -> bool:

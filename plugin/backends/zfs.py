@@ -219,8 +219,14 @@ class ZfsBackend:
         promoted first (they take over the snapshots they need), so they keep working.
 
         The mark comes first: promoting moves snapshots away, so a kill after it must not
-        leave the volume visible without them; start-up finishes a marked removal."""
+        leave the volume visible without them; start-up finishes a marked removal. A volume
+        no client sees (an internal name: the trash's, a verification's clone) has its
+        clones promoted before the mark instead: nobody sees it lose snapshots, and a
+        promote refused on a full pool (zfs-fuse keeps no slop space for it) then changes
+        nothing, so the caller can give up cleanly and try again later."""
         dataset = self._layout.owned(name)
+        if names.is_internal(name):
+            self._promote_clones(dataset)
         marked = False
         try:
             self._zfs.set(dataset, OWNER, "removing")       # invisible from here on

@@ -237,3 +237,32 @@ def test_a_zfs_clone_is_destroyed_at_once_so_its_origin_stays_free(domain, backe
     assert kept == ([] if backend.kind == "zfs" else ["copy"])
     domain.volumes.rollback("src", "s1", destroy_newer=True)
     assert [s.name for s in domain.volumes.snapshots("src")][:1] == ["s1"]
+
+
+@pytest.mark.parametrize("backend", ["zfs"], indirect=True)     # only ZFS clones need their origin
+def test_a_trashed_origin_zfs_cannot_purge_stays_whole_and_pressure_takes_it_last(
+        domain, backend, monkeypatch):
+    """ZFS must promote a clone before it destroys the clone's origin, and can refuse (here:
+    the clone has a snapshot of the same name; in the crash torture: a full zfs-fuse pool).
+    The refused purge changes nothing: the volume stays in the trash, whole, restorable, and
+    check finds nothing left over. Space pressure takes volumes no clone needs first."""
+    domain.volumes.create("origin", {})
+    write(domain, "origin", "data", b"kept")
+    domain.volumes.snapshot(["origin"], "s1")
+    domain.volumes.create("copy", {"from": "origin@s1"})
+    domain.volumes.snapshot(["copy"], "s1")        # `zfs promote copy` now refuses
+    domain.volumes.create("plain", {})
+    domain.volumes.remove("origin")
+    [origin] = domain.trash.entries()
+    monkeypatch.setattr(domain.trash, "_clock", lambda: origin.removed_at + timedelta(seconds=1))
+    domain.volumes.remove("plain")
+    assert [e.name for e in domain.trash.entries()] == ["origin", "plain"]
+    monkeypatch.setattr(domain.trash, "fill_percent", lambda: 95.0)
+    assert [p.name for p in domain.trash.tidy()] == ["plain"]      # the origin last, refused
+    assert [(e.name, e.state) for e in domain.trash.entries()] == [("origin", "trashed")]
+    assert domain.checker.check()["problems"] == []
+    monkeypatch.setattr(domain.trash, "fill_percent", lambda: 10.0)
+    assert domain.trash.restore("origin") == "origin"
+    assert read(domain, "origin", "data") == b"kept"
+    assert [s.name for s in domain.volumes.snapshots("origin")] == ["s1"]
+    assert read(domain, "copy", "data") == b"kept"
