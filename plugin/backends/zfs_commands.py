@@ -93,6 +93,23 @@ def run_while_busy(argv: list[str]) -> None:
             time.sleep(0.1)
 
 
+def _unmount_before_destroy(dataset: str) -> None:
+    """Unmount *dataset* (not mounted is fine), retrying a while as long as it is busy.
+
+    :raises CommandFailed: it stays busy (a process sits in it). Destroying must stop here:
+        libzfs_core destroys the snapshots before the dataset, so going on would leave a
+        refused Remove with the volume's snapshots gone.
+    """
+    deadline = time.monotonic() + _BUSY_WAIT
+    while True:
+        result = process.run(["zfs", "unmount", dataset], timeout=TIMEOUT, ok_codes=(0, 1))
+        if result.returncode == 0 or "busy" not in result.stderr:
+            return              # unmounted, or not mounted; anything else: destroy says why
+        if time.monotonic() > deadline:
+            raise CommandFailed(result.argv, result.returncode, result.stderr)
+        time.sleep(0.1)
+
+
 class ZfsCommands:
     """The ZFS primitives snapvol uses, through libzfs_core (*lzc*, or ``None``) or the CLI.
 
@@ -229,7 +246,7 @@ class ZfsCommands:
         """Destroy *dataset* with its own snapshots, releasing snapvol's holds on them. Never
         ``-R``: a clone of one of them makes this fail rather than go too."""
         if mounted:
-            process.run(["zfs", "unmount", dataset], timeout=TIMEOUT, ok_codes=(0, 1))
+            _unmount_before_destroy(dataset)
         if self._lzc is None:
             run_while_busy(["zfs", "destroy", "-r", dataset])
             return

@@ -313,3 +313,33 @@ def test_a_remove_the_filesystem_refuses_leaves_the_volume_visible_to_retry(back
     monkeypatch.undo()
     backend.destroy_volume("v1")
     assert backend.volumes() == []
+
+
+def test_a_remove_refused_as_busy_leaves_the_volume_visible_and_a_retry_removes_it(backend, tmp_path):
+    """Issue 17: a Remove that zfs refused with "dataset is busy" (a process outside Docker
+    sits in the volume) must not leave a dataset marked as being removed, invisible, that a
+    repeated Remove calls "no such volume". The volume stays listed and whole, its snapshots
+    too (libzfs_core destroys those first); once the process has gone, Remove succeeds."""
+    domain = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(2))
+    domain.volumes.open()
+    domain.volumes.create("v1", {})
+    path = domain.volumes.mount("v1", "m1")
+    (path / "f").write_text("data")
+    domain.volumes.unmount("v1", "m1")
+    domain.volumes.snapshot(["v1"], "s1")
+    squatter = subprocess.Popen(["sleep", "120"], cwd=path)
+    try:
+        with pytest.raises(BackendError, match="busy"):
+            domain.volumes.remove("v1")
+        assert [v.name for v in domain.volumes.list()] == ["v1"]
+        assert [s.name for s in domain.volumes.snapshots("v1")] == ["s1"]   # nothing destroyed
+        assert zget(f"{backend.root}/v1", OWNER) == "snapvol"
+        assert domain.checker.check()["problems"] == []
+    finally:
+        squatter.kill()
+        squatter.wait()
+    assert (domain.volumes.mount("v1", "m2") / "f").read_text() == "data"
+    domain.volumes.unmount("v1", "m2")
+    domain.volumes.remove("v1")
+    assert domain.volumes.list() == []
+    assert subprocess.run(["zfs", "list", f"{backend.root}/v1"], capture_output=True).returncode != 0
