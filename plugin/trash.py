@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 KIND = "trash"
 _ID_LENGTH = 12
+# a purge the filesystem refused is not tried again by the scheduler for this long: the
+# scheduler passes every 10 s, and one error a pass for a purge that keeps failing is noise
+RETRY_REFUSED_AFTER = timedelta(minutes=5)
 
 
 def utc_now() -> datetime:
@@ -154,6 +157,7 @@ class Trash:
         self._restored = restored
         self._clock = clock
         self._purge_guard = threading.Lock()
+        self._refused_until: dict[str, datetime] = {}     # id -> when tidy tries it again
 
     @property
     def enabled(self) -> bool:
@@ -297,21 +301,18 @@ class Trash:
         try:
             now = now or self._clock()
             purged = []
-            for entry in self._book.all():
-                if entry.state == "trashed" and (not self.enabled or entry.expires_at(self.ttl) <= now):
+            for entry in self._retryable(now):
+                if not self.enabled or entry.expires_at(self.ttl) <= now:
                     log.info("purging %s (volume %s) from the trash: %s", entry.id, entry.name,
                              "expired" if self.enabled else "the trash is off")
                     purged.append(self._purge_quietly(entry))
-            tried: set[str] = set()
             while self.under_pressure():
-                left = self._pressure_order([e for e in self._book.all()
-                                             if e.state == "trashed" and e.id not in tried])
+                left = self._pressure_order(self._retryable(now))
                 if not left:
                     break
                 fill = self.fill_percent()
                 log.warning("pool %.0f%% full (threshold %d%%): purging the oldest trashed "
                             "volume %s (%s)", fill or 0, self.full_percent, left[0].id, left[0].name)
-                tried.add(left[0].id)           # once per tidy: a refused purge is not retried
                 purged.append(self._purge_quietly(left[0]))
                 if not self._backend_frees_at_once:
                     break                   # Btrfs frees in the background: measure next time
@@ -330,12 +331,21 @@ class Trash:
     def _backend_frees_at_once(self) -> bool:
         return self._backend.kind == "zfs"
 
+    def _retryable(self, now: datetime) -> list[Trashed]:
+        """Trashed entries, oldest first, but those whose purge was refused lately."""
+        return [e for e in self._book.all()
+                if e.state == "trashed" and self._refused_until.get(e.id, now) <= now]
+
     def _purge_quietly(self, entry: Trashed) -> Trashed | None:
         try:
-            return self.purge(entry.id)
+            purged = self.purge(entry.id)
         except PluginError as exc:
-            log.error("could not purge %s (volume %s) from the trash: %s", entry.id, entry.name, exc)
+            self._refused_until[entry.id] = self._clock() + RETRY_REFUSED_AFTER
+            log.error("could not purge %s (volume %s) from the trash (tried again in %d min): %s",
+                      entry.id, entry.name, RETRY_REFUSED_AFTER.seconds // 60, exc)
             return None
+        self._refused_until.pop(entry.id, None)
+        return purged
 
     def recover(self) -> None:
         """At start, before serving: finish every interrupted intent, drop records whose

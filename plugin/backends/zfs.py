@@ -197,7 +197,7 @@ class ZfsBackend:
         follows the name; repeated after a kill, only what is left is done."""
         old, new = self._layout.dataset(name), self._layout.dataset(new_name)
         old_props = self._zfs.get(old, [OWNER], missing_ok=True)
-        new_props = self._zfs.get(new, [OWNER], missing_ok=True)
+        new_props = self._zfs.get(new, [OWNER, "mountpoint"], missing_ok=True)
         if old_props is not None and new_props is not None:
             raise VolumeExists(f"cannot rename volume {name} to {new_name}: it exists")
         if old_props is None and new_props is None:
@@ -207,7 +207,12 @@ class ZfsBackend:
             if self._layout.is_mounted(self._layout.mountpoint(name)):
                 self._zfs.unmount(old)
             self._zfs.rename(old, new)
-        self._zfs.set(new, "mountpoint", str(self._layout.mountpoint(new_name)))
+            new_props = None
+        mountpoint = str(self._layout.mountpoint(new_name))
+        if new_props is None or new_props.get("mountpoint") != mountpoint:
+            # not when a repeat finds it done: setting it remounts, which zfs-fuse can refuse
+            # as busy for a moment, and an undo must not fail on a step it does not need
+            self._zfs.set_while_busy(new, "mountpoint", mountpoint)
         try:
             self._layout.mountpoint(name).rmdir()
         except OSError:

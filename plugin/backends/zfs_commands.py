@@ -30,6 +30,7 @@ message), a failed command a :class:`~plugin.errors.CommandFailed` with its stde
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import time
@@ -40,6 +41,8 @@ from typing import Any
 from .. import process
 from ..errors import BackendError, BackendUnavailable, CommandFailed, InvalidOption
 from ..mountinfo import mounted_filesystem
+
+log = logging.getLogger(__name__)
 
 HOLD_TAG = "snapvol-replication"
 TIMEOUT = 120.0
@@ -204,6 +207,11 @@ class ZfsCommands:
     def set(self, dataset: str, prop: str, value: str) -> None:
         process.run(["zfs", "set", f"{prop}={value}", dataset], timeout=TIMEOUT)
 
+    def set_while_busy(self, dataset: str, prop: str, value: str) -> None:
+        """:meth:`set` for a property whose change remounts (``mountpoint``): retried while
+        zfs-fuse answers busy, as it may for a moment after an unmount."""
+        run_while_busy(["zfs", "set", f"{prop}={value}", dataset])
+
     # ------------------------------------------------------------------ datasets
 
     def create(self, dataset: str, props: Mapping[str, str]) -> None:
@@ -260,7 +268,17 @@ class ZfsCommands:
             raise lzc_failed(f"cannot destroy dataset {dataset}", exc) from None
 
     def rename(self, dataset: str, new_name: str) -> None:
-        run_while_busy(["zfs", "rename", dataset, new_name])    # zfs-fuse, after an unmount
+        """Rename *dataset*, retried while zfs-fuse answers busy (as it may right after an
+        unmount). A retry that finds *dataset* gone and *new_name* there is done: zfs-fuse
+        can answer busy for a rename it made, when only the remount after it failed."""
+        try:
+            run_while_busy(["zfs", "rename", dataset, new_name])
+        except CommandFailed as exc:
+            if ("does not exist" not in exc.stderr or self.get(dataset, ["type"], missing_ok=True)
+                    or self.get(new_name, ["type"], missing_ok=True) is None):
+                raise
+            log.warning("zfs rename %s %s: done, though zfs answered: %s", dataset, new_name,
+                        exc.stderr.strip())
 
     def promote(self, clone: str) -> None:
         process.run(["zfs", "promote", clone], timeout=TIMEOUT)
