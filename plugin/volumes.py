@@ -413,8 +413,9 @@ class VolumeService:
         return self._backend.volume(names.volume_name(name)).mountpoint
 
     def list(self) -> list[VolumeInfo]:
-        """Every volume, cheaply (one bulk backend pass, no usage figures; no lock)."""
-        found = self._backend.volumes()
+        """Every volume, cheaply (the backend's :meth:`~plugin.backends.base.Backend.listing`,
+        no usage figures; no lock)."""
+        found = self._backend.listing()
         self.known.update(v.name for v in found)   # one left out (unreadable) is not gone
         return found
 
