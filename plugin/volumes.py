@@ -96,7 +96,9 @@ class VolumeService:
         self._backend.check()
         if self.trash is not None:
             self.trash.recover()           # before records of vanished volumes are forgotten
-        existing = {v.name for v in self._backend.volumes()}
+        # listing(), not volumes(): the same answer, and the first List then finds every
+        # volume already read (BtrfsBackend.listing; 0.3 s at 10,000 volumes otherwise)
+        existing = {v.name for v in self._backend.listing()}
         self.known.reset(existing)
         if self.trash is not None:
             existing |= self.trash.internal_names()
