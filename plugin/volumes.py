@@ -96,7 +96,9 @@ class VolumeService:
         self._backend.check()
         if self.trash is not None:
             self.trash.recover()           # before records of vanished volumes are forgotten
-        existing = {v.name for v in self._backend.volumes()}
+        # listing(), not volumes(): the same answer, and the first List then finds every
+        # volume already read (BtrfsBackend.listing; 0.3 s at 10,000 volumes otherwise)
+        existing = {v.name for v in self._backend.listing()}
         self.known.reset(existing)
         if self.trash is not None:
             existing |= self.trash.internal_names()
@@ -413,8 +415,9 @@ class VolumeService:
         return self._backend.volume(names.volume_name(name)).mountpoint
 
     def list(self) -> list[VolumeInfo]:
-        """Every volume, cheaply (one bulk backend pass, no usage figures; no lock)."""
-        found = self._backend.volumes()
+        """Every volume, cheaply (the backend's :meth:`~plugin.backends.base.Backend.listing`,
+        no usage figures; no lock)."""
+        found = self._backend.listing()
         self.known.update(v.name for v in found)   # one left out (unreadable) is not gone
         return found
 

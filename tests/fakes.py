@@ -57,6 +57,9 @@ class FakeBackend:
     def volumes(self) -> list[VolumeInfo]:
         return [v for n, v in self._volumes.items() if not names.is_internal(n)]
 
+    def listing(self) -> list[VolumeInfo]:
+        return self.volumes()
+
     def internal_volumes(self) -> list[VolumeInfo]:
         return [v for n, v in self._volumes.items() if names.is_internal(n)]
 

@@ -111,6 +111,11 @@ class Backend(Protocol):
     def volumes(self) -> list[VolumeInfo]:
         """Every volume snapvol owns, in one bulk pass (no subprocess per volume)."""
 
+    def listing(self) -> list[VolumeInfo]:
+        """:meth:`volumes` for Docker's List, which must stay fast at thousands of volumes:
+        the same answer (a volume created or removed shows at once), where a backend can give
+        it more cheaply by remembering what cannot change (Btrfs: each subvolume's mark)."""
+
     def internal_volumes(self) -> list[VolumeInfo]:
         """snapvol's own volumes (``plugin.names.is_internal``: the trash), which
         :meth:`volumes` never lists."""

@@ -52,6 +52,8 @@ class BtrfsBackend:
         self.volumes_dir = self._layout.volumes_dir
         self.snapshots_dir = self._layout.snapshots_dir
         self.staging_dir = self._layout.staging_dir
+        # what listing() found last time: (name, subvolume ID) -> the volume
+        self._listed: dict[tuple[str, int], VolumeInfo] = {}
 
     # ------------------------------------------------------------------ start-up
 
@@ -101,14 +103,36 @@ class BtrfsBackend:
     # ------------------------------------------------------------------ queries
 
     def volumes(self) -> list[VolumeInfo]:
-        return self._scan(internal=False)
+        return list(self._scan(internal=False).values())
 
     def internal_volumes(self) -> list[VolumeInfo]:
-        return self._scan(internal=True)
+        return list(self._scan(internal=True).values())
 
-    def _scan(self, *, internal: bool) -> list[VolumeInfo]:
-        """The volumes of ours in volumes/: snapvol's own (the trash) or the others."""
-        found = []
+    def listing(self) -> list[VolumeInfo]:
+        """:meth:`volumes`, with each subvolume read once rather than on every call.
+
+        The directory is read on every call, so a volume created, removed or renamed since
+        the last one shows at once. What is remembered is what one subvolume under one name
+        said (its mark, options, otime), keyed by name and subvolume ID, which the directory
+        entry carries (its d_ino). That cannot go stale within a mount: the mark is written
+        in staging only, never in volumes/, and any other volume there (created, rolled
+        back, received, restored) is a new subvolume with a new ID, which Btrfs does not
+        reuse while mounted. After a remount it may (seen: the highest ID, deleted and
+        cleaned up, was given to the next subvolume), but the memo keeps only what the
+        previous call found: a stale entry needs a volume destroyed, the filesystem
+        remounted and a subvolume made under the same name, all between two calls.
+
+        :raises BackendUnavailable: the volumes directory cannot be read.
+        """
+        # one dict per call, swapped in whole: concurrent calls never share one being built
+        self._listed = found = self._scan(internal=False, known=self._listed)
+        return list(found.values())
+
+    def _scan(self, *, internal: bool, known: Mapping[tuple[str, int], VolumeInfo] | None = None,
+              ) -> dict[tuple[str, int], VolumeInfo]:
+        """The volumes of ours in volumes/, snapvol's own (the trash) or the others, keyed by
+        name and subvolume ID; a subvolume already in *known* is not read again."""
+        found = {}
         try:
             entries = list(os.scandir(self.volumes_dir))
         except OSError as exc:
@@ -116,14 +140,18 @@ class BtrfsBackend:
         for entry in entries:
             if names.is_internal(entry.name) != internal:
                 continue
-            try:
-                found.append(self._info(entry.name, Path(entry.path)))
-            except VolumeNotFound:
-                continue                        # not ours
-            except OSError as exc:              # BtrfsUtilError is an OSError
-                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
-                    log.warning("volume %s left out of the list: %s", entry.name, exc)
-                continue                        # removed while we were listing
+            key = (entry.name, entry.inode())   # from getdents: a subvolume's ID, no stat
+            info = known.get(key) if known is not None else None
+            if info is None:
+                try:
+                    info = self._info(entry.name, Path(entry.path))
+                except VolumeNotFound:
+                    continue                    # not ours
+                except OSError as exc:          # BtrfsUtilError is an OSError
+                    if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                        log.warning("volume %s left out of the list: %s", entry.name, exc)
+                    continue                    # removed while we were listing
+            found[key] = info
         return found
 
     def volume(self, name: str) -> VolumeInfo:

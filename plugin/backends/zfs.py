@@ -137,6 +137,9 @@ class ZfsBackend:
         return [self._layout.info(name, props) for name, props in self._layout.children().items()
                 if props.get(OWNER) == "snapvol" and not names.is_internal(name)]
 
+    def listing(self) -> list[VolumeInfo]:
+        return self.volumes()          # already one ``zfs get`` for all of them
+
     def internal_volumes(self) -> list[VolumeInfo]:
         return [self._layout.info(name, props) for name, props in self._layout.children().items()
                 if props.get(OWNER) == "snapvol" and names.is_internal(name)]

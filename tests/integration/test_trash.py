@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from plugin import names
+from plugin.backends.base import VolumeInfo
 from plugin.domain import Domain
 from plugin.errors import InvalidName, VolumeExists, VolumeNotFound
 from plugin.history import AutoHistory, Replication, ReplicationLog
@@ -269,3 +270,42 @@ def test_a_trashed_origin_zfs_cannot_purge_stays_whole_and_pressure_takes_it_las
     assert read(domain, "origin", "data") == b"kept"
     assert [s.name for s in domain.volumes.snapshots("origin")] == ["s1"]
     assert read(domain, "copy", "data") == b"kept"
+
+
+def test_list_shows_every_change_at_once_whatever_it_listed_before(domain, backend):
+    """List answers from what it remembers of each volume (BtrfsBackend.listing): a name
+    that now holds another volume (made again, rolled back, restored, renamed) must not be
+    answered from the one it held before."""
+    def listed() -> dict[str, VolumeInfo]:
+        return {v.name: v for v in domain.volumes.list()}
+
+    def assert_current() -> None:
+        assert listed() == {v.name: v for v in backend.volumes()}
+
+    domain.volumes.create("a", {"mode": "700"})
+    domain.volumes.create("b", {})
+    domain.volumes.snapshot(["b"], "s1")
+    assert listed().keys() == {"a", "b"}
+
+    domain.volumes.remove("a")                   # to the trash
+    domain.volumes.create("a", {"mode": "750"})  # the same name, another volume
+    assert listed()["a"].options == {"mode": "750"}
+    assert_current()
+
+    assert domain.trash.restore("a", "a-old") == "a-old"    # renamed on the way back
+    assert listed()["a-old"].options == {"mode": "700"}
+    assert_current()
+
+    domain.volumes.remove("a")
+    domain.trash.purge(domain.trash.entries()[-1].id)
+    assert listed().keys() == {"a-old", "b"}
+    domain.volumes.remove("a-old")
+    assert domain.trash.restore("a-old", "a") == "a"        # the first one, back as "a"
+    assert listed()["a"].options == {"mode": "700"}
+    assert_current()
+
+    domain.volumes.rollback("b", "s1")                       # another subvolume on Btrfs
+    assert_current()
+    domain.volumes.remove("b")
+    domain.trash.purge_all()
+    assert listed().keys() == {"a"}
