@@ -167,7 +167,7 @@ class DockerChecks:
                         client.remove_volume(volume["Name"])
             return len(leftovers)
         except Exception as exc:
-            raise CheckCannotRun(f"cannot remove leftover check containers: {exc}") from None
+            raise CheckCannotRun(f"cannot ask Docker at {self._base_url}: {exc}") from None
         finally:
             client.close()
 
