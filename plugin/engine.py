@@ -51,13 +51,17 @@ class EngineClient:
         return json.loads(body) if body.strip() else None
 
     def info(self) -> dict[str, Any]:
+        """``GET /info``: the daemon's description (``Plugins.Volume``: the volume drivers)."""
         return self.call("GET", "/info") or {}
 
     def list_volumes(self, **filters: list[str]) -> list[dict[str, Any]]:
+        """The volumes matching *filters*; listing makes dockerd look up every legacy
+        driver it finds in its plugin directories."""
         reply = self.call("GET", "/volumes", **({"filters": filters} if filters else {}))
         return list((reply or {}).get("Volumes") or [])
 
     def remove_volume(self, name: str) -> None:
+        """Forget Docker's record of volume *name* (``force``: also when its driver fails)."""
         self.call("DELETE", f"/volumes/{quote(name, safe='')}", force="1")
 
     def list_containers(self, **filters: list[str]) -> list[dict[str, Any]]:
@@ -67,6 +71,7 @@ class EngineClient:
                               **({"filters": filters} if filters else {})) or [])
 
     def remove_container(self, ident: str) -> None:
+        """Remove container *ident*, killing it first if it runs."""
         self.call("DELETE", f"/containers/{quote(ident, safe='')}", force="1")
 
     def close(self) -> None:
