@@ -39,4 +39,4 @@ RUN mkdir -p /run/docker/plugins /mnt/volumes /mnt/host /mnt/docker-run /run/sna
 WORKDIR /opt/snapvol
 ENV SNAPVOL_STATE_DIR=/mnt/host/snapvol SNAPVOL_PUBLISH_DIR=/mnt/volumes
 # The same command as config.json's entrypoint, for `docker run` debugging.
-CMD ["/usr/bin/python3", "-m", "plugin.prebind", "/usr/bin/gunicorn", "-c", "python:plugin.gunicorn_conf"]
+CMD ["/usr/bin/python3", "-m", "plugin.prebind", "/usr/bin/python3", "-m", "plugin.serve", "-c", "python:plugin.gunicorn_conf"]

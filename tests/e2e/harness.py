@@ -158,7 +158,7 @@ class PluginProcess:
         self.socket.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "python:plugin.gunicorn_conf"],
+                [sys.executable, "-m", "plugin.serve", "-c", "python:plugin.gunicorn_conf"],
                 cwd=REPO, env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -436,7 +436,7 @@ PidFile {ssh_dir / 'sshd.pid'}
     def start_snapvol(self, timeout: float = 60) -> None:
         """Start (or restart) the node's snapvol and wait until it answers."""
         assert not (self.snapvol and self.snapvol.alive()), f"{self.hostname}: snapvol runs already"
-        argv = [sys.executable, "-m", "gunicorn", "-c", "python:plugin.gunicorn_conf"]
+        argv = [sys.executable, "-m", "plugin.serve", "-c", "python:plugin.gunicorn_conf"]
         self.snapvol = self._spawn(argv, self.snapvol_log, env=self.snapvol_env(), wd=REPO)
         self.nodes.save()
         deadline = time.monotonic() + timeout

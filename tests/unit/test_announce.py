@@ -15,15 +15,13 @@ class FakeDocker:
         self.listed, self.found = list(listed), found
         self.volume_lists = 0
         self.closed = 0
-        self.volumes = self
 
     def info(self) -> dict:
         return {"Plugins": {"Volume": list(self.listed)}}
 
-    def list(self) -> list:
+    def list_volumes(self) -> None:
         self.volume_lists += 1
         self.listed += [d for d in self.found if d not in self.listed]
-        return []
 
     def close(self) -> None:
         self.closed += 1
@@ -53,3 +51,4 @@ def test_no_dockerd_is_not_an_error():
     def unreachable():
         raise ConnectionRefusedError("no dockerd")
     assert not DriverAnnouncer("unix:///x", "snapvol", client=unreachable).check()
+
