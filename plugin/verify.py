@@ -210,6 +210,7 @@ class Verifier:
         self._running: set[str] = set()
         self._active: dict[str, Path] = {}   # scratch clone -> its mountpoint, while checked
         self._recovering = False
+        self._recover_refused: str | None = None   # the last refusal logged as a warning
         self.recovered = False
 
     # ------------------------------------------------------------------ a verification
@@ -376,8 +377,15 @@ class Verifier:
                 try:
                     removed = self._checks.remove_leftovers()
                 except PluginError as exc:
-                    log.warning("verify: cannot remove leftover check containers yet: %s", exc)
+                    # Retried on every scheduler wake until Docker answers: say it once (and
+                    # again if the reason changes), not every few seconds for as long as a
+                    # host runs without a dockerd.
+                    level = logging.DEBUG if str(exc) == self._recover_refused else logging.WARNING
+                    log.log(level, "verify: cannot remove leftover check containers yet "
+                            "(tried again on each scheduler wake): %s", exc)
+                    self._recover_refused = str(exc)
                     return False
+                self._recover_refused = None
                 if removed:
                     log.warning("verify: removed %d check container(s) of an interrupted "
                                 "verification", removed)

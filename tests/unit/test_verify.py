@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import socketserver
 import threading
 from datetime import datetime, timedelta, timezone
@@ -246,6 +247,27 @@ def test_start_up_removes_leftover_containers_then_clones(world):
     backend.clone("db", "s1", "snapvol.verify.0123456789ab", {})
     assert domain.verifier.recover() is False                 # a container may still use it
     assert "snapvol.verify.0123456789ab" in [v.name for v in backend.internal_volumes()]
+
+
+def test_a_docker_that_cannot_be_asked_is_warned_about_once_not_on_every_wake(world, caplog):
+    domain, backend, checks = world
+
+    def unreachable():
+        raise VerifyUnavailable("no docker")
+    checks.remove_leftovers = unreachable
+    with caplog.at_level(logging.DEBUG, logger="plugin.verify"):
+        for _ in range(3):
+            assert domain.verifier.recover() is False
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no docker" in warnings[0].getMessage()
+    assert sum("no docker" in r.getMessage() for r in caplog.records) == 3   # the rest: debug
+
+    def other():
+        raise VerifyUnavailable("permission denied")
+    checks.remove_leftovers = other
+    caplog.clear()
+    assert domain.verifier.recover() is False          # a new reason is a warning again
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
 
 def test_scheduled_verifications_run_when_due(world):
