@@ -624,6 +624,8 @@ def scale_rows(base: Path, counts: list[int], repeat: int) -> list[str]:
             for i in range(repeat):
                 mounts.append(timed(lambda: target.call("VolumeDriver.Mount", {"Name": "s00001", "ID": f"m{i}"})))
                 target.call("VolumeDriver.Unmount", {"Name": "s00001", "ID": f"m{i}"})
+            print(f"bench: scale: {count} volumes: starts {starts}, memory {rss:.1f} / {pss:.1f}",
+                  file=sys.stderr)
             rows.append(f"| {count:,} | {statistics.median(starts):.2f} (of {', '.join(f'{x:.2f}' for x in starts)}) "
                         f"| {rss:.1f} / {pss:.1f} | {summary(create_ms[-1000:]) if create_ms else '-'} "
                         f"| {get:.2f} / {statistics.median(mounts):.2f} |")
@@ -648,13 +650,18 @@ def scale_rows(base: Path, counts: list[int], repeat: int) -> list[str]:
         time.sleep(IDLE_AFTER)
         rss, pss = memory_mib(target.pids())
         rows.append(f"| after removing them (kept in the trash) | {rss:.1f} | {pss:.1f} |")
+        print(f"bench: scale: {rows[-1]}; Remove {summary(head)} .. {summary(tail)}", file=sys.stderr)
         print("bench: scale: purging the trash...", file=sys.stderr)
-        target.call("Snapvol.TrashPurge", {"All": True})
+        # one by one: a purge of everything in one call outlasts any client timeout
+        purging = [timed(lambda n=f"s{index:05d}": target.call("Snapvol.TrashPurge", {"Volume": n}))
+                   for index in range(made)]
         time.sleep(IDLE_AFTER)
         rss, pss = memory_mib(target.pids())
         rows.append(f"| after purging the trash | {rss:.1f} | {pss:.1f} |")
+        tenth = max(1, made // 10)
         rows += ["", f"Remove, ms (median / p95): first tenth {summary(head)}; last tenth "
-                 f"{summary(tail)} (the trash holding up to {made:,} volumes)"]
+                 f"{summary(tail)} (the trash holding up to {made:,} volumes); trash purge, one "
+                 f"by one: first tenth {summary(purging[:tenth])}, last tenth {summary(purging[-tenth:])}"]
     finally:
         if process._proc is not None:
             stop_keeping_mounts(process)
