@@ -58,7 +58,7 @@ def build_domain(settings: Settings) -> Domain:
               "quiescer": DockerQuiescer(settings.docker_host, hook_timeout=settings.hook_timeout),
               "replications": ReplicationLog(settings.state_dir / "replication.json"),
               "transfers": settings.transfers,
-              "trash": TrashBook(settings.state_dir / "trash.json"),
+              "trash": TrashBook(settings.state_dir / "trash.journal"),
               "trash_ttl": settings.trash_ttl, "trash_full": settings.trash_full,
               "verify_book": VerifyBook(settings.state_dir / "verify.json"),
               # the managed plugin's paths are not the host's: it mounts the clone into the

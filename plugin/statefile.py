@@ -67,13 +67,26 @@ def read_json(path: Path, default: Any) -> Any:
         return default
 
 
-def _move_aside(path: Path) -> Path:
+def _aside_name(path: Path) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     aside, n = path.with_name(f"{path.name}{CORRUPT}{stamp}"), 1
     while aside.exists():
         n += 1
         aside = path.with_name(f"{path.name}{CORRUPT}{stamp}-{n}")
+    return aside
+
+
+def _move_aside(path: Path) -> Path:
+    aside = _aside_name(path)
     os.replace(path, aside)
+    return aside
+
+
+def copy_aside(path: Path) -> Path:
+    """Keep a copy of the damaged state file *path* as ``<name>.corrupt-<UTC time>`` (for a
+    file its owner repairs in place, such as the trash's journal); return the copy's path."""
+    aside = _aside_name(path)
+    aside.write_bytes(path.read_bytes())
     return aside
 
 

@@ -147,7 +147,7 @@ class VolumeService:
             except VolumeNotFound:
                 for guard in self.create_guards:
                     guard(name, opts)
-                if self.trash is not None and self.trash.entries():
+                if self.trash is not None and self.trash.holds_any():
                     self.trash.tidy()       # room for it first, if the pool is past the mark
                 if origin:
                     self._clone(name, opts)

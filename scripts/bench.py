@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -548,6 +548,129 @@ def latency_while_hanging(source: Target, base: Path, repeat: int) -> list[str]:
             f"| {source.label}: List, ms (median / p95) | {hanging[1]} | idle: {idle[1]} | |"]
 
 
+def start_seconds(process: PluginProcess, timeout: float = 300) -> float:
+    """Start *process* and time it until its socket answers a Docker call: gunicorn's
+    master, the worker's imports, ``create_app`` (storage check, recovery, trash, mount
+    table, schedules) and the first answer, polled every 10 ms."""
+    process.socket.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with process.log.open("ab") as log:
+        process._proc = subprocess.Popen(
+            [sys.executable, "-m", "plugin.serve", "-c", "python:plugin.gunicorn_conf"],
+            cwd=REPO, env=process.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+    while time.perf_counter() - started < timeout:
+        if process._proc.poll() is not None:
+            raise RuntimeError(f"plugin exited: {process.log_tail()}")
+        try:
+            conn = UnixHTTPConnection(str(process.socket), timeout=timeout)
+            conn.request("POST", "/VolumeDriver.Capabilities", body=b"{}")
+            if conn.getresponse().status == 200:
+                conn.close()
+                return time.perf_counter() - started
+        except (OSError, http.client.HTTPException):
+            pass
+        time.sleep(0.01)
+    raise RuntimeError(f"plugin did not answer in {timeout} s: {process.log_tail()}")
+
+
+def stop_keeping_mounts(process: PluginProcess) -> None:
+    """Stop the plugin as a host's service manager does, its mount table left in place
+    (PluginProcess.stop removes the run directory, which holds it)."""
+    assert process._proc is not None
+    process._proc.terminate()
+    process._proc.wait(60)
+    process._proc = None
+
+
+def scale_rows(base: Path, counts: list[int], repeat: int) -> list[str]:
+    """Plugin start (10 % of the volumes mounted, as running containers keep them) and
+    memory at each of *counts* volumes, then memory once they are removed (in the trash,
+    then purged). Volumes are made by the plugin's own Create over one connection, and
+    measured after a restart, so every figure is the plugin's real work."""
+    run_dir = base / "run" / "scale"
+    process = PluginProcess(f"snapvolbenchs{secrets.token_hex(3)}", base / "sstate",
+                            {"SNAPVOL_POOL_SIZE": "16G", "SNAPVOL_LOG_LEVEL": "warning",
+                             "SNAPVOL_RUN_DIR": str(run_dir)}, socket_dir=base / "ssock")
+    rows = ["| volumes (10 % mounted) | start, s (median of 3) | RSS / PSS, MiB, idle | "
+            "Create, ms (median / p95) | Get / Mount, ms (median) |", "|---|---|---|---|---|"]
+    memory: list[tuple[int, float, float]] = []
+    made = 0
+    try:
+        start_seconds(process)
+        for count in counts:
+            target = Target("scale", process.socket, lambda name: None,
+                            lambda: [process.pid, *descendants(process.pid)])
+            print(f"bench: scale: filling to {count} volumes...", file=sys.stderr)
+            create_ms = []
+            while made < count:
+                name = f"s{made:05d}"
+                create_ms.append(timed(lambda: target.call("VolumeDriver.Create", {"Name": name})))
+                if made % 10 == 0:
+                    target.call("VolumeDriver.Mount", {"Name": name, "ID": f"scale{made}"})
+                made += 1
+            stop_keeping_mounts(process)
+            starts = []
+            for _ in range(3):
+                starts.append(start_seconds(process))
+                stop_keeping_mounts(process)
+            start_seconds(process)
+            time.sleep(IDLE_AFTER)
+            rss, pss = memory_mib(target.pids())
+            memory.append((count, rss, pss))
+            get = statistics.median(timed(lambda: target.call("VolumeDriver.Get", {"Name": "s00001"}))
+                                    for _ in range(repeat))
+            mounts = []
+            for i in range(repeat):
+                mounts.append(timed(lambda: target.call("VolumeDriver.Mount", {"Name": "s00001", "ID": f"m{i}"})))
+                target.call("VolumeDriver.Unmount", {"Name": "s00001", "ID": f"m{i}"})
+            print(f"bench: scale: {count} volumes: starts {starts}, memory {rss:.1f} / {pss:.1f}",
+                  file=sys.stderr)
+            rows.append(f"| {count:,} | {statistics.median(starts):.2f} (of {', '.join(f'{x:.2f}' for x in starts)}) "
+                        f"| {rss:.1f} / {pss:.1f} | {summary(create_ms[-1000:]) if create_ms else '-'} "
+                        f"| {get:.2f} / {statistics.median(mounts):.2f} |")
+            target._conn = None
+        rows += ["", "| memory | RSS, MiB | PSS, MiB |", "|---|---|---|"]
+        (first, rss0, pss0), (last, rss1, pss1) = memory[0], memory[-1]
+        per = 1000 / max(1, last - first)
+        rows.append(f"| at {first:,} volumes | {rss0:.1f} | {pss0:.1f} |")
+        rows.append(f"| at {last:,} volumes | {rss1:.1f} | {pss1:.1f} |")
+        rows.append(f"| growth per 1,000 volumes ({first:,} -> {last:,}) | {(rss1 - rss0) * per:+.2f} "
+                    f"| {(pss1 - pss0) * per:+.2f} |")
+        target = Target("scale", process.socket, lambda name: None,
+                        lambda: [process.pid, *descendants(process.pid)])
+        print(f"bench: scale: removing {made} volumes...", file=sys.stderr)
+        removing = []
+        for index in range(made):
+            name = f"s{index:05d}"
+            if index % 10 == 0:
+                target.call("VolumeDriver.Unmount", {"Name": name, "ID": f"scale{index}"})
+            removing.append(timed(lambda: target.call("VolumeDriver.Remove", {"Name": name})))
+        head, tail = removing[:max(1, len(removing) // 10)], removing[-max(1, len(removing) // 10):]
+        time.sleep(IDLE_AFTER)
+        rss, pss = memory_mib(target.pids())
+        rows.append(f"| after removing them (kept in the trash) | {rss:.1f} | {pss:.1f} |")
+        print(f"bench: scale: {rows[-1]}; Remove {summary(head)} .. {summary(tail)}", file=sys.stderr)
+        print("bench: scale: purging the trash...", file=sys.stderr)
+        # one by one: a purge of everything in one call outlasts any client timeout
+        purging = [timed(lambda n=f"s{index:05d}": target.call("Snapvol.TrashPurge", {"Volume": n}))
+                   for index in range(made)]
+        time.sleep(IDLE_AFTER)
+        rss, pss = memory_mib(target.pids())
+        rows.append(f"| after purging the trash | {rss:.1f} | {pss:.1f} |")
+        tenth = max(1, made // 10)
+        rows += ["", f"Remove, ms (median / p95): first tenth {summary(head)}; last tenth "
+                 f"{summary(tail)} (the trash holding up to {made:,} volumes); trash purge, one "
+                 f"by one: first tenth {summary(purging[:tenth])}, last tenth {summary(purging[-tenth:])}"]
+    finally:
+        if process._proc is not None:
+            stop_keeping_mounts(process)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for point in mounts_under(base / "sstate"):
+            subprocess.run(["umount", point], check=False)
+    return rows
+
+
 def docker_round_trip(docker: DockerDaemon, image: str, driver: str, repeat: int) -> str:
     samples = []
     for _ in range(repeat):
@@ -567,7 +690,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser()
-    parser.add_argument("--buttervolume", required=True)
+    parser.add_argument("--buttervolume", help="its binary (no buttervolume columns without)")
+    parser.add_argument("--bv-max", type=int, default=1000,
+                        help="largest volume count for buttervolume (14 s a List at 1,000)")
     parser.add_argument("--sizes", default="10,100,1000")
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--trips", type=int, default=10)
@@ -576,7 +701,7 @@ def main() -> None:
     parser.add_argument("--zfs-max", type=int, default=100,
                         help="largest volume count for the ZFS rows")
     parser.add_argument("--sections",
-                        default="latency,roundtrip,snapshots,replication,standby,swarm",
+                        default="latency,roundtrip,snapshots,replication,standby,swarm,scale",
                         help="which tables to produce, comma-separated")
     parser.add_argument("--snapshot-sizes", default="10,1024,4096", help="MiB of data")
     parser.add_argument("--replication-mb", type=int, default=1024, help="MiB sent (btrfs)")
@@ -586,6 +711,8 @@ def main() -> None:
                         help="largest data size (MiB) for the ZFS snapshot column")
     parser.add_argument("--standby-mb", type=int, default=1024,
                         help="MiB in the volume handed off (standby section)")
+    parser.add_argument("--scale-sizes", default="10,1000,10000",
+                        help="volume counts for the scale section (start, memory)")
     parser.add_argument("--swarm-mb", type=int, default=256,
                         help="MiB in the Swarm service's volume (swarm section)")
     args = parser.parse_args()
@@ -613,7 +740,11 @@ def main() -> None:
     docker = None
     try:
         results: dict[tuple[str, int], dict[str, str]] = {}
-        with buttervolume(args.buttervolume, base) as bv, zfs_plugin(base) as zfs:
+        # only the sections that use them start buttervolume and ZFS (zfs-fuse, maybe)
+        bv_context = (buttervolume(args.buttervolume, base) if args.buttervolume and
+                      sections & {"latency", "snapshots"} else nullcontext())
+        zfs_context = zfs_plugin(base) if sections & {"replication", "snapshots"} else nullcontext()
+        with bv_context as bv, zfs_context as zfs:
             if "replication" in sections:
                 replica = PluginProcess(f"snapvolbenchr{secrets.token_hex(3)}", base / "rstate",
                                         {"SNAPVOL_POOL_SIZE": "8G", "SNAPVOL_LOG_LEVEL": "warning",
@@ -655,18 +786,24 @@ def main() -> None:
                                      [int(m) for m in args.snapshot_sizes.split(",")],
                                      args.zfs_snapshot_max, repeat=5)
                 out.append("")
+            if "scale" in sections:
+                out.append("Scale: plugin start and memory against the number of volumes (a "
+                           "plugin of its own; start = process start to the first answer):\n")
+                out += scale_rows(base, [int(n) for n in args.scale_sizes.split(",")],
+                                  args.repeat) + [""]
+            # ZFS has a section of its own: here snapvol on Btrfs and buttervolume only
             for n in sizes if "latency" in sections else ():
-                for target in (snapvol, zfs, bv):
-                    if target is zfs and n > args.zfs_max:
+                for target in (snapvol, bv):
+                    if target is None or (target is bv and n > args.bv_max):
                         continue
                     print(f"bench: {target.label} at {n} volumes...", file=sys.stderr)
                     results[(target.label, n)] = latency_rows(target, n, args.repeat)
-            bv_memory = memory_mib(bv.pids())
+            bv_memory = memory_mib(bv.pids()) if bv is not None else None
         loaded = memory_mib(snapvol.pids())
         if "latency" not in sections:
             sizes = []
         endpoints = ["Get", "Path", "Mount", "Unmount", "List", "Create", "Remove"]
-        labels = ("snapvol", "snapvol-zfs", "buttervolume")
+        labels = ("snapvol", "buttervolume")
         columns = [(label, n) for n in sizes for label in labels if (label, n) in results]
         if sizes:
             out.append("Docker protocol latency over the raw socket, ms, median / p95 "
@@ -678,7 +815,8 @@ def main() -> None:
             out.append("")
             out.append(f"Memory (RSS / PSS, MiB, all processes): snapvol idle {idle[0]:.1f} / {idle[1]:.1f}; "
                        f"snapvol with {max(sizes)} volumes {loaded[0]:.1f} / {loaded[1]:.1f}; "
-                       f"buttervolume with {max(sizes)} volumes {bv_memory[0]:.1f} / {bv_memory[1]:.1f}\n")
+                       + (f"buttervolume with {min(max(sizes), args.bv_max)} volumes "
+                          f"{bv_memory[0]:.1f} / {bv_memory[1]:.1f}" if bv_memory else "") + "\n")
         if "roundtrip" in sections:
             print("bench: Docker CLI round trips...", file=sys.stderr)
             docker = DockerDaemon(base / "docker")

@@ -350,3 +350,39 @@ def test_a_rename_killed_between_its_two_renames_loses_no_snapshot(backend):
     assert not (new_snaps / ".snapvol-renaming").exists()
     assert [v.name for v in backend.internal_volumes()] == ["snapvol.trash.x1"]
     assert backend.volumes() == []
+
+
+def test_volumes_reads_each_subvolume_once_and_still_sees_every_change(backend, monkeypatch):
+    """At 10,000 volumes a full read costs ~0.6 s, and the scheduler, Remove and start-up
+    all ask (issue 17): volumes() shares listing()'s memo, which a change never escapes."""
+    for name in ("a", "b", "c"):
+        backend.create_volume(name, {})
+    reads = []
+    real = backend._layout.read_owner
+    monkeypatch.setattr(backend._layout, "read_owner", lambda path: reads.append(path) or real(path))
+    assert sorted(v.name for v in backend.volumes()) == ["a", "b", "c"]
+    first = len(reads)
+    assert sorted(v.name for v in backend.volumes()) == ["a", "b", "c"]
+    assert len(reads) == first                      # nothing read again
+    backend.create_snapshot("a", "s1")
+    backend.rollback("a", "s1")                     # a new subvolume under the same name
+    backend.destroy_volume("b")
+    backend.create_volume("d", {"mode": "700"})
+    reads.clear()
+    listed = {v.name: v for v in backend.volumes()}
+    assert sorted(listed) == ["a", "c", "d"] and listed["d"].options == {"mode": "700"}
+    assert sorted(p.name for p in reads) == ["a", "d"]   # the new subvolumes; c is known
+
+
+def test_all_snapshots_reads_only_the_volumes_that_have_some(backend, monkeypatch):
+    for name in ("a", "b", "c"):
+        backend.create_volume(name, {})
+    backend.create_snapshot("b", "s1")
+    backend.create_snapshot("b", "s2")
+    backend.volumes()
+    asked = []
+    real = backend.snapshots
+    monkeypatch.setattr(backend, "snapshots", lambda volume: asked.append(volume) or real(volume))
+    found = backend.all_snapshots()
+    assert {k: [s.name for s in v] for k, v in found.items()} == {"a": [], "b": ["s1", "s2"], "c": []}
+    assert asked == ["b"]

@@ -23,7 +23,7 @@ def assemble(backend, tmp_path: Path, *, ttl: int = 3600, full: int = 90) -> Dom
     d = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(2),
                         history=AutoHistory(tmp_path / "schedule.json"),
                         replications=ReplicationLog(tmp_path / "replication.json"),
-                        trash=TrashBook(tmp_path / "trash.json"), trash_ttl=ttl, trash_full=full)
+                        trash=TrashBook(tmp_path / "trash.journal"), trash_ttl=ttl, trash_full=full)
     d.volumes.open()
     return d
 
@@ -167,7 +167,7 @@ def test_start_finishes_a_trashing_a_kill_interrupted(backend, tmp_path):
     domain.volumes.create("w", {})
     domain.volumes.remove("w")
     [w] = domain.trash.entries()
-    book = TrashBook(tmp_path / "trash.json")
+    book = TrashBook(tmp_path / "trash.journal")
     moving = Trashed("0123456789ab", "v", datetime.now(timezone.utc).replace(microsecond=0),
                      state="moving")
     book.put(moving)
@@ -186,7 +186,7 @@ def test_a_lost_trash_record_keeps_the_volume_under_an_unknown_name(backend, tmp
     domain.volumes.create("v", {})
     write(domain, "v", "f", b"kept")
     domain.volumes.remove("v")
-    (tmp_path / "trash.json").write_text("{not json")
+    (tmp_path / "trash.journal").write_text("{not json\n")
     restarted = assemble(backend, tmp_path)
     [entry] = restarted.trash.entries()
     assert entry.name == ""

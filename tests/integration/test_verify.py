@@ -58,7 +58,7 @@ def assemble(backend, tmp_path: Path, checks: Checks | None = None) -> Domain:
     checks = checks or Checks(ref)
     d = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(2),
                         history=AutoHistory(tmp_path / "schedule.json"),
-                        trash=TrashBook(tmp_path / "trash.json"), trash_ttl=3600,
+                        trash=TrashBook(tmp_path / "trash.journal"), trash_ttl=3600,
                         verify_book=VerifyBook(tmp_path / "verify.json"), checks=checks)
     checks.domain_ref[:] = [d]
     d.volumes.open()

@@ -120,7 +120,7 @@ def world(tmp_path: Path):
     checks = FakeChecks(backend)
     domain = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(0.5),
                              history=AutoHistory(tmp_path / "schedule.json"),
-                             trash=TrashBook(tmp_path / "trash.json"), trash_ttl=3600,
+                             trash=TrashBook(tmp_path / "trash.journal"), trash_ttl=3600,
                              verify_book=VerifyBook(tmp_path / "verify.json"), checks=checks)
     domain.volumes.open()
     domain.volumes.create("db", {"verify-cmd": "builtin:postgres"})
