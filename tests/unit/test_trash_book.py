@@ -196,7 +196,7 @@ def test_a_kill_at_any_moment_keeps_every_acknowledged_change(tmp_path, round_):
     expected: dict[str, bool] = {}                   # id -> present
     for start in (0, 200000):                         # a second writer after the first kill
         child = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(start)],
-                                 cwd=REPO, stdout=subprocess.PIPE)
+                                 cwd=REPO, stdout=subprocess.PIPE, bufsize=0)
         first = child.stdout.readline()             # it got going (imports are slow here)
         time.sleep(random.Random(round_ * 7 + start).uniform(0.0, 0.6))
         child.send_signal(signal.SIGKILL)
