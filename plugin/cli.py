@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from . import __version__, freshness, stream
 from .cli_freshness import run_freshness
 from .cli_verify import run_verify
-from .client import PluginClient, UnixHTTPConnection, find_socket, send_stream
+from .client import PluginClient, UnixHTTP10Connection, UnixHTTPConnection, find_socket, send_stream
 from .cli_render import (render_check, render_done, render_handoff, render_promote,
                          render_prune, render_purged, render_restored, render_role,
                          render_snapshots, render_status, render_sync, render_trash,
@@ -275,7 +275,7 @@ def _error_reply(response: Any) -> tuple[int, str]:
 def run_send(args: argparse.Namespace, socket_path: str, stdout: TextIO, stderr: TextIO) -> int:
     volume, at, snapshot = args.source.partition("@")
     body = {"Volume": volume, "Snapshot": snapshot if at else None, "Since": args.since}
-    conn = UnixHTTPConnection(socket_path, timeout=300)
+    conn = UnixHTTP10Connection(socket_path, timeout=300)
     conn.request("POST", "/Snapvol.Send", body=json.dumps(body))
     response = conn.getresponse()
     if response.status != 200 or response.getheader("Content-Type", "").startswith("application/vnd.docker"):
@@ -310,22 +310,14 @@ def run_send(args: argparse.Namespace, socket_path: str, stdout: TextIO, stderr:
     return Exit.OK
 
 
-def _chunks(source: Any, progress: Progress) -> Iterator[bytes]:
-    done = 0
-    while block := source.read(stream.FRAME):
-        done += len(block)
-        progress.to(done)
-        yield block
-
-
 def run_receive(args: argparse.Namespace, socket_path: str, stdout: TextIO, stderr: TextIO) -> int:
     source = open(args.input, "rb") if args.input else sys.stdin.buffer
     total = os.fstat(source.fileno()).st_size if args.input else None
     progress = Progress(stderr, f"receive {args.volume}", total)
     try:
         # the plugin's stream socket: no HTTP body parsing in the way of the data
-        reply = send_stream(socket_path + ".stream", args.volume, _chunks(source, progress),
-                            timeout=600)
+        reply = send_stream(socket_path + ".stream", args.volume, source, timeout=600,
+                            progress=progress.to)
         status = int(reply.get("Status", 200))
     finally:
         progress.close()
