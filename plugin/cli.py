@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="without @SNAPSHOT, a snapshot is taken now")
     send.add_argument("--since", metavar="SNAPSHOT", help="incremental from this snapshot")
     send.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    send.add_argument("--compress", choices=("none", "zstd"), default=None,
+                      help="compress the stream with zstd (for slow links, compressible data)")
+    send.add_argument("--format", type=int, choices=(1, 2), default=None,
+                      help="stream format: 2 (default), or 1 for a receiver running snapvol 0.2")
     send.set_defaults(run=run_send)
     recv = sub.add_parser("receive", parents=[common],
                           help="make a volume from a full stream, or update a replica with an "
@@ -157,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     repl.add_argument("--snapshot", help="send this snapshot (default: one taken now)")
     repl.add_argument("--as", dest="remote_name", metavar="NAME",
                       help="the volume's name on the target (default: the same name)")
+    repl.add_argument("--compress", choices=("none", "zstd"), default=None,
+                      help="compress the stream with zstd (default: SNAPVOL_STREAM_COMPRESSION)")
     repl.set_defaults(run=run_replicate)
 
     role = sub.add_parser("role", parents=[common],
@@ -275,6 +281,10 @@ def _error_reply(response: Any) -> tuple[int, str]:
 def run_send(args: argparse.Namespace, socket_path: str, stdout: TextIO, stderr: TextIO) -> int:
     volume, at, snapshot = args.source.partition("@")
     body = {"Volume": volume, "Snapshot": snapshot if at else None, "Since": args.since}
+    if args.compress:
+        body["Compression"] = args.compress
+    if args.format:
+        body["Format"] = args.format
     conn = UnixHTTP10Connection(socket_path, timeout=300)
     conn.request("POST", "/Snapvol.Send", body=json.dumps(body))
     response = conn.getresponse()
@@ -339,6 +349,8 @@ def run_receive(args: argparse.Namespace, socket_path: str, stdout: TextIO, stde
 def run_replicate(args: argparse.Namespace, socket_path: str, stdout: TextIO, stderr: TextIO) -> int:
     body = {"Volume": args.volume, "Target": args.target, "Snapshot": args.snapshot,
             "As": args.remote_name}
+    if args.compress:
+        body["Compression"] = args.compress
     conn = UnixHTTPConnection(socket_path, timeout=3600)
     progress = Progress(stderr, f"replicate {args.volume}")
     try:
