@@ -84,3 +84,36 @@ def test_format_1_on_request(client, domain):
     response = client.post("/Snapvol.Send", data=json.dumps(
         {"Volume": "db", "Snapshot": "s1", "Format": 3}).encode())
     assert response.status_code == 400
+
+
+def test_a_target_that_reads_format_1_only_gets_format_1(domain, tmp_path, monkeypatch):
+    """A replica of snapvol 0.2 refuses format 2 with its own words; the next attempt sends
+    format 1, uncompressed (0.2 knows no compression)."""
+    from plugin import replication
+    from plugin.errors import TransferFailed
+    from plugin.history import ReplicationLog
+
+    volume_with_text(domain)
+    seen: list[dict] = []
+
+    def old_replica(self, where, volume, chunks):
+        reader = stream.Reader(io.BytesIO(b"".join(chunks)))
+        header = reader.header()
+        seen.append(header)
+        if header["format"] != 1:
+            raise TransferFailed(f"{where}: stream format {header['format']} is not supported "
+                                 "(this snapvol reads format 1)")
+        b"".join(reader.data())
+        return "received"
+
+    monkeypatch.setattr(replication.Replicator, "_send_to", old_replica)
+    monkeypatch.setattr(replication.Replicator, "_remote_snapshots", lambda self, where, volume: None)
+    monkeypatch.setattr(replication.time, "sleep", lambda s: None)
+    replicator = replication.Replicator(domain.volumes, domain.transfers, domain.lifecycle,
+                                        ReplicationLog(tmp_path / "r.json"), compression="zstd")
+    try:
+        run = replicator.replicate("db", "unix:///nowhere/plugin.sock", "s1")
+    finally:
+        replicator.shutdown()
+    assert run.error is None and run.attempts == 2
+    assert [(h["format"], h.get("compression")) for h in seen] == [(2, "zstd"), (1, None)]
