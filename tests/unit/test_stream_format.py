@@ -15,6 +15,13 @@ HEADER = {"backend": "btrfs", "volume": "db", "snapshot": "s2", "base": None}
 DATA = os.urandom(3 * stream.FRAME + 12345)        # four data frames
 
 
+@pytest.fixture(autouse=True, params=stream.CHECKS)
+def check(request, monkeypatch) -> str:
+    """Every test once per check this machine computes (crc32; xxh3 with python3-xxhash)."""
+    monkeypatch.setattr(stream, "CHECK", request.param)
+    return request.param
+
+
 def encoded(data: bytes = DATA, fmt: int = stream.FORMAT, header: dict | None = None) -> bytes:
     return b"".join(stream.encode(header or HEADER, [data], format=fmt))
 
@@ -69,7 +76,7 @@ def test_a_flipped_bit_is_caught_in_its_frame_before_it_is_handed_on(frame, offs
     bad[offset] ^= 0x04                     # offsets 5-8: the CRC itself; 9 on: the payload
     raw = head + b"".join(data_frames[:frame]) + bytes(bad) + b"".join(data_frames[frame + 1:]) + end
     got: list[bytes] = []
-    with pytest.raises(stream.StreamError, match=f"frame {frame + 1} fails its CRC check"):
+    with pytest.raises(stream.StreamError, match=f"frame {frame + 1} fails its check"):
         read(raw, got)
     # nothing of the damaged frame (nor after it) reached the receiver; with the last one
     # held back, one frame less than that
@@ -91,7 +98,7 @@ def test_frames_dropped_repeated_or_swapped_are_found():
     head, f, end = frames(encoded())
     changed = {"dropped": f[:1] + f[2:], "repeated": f[:2] + f[1:], "swapped": [f[0], f[2], f[1], f[3]]}
     for middle in changed.values():
-        with pytest.raises(stream.StreamError, match="CRC check|integrity"):
+        with pytest.raises(stream.StreamError, match="fails its check|integrity"):
             read(head + b"".join(middle) + end)
 
 
@@ -100,11 +107,11 @@ def test_a_frame_from_another_stream_is_found():
     spliced in, e.g. two sends written to one file)."""
     head, ours, end = frames(encoded())
     _, theirs, _ = frames(encoded(os.urandom(len(DATA))))
-    with pytest.raises(stream.StreamError, match="frame 2 fails its CRC check"):
+    with pytest.raises(stream.StreamError, match="frame 2 fails its check"):
         read(head + ours[0] + theirs[1] + b"".join(ours[2:]) + end)
     # the other stream's own frames, after our header: the running CRC starts from the header
     other_head, _, _ = frames(encoded(header={**HEADER, "volume": "other"}))
-    with pytest.raises(stream.StreamError, match="frame 1 fails its CRC check"):
+    with pytest.raises(stream.StreamError, match="frame 1 fails its check"):
         read(other_head + b"".join(ours) + end)
 
 
@@ -119,6 +126,20 @@ def test_format_1_is_still_read_and_written_on_request():
         read(bytes(flipped))
     with pytest.raises(stream.StreamError, match="truncated"):
         read(raw[:-10])
+
+
+def test_the_header_names_the_check_and_an_unknown_one_is_refused(check):
+    raw = encoded()
+    assert stream.Reader(io.BytesIO(raw)).header()["check"] == check
+    with pytest.raises(stream.StreamError, match="checked with 'sha3', which this snapvol cannot compute"):
+        read(_with_check(raw, "sha3"))
+
+
+def _with_check(raw: bytes, name: str) -> bytes:
+    """*raw* with its header's check renamed (the frames left as they are)."""
+    head, data_frames, end = frames(raw)
+    text = head[len(stream.MAGIC) + 5:].replace(b'"check": "' + stream.CHECK.encode(), b'"check": "' + name.encode())
+    return stream.MAGIC + struct.pack(">cI", b"H", len(text)) + text + b"".join(data_frames) + end
 
 
 def test_an_unknown_format_names_the_ones_read():

@@ -4,12 +4,13 @@ kernel from a pipe (splice) or a file (sendfile), also when the socket is full f
 from __future__ import annotations
 
 import os
+import struct
 import socket
 import threading
 
 import pytest
 
-from plugin import client
+from plugin import client, stream
 
 DATA = os.urandom(5 * client.SPLICE_CHUNK + 777)
 
@@ -74,3 +75,63 @@ def test_a_receiver_that_never_reads_times_out():
     theirs.close()                           # lets the writer finish
     ours.close()
     writer.join()
+
+
+def relayed(raw: bytes) -> tuple[bytes, stream.Reader]:
+    """*raw* from a socket (as snapvol send reads the plugin's answer) into a pipe through
+    Reader.relay with kernel_mover, as snapvol send does into `| snapvol receive`."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    feeder = threading.Thread(target=lambda: (theirs.sendall(raw), theirs.shutdown(socket.SHUT_WR)))
+    feeder.start()
+    r, w = os.pipe()
+    got: list[bytes] = []
+    drainer = threading.Thread(target=lambda: got.extend(iter(lambda: os.read(r, 1 << 16), b"")))
+    drainer.start()
+    source = ours.makefile("rb")
+    out = os.fdopen(w, "wb")
+    reader = stream.Reader(source)
+    counted = []
+    try:
+        reader.header()
+        move = client.kernel_mover(source, out, 5, counted.append)
+        assert move is not None
+        try:
+            reader.relay(move)
+        finally:
+            out.close()
+    finally:
+        feeder.join(10)
+        drainer.join(10)
+        source.close()
+        ours.close()
+        theirs.close()
+        os.close(r)
+    return b"".join(got), reader
+
+
+def test_relay_moves_the_frames_through_the_kernel_and_checks_their_structure():
+    raw = b"".join(stream.encode({"backend": "btrfs"}, [DATA]))
+    at = raw.index(b"D", len(stream.MAGIC) + 5)          # the first data frame
+    got, reader = relayed(raw)
+    # what went into the pipe: the payloads (the caller's tee writes the framing itself)
+    assert got == DATA and reader.bytes == len(DATA) and at > 0
+    with pytest.raises((stream.StreamError, ConnectionError), match="truncated"):
+        relayed(raw[:-100])                                   # inside the last frame
+    with pytest.raises(stream.StreamError, match="truncated"):
+        relayed(raw[:-21])                                    # the end mark missing
+    bad_end = raw[:-16] + struct.pack(">QII", len(DATA) - 1, 6, 0)
+    with pytest.raises(stream.StreamError, match="integrity"):
+        relayed(bad_end)
+
+
+def test_relay_reports_a_sender_failure():
+    def failing():
+        yield DATA[:3000]
+        raise RuntimeError("btrfs send: disk error")
+    chunks = []
+    with pytest.raises(RuntimeError):
+        for piece in stream.encode({"backend": "btrfs"}, failing()):
+            chunks.append(piece)
+    with pytest.raises(stream.StreamError, match="the sender failed: btrfs send: disk error"):
+        relayed(b"".join(chunks))
