@@ -146,7 +146,8 @@ class Replicator:
         plan.update(base=base, token=None)
         transfer = self._transfers.send(volume, snapshot, base, holding_slot=True,
                                         resume_token=resume_token, role=plan.get("role"),
-                                        compression=plan["compression"], format=plan["format"])
+                                        compression=plan["compression"], format=plan["format"],
+                                        check=plan.get("check"))
         try:
             reply = self._send_to(where, remote_name, _counted(transfer, progress))
         except TransferFailed as exc:
@@ -155,6 +156,10 @@ class Replicator:
                 # the next attempt speaks its language
                 log.info("%s reads stream format 1 only: sending that", label)
                 plan.update(format=1, compression=None)
+            elif "which this snapvol cannot compute" in str(exc):
+                # a target without python3-xxhash: the check every snapvol computes
+                log.info("%s cannot compute the stream's check: sending crc32", label)
+                plan.update(check="crc32")
             raise
         finally:
             transfer.close()

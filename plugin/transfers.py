@@ -57,7 +57,7 @@ class Transfers:
     def send(self, volume: object, snapshot: object = None, since: object = None, *,
              holding_slot: bool = False, resume_token: str | None = None,
              role: dict[str, Any] | None = None, compression: object = None,
-             format: int = stream.FORMAT) -> Transfer:
+             format: int = stream.FORMAT, check: str | None = None) -> Transfer:
         """The framed stream of *volume*@*snapshot* (a snapshot taken now when None),
         incremental from *since*, as a :class:`Transfer` to iterate (and close). A snapshot
         taken here is the newest ``send-`` one once its stream is complete (the older ones
@@ -67,7 +67,8 @@ class Transfers:
         pinned (retention skips them) and no lock is held, so Docker's calls go on.
 
         *compression* (``"zstd"``) compresses the native stream (:mod:`plugin.compression`);
-        *format* 1 makes a stream that snapvol 0.2 reads (no compression there).
+        *format* 1 makes a stream that snapvol 0.2 reads (no compression there); *check*
+        (``"crc32"``) a format 2 stream that a receiver without python3-xxhash reads.
 
         :raises VolumeNotFound, SnapshotNotFound: as named.
         :raises VolumeBusy: as many transfers as allowed are already running (unless the
@@ -75,7 +76,9 @@ class Transfers:
         """
         volume = names.volume_name(volume)
         since = None if since is None else names.snapshot_name(since)
-        packing = _Packing(compressions.compression(compression), _format(format))
+        if check is not None and check not in stream.CHECKS:
+            raise InvalidRequest(f"unknown stream check {check!r}: use " + " or ".join(stream.CHECKS))
+        packing = _Packing(compressions.compression(compression), _format(format), check)
         if snapshot is not None:
             return self._start(volume, names.snapshot_name(snapshot), since, holding_slot,
                                resume_token, lambda complete: None, role, packing)
@@ -118,9 +121,11 @@ class Transfers:
                   "options": dict(info.options), "resume": resume_token is not None}
         if role is not None:
             header["role"] = role
-        packing = packing or _Packing(None, stream.FORMAT)
+        packing = packing or _Packing(None, stream.FORMAT, None)
         if packing.compression:
             header["compression"] = packing.compression
+        if packing.check and packing.format != 1:
+            header["check"] = packing.check
 
         def done(complete: bool) -> None:
             self._inflight.unpin(pinned)
@@ -243,6 +248,7 @@ class StreamRefused(InvalidRequest):
 class _Packing:
     compression: str | None
     format: int
+    check: str | None
 
 
 def _format(raw: object) -> int:

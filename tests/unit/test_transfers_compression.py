@@ -117,3 +117,34 @@ def test_a_target_that_reads_format_1_only_gets_format_1(domain, tmp_path, monke
         replicator.shutdown()
     assert run.error is None and run.attempts == 2
     assert [(h["format"], h.get("compression")) for h in seen] == [(2, "zstd"), (1, None)]
+
+
+@pytest.mark.skipif("xxh3" not in stream.CHECKS, reason="needs python3-xxhash")
+def test_a_target_without_xxhash_gets_crc32(domain, tmp_path, monkeypatch):
+    from plugin import replication
+    from plugin.errors import TransferFailed
+    from plugin.history import ReplicationLog
+
+    volume_with_text(domain)
+    seen: list[dict] = []
+
+    def no_xxhash(self, where, volume, chunks):
+        reader = stream.Reader(io.BytesIO(b"".join(chunks)))
+        header = reader.header()
+        seen.append(header)
+        if header["check"] != "crc32":
+            raise TransferFailed(f"{where}: the stream is checked with 'xxh3', which this "
+                                 "snapvol cannot compute (install python3-xxhash)")
+        b"".join(reader.data())
+        return "received"
+
+    monkeypatch.setattr(replication.Replicator, "_send_to", no_xxhash)
+    monkeypatch.setattr(replication.Replicator, "_remote_snapshots", lambda self, where, volume: None)
+    monkeypatch.setattr(replication.time, "sleep", lambda s: None)
+    replicator = replication.Replicator(domain.volumes, domain.transfers, domain.lifecycle,
+                                        ReplicationLog(tmp_path / "r.json"))
+    try:
+        run = replicator.replicate("db", "unix:///nowhere/plugin.sock", "s1")
+    finally:
+        replicator.shutdown()
+    assert run.error is None and [h["check"] for h in seen] == ["xxh3", "crc32"]
