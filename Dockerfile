@@ -7,7 +7,8 @@ FROM ${BASE}
 # Debian's packages only: btrfsutil is Debian's python3-btrfsutil (PyPI's does not build
 # against bookworm's libbtrfsutil). util-linux: mount, losetup; e2fsprogs: chattr.
 # python3-docker: the Docker Engine API client that pauses containers for quiesce.
-# openssh-client: ssh:// replication targets and standbys.
+# openssh-client: ssh:// replication targets and standbys. zstd: compressed streams;
+# python3-xxhash: the cheap stream check (plugin/stream.py; CRC-32 without it).
 # zfsutils-linux + python3-pyzfs (contrib): the ZFS backend on the host's OpenZFS through
 # /dev/zfs. The userland must match the host's module (the plugin refuses to start when they
 # differ): bookworm's is OpenZFS 2.1.11; ZFS_SUITE=bookworm-backports builds one for 2.3.x.
@@ -27,7 +28,7 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       python3 python3-flask gunicorn python3-btrfsutil python3-docker btrfs-progs util-linux \
       mount e2fsprogs zfsutils-linux python3-pyzfs openssh-client \
-      python3-prometheus-client \
+      python3-prometheus-client zstd python3-xxhash \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/* \
       /usr/share/info/* /usr/share/locale/* /var/log/*

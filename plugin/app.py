@@ -22,6 +22,7 @@ from .api.stream_socket import StreamSocket, stream_socket_path
 from .announce import DriverAnnouncer
 from .cli_bundle import write_bundle
 from .api.wire import reply
+from .compression import compression
 from .config import Settings
 from .errors import PluginError
 from .history import AutoHistory, ReplicationLog
@@ -86,7 +87,8 @@ def build_replicator(domain: Domain, settings: Settings) -> Replicator:
                     settings.remote_snapvol)
     replicator = Replicator(domain.volumes, domain.transfers, domain.lifecycle,
                             domain.replications, ssh=ssh, timeout=settings.transfer_timeout,
-                            workers=settings.transfers)
+                            workers=settings.transfers,
+                            compression=compression(settings.stream_compression))
     domain.volumes.create_guards.append(lambda _name, opts: replicator.refuse_unusable(opts))
     return replicator
 

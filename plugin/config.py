@@ -141,6 +141,7 @@ class Settings:
     hook_timeout: float
     transfers: int
     transfer_timeout: float
+    stream_compression: str
     ssh_key: str
     ssh_known_hosts: str
     ssh_dir: Path | None
@@ -191,6 +192,9 @@ class Settings:
                       "of the request threads stay free for Docker)"),
         "transfer_timeout": ("SNAPVOL_TRANSFER_TIMEOUT", "120", _seconds,
                              "a replication whose target makes no progress for this long fails"),
+        "stream_compression": ("SNAPVOL_STREAM_COMPRESSION", "none", _choice("none", "zstd"),
+                               "compress replication streams with zstd (for slow links and "
+                               "compressible data; costs CPU): none or zstd"),
         "ssh_key": ("SNAPVOL_SSH_KEY", "", _optional_text,
                     "private key for ssh:// replication targets; empty: the first of id_ed25519, "
                     "id_ecdsa, id_rsa in SNAPVOL_SSH_DIR, else ssh's defaults"),

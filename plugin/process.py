@@ -73,8 +73,10 @@ class Streaming:
     """
 
     def __init__(self, argv: Sequence[str | os.PathLike[str]], *, feed: bool,
-                 stdin: int | None = None) -> None:
-        """*feed*: we write its stdin; otherwise we read its stdout (stdin: *stdin* or null)."""
+                 stdin: int | None = None, stdout: int | None = None) -> None:
+        """*feed*: we write its stdin (stdout: *stdout*, e.g. the next program's input, or
+        null); otherwise we read its stdout (stdin: *stdin*, e.g. the previous program's
+        output, or null)."""
         import tempfile
 
         self.argv = _argv(argv)
@@ -84,7 +86,7 @@ class Streaming:
             self.proc = subprocess.Popen(
                 self.argv, env=CHILD_ENV, stderr=self._stderr,
                 stdin=subprocess.PIPE if feed else (stdin if stdin is not None else subprocess.DEVNULL),
-                stdout=subprocess.DEVNULL if feed else subprocess.PIPE)
+                stdout=(stdout if stdout is not None else subprocess.DEVNULL) if feed else subprocess.PIPE)
         except FileNotFoundError:
             self._stderr.close()
             raise BackendError(f"{self.argv[0]}: command not found; install it on the plugin host") from None

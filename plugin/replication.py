@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
-from . import names, process
+from . import compression as compressions, names, process, stream
 from .client import PluginClient, send_stream
 from .errors import (CommandFailed, Conflict, InvalidOption, InvalidRequest, NotFound,
                      PluginError, TransferFailed)
@@ -40,7 +40,8 @@ class Replicator:
     def __init__(self, volumes: VolumeService, transfers: Transfers, lifecycle: Lifecycle,
                  replications: ReplicationLog, *,
                  ssh: SshClient | None = None, timeout: float = 120.0, retries: int = 2,
-                 workers: int = 4) -> None:
+                 workers: int = 4, compression: str | None = None) -> None:
+        """*compression*: how streams travel unless a call says otherwise (``"zstd"``)."""
         self._volumes = volumes
         self._transfers = transfers
         self._lifecycle = lifecycle
@@ -48,16 +49,19 @@ class Replicator:
         self.ssh = ssh or SshClient()
         self._timeout = timeout
         self._retries = retries
+        self._compression = compressions.compression(compression)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapvol-replicate")
 
     # ------------------------------------------------------------------ the work
 
     def replicate(self, volume: object, target: object, snapshot: object = None,
                   progress: Callable[[int], None] | None = None,
-                  remote_name: object = None, role: dict[str, Any] | None = None) -> Replication:
+                  remote_name: object = None, role: dict[str, Any] | None = None,
+                  compression: object = None) -> Replication:
         """Bring *target*'s copy of *volume* (named *remote_name* there, by default the same
         name) up to *snapshot* (a snapshot taken now when None). *role* goes in the stream's
         header (a standby sync: the primary's epoch, see :mod:`plugin.standby`).
+        *compression* (``"zstd"``, ``"none"``; None: the setting) compresses the stream.
 
         :raises InvalidRequest: a bad target; :raises NotFound: no such volume or snapshot;
         :raises Conflict: the target has the volume but no snapshot in common with us;
@@ -76,7 +80,10 @@ class Replicator:
                 snapshot = self._volumes.snapshot([volume], unique_name(REPL_PREFIX))[0].name
             snapshot = names.snapshot_name(snapshot)
             attempt = 0
-            plan: dict[str, Any] = {"role": role}   # what the last attempt sent: base, token
+            # what the last attempt sent: base, token, format and compression
+            plan: dict[str, Any] = {"role": role, "format": stream.FORMAT,
+                                    "compression": self._compression if compression is None
+                                    else compressions.compression(compression)}
             while True:
                 attempt += 1
                 try:
@@ -138,9 +145,22 @@ class Replicator:
                   plan: dict[str, Any], resume_token: str | None = None) -> Replication:
         plan.update(base=base, token=None)
         transfer = self._transfers.send(volume, snapshot, base, holding_slot=True,
-                                        resume_token=resume_token, role=plan.get("role"))
+                                        resume_token=resume_token, role=plan.get("role"),
+                                        compression=plan["compression"], format=plan["format"],
+                                        check=plan.get("check"))
         try:
             reply = self._send_to(where, remote_name, _counted(transfer, progress))
+        except TransferFailed as exc:
+            if plan["format"] != 1 and f"stream format {plan['format']} is not supported" in str(exc):
+                # a target of snapvol 0.2 reads format 1 only (and knows no compression):
+                # the next attempt speaks its language
+                log.info("%s reads stream format 1 only: sending that", label)
+                plan.update(format=1, compression=None)
+            elif "which this snapvol cannot compute" in str(exc):
+                # a target without python3-xxhash: the check every snapvol computes
+                log.info("%s cannot compute the stream's check: sending crc32", label)
+                plan.update(check="crc32")
+            raise
         finally:
             transfer.close()
         kind = f"incremental from {base}" if base else "full"

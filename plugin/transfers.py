@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
-from . import names, options, stream
+from . import compression as compressions, names, options, stream
 from .backends.base import Backend
-from .errors import (InvalidName, InvalidOption, InvalidRequest, PluginError, SnapshotNotFound,
+from .errors import (CommandFailed, InvalidName, InvalidOption, InvalidRequest, PluginError, SnapshotNotFound,
                      VolumeInUse, VolumeNotFound)
 from .history import ReplicationLog
 from .inflight import InFlight
 from .lifecycle import Lifecycle
 from .locks import VolumeLocks
 from .mounts import MountTable
+from . import process
 from .process import Streaming
 from .snapshot_names import SEND_PREFIX, unique_name
 from .units import rfc3339
@@ -54,7 +56,8 @@ class Transfers:
 
     def send(self, volume: object, snapshot: object = None, since: object = None, *,
              holding_slot: bool = False, resume_token: str | None = None,
-             role: dict[str, Any] | None = None) -> Transfer:
+             role: dict[str, Any] | None = None, compression: object = None,
+             format: int = stream.FORMAT, check: str | None = None) -> Transfer:
         """The framed stream of *volume*@*snapshot* (a snapshot taken now when None),
         incremental from *since*, as a :class:`Transfer` to iterate (and close). A snapshot
         taken here is the newest ``send-`` one once its stream is complete (the older ones
@@ -63,15 +66,22 @@ class Transfers:
         Only choosing the snapshots takes the volume's lock; while the stream runs, they are
         pinned (retention skips them) and no lock is held, so Docker's calls go on.
 
+        *compression* (``"zstd"``) compresses the native stream (:mod:`plugin.compression`);
+        *format* 1 makes a stream that snapvol 0.2 reads (no compression there); *check*
+        (``"crc32"``) a format 2 stream that a receiver without python3-xxhash reads.
+
         :raises VolumeNotFound, SnapshotNotFound: as named.
         :raises VolumeBusy: as many transfers as allowed are already running (unless the
             caller holds a slot of :meth:`InFlight.slot` already).
         """
         volume = names.volume_name(volume)
         since = None if since is None else names.snapshot_name(since)
+        if check is not None and check not in stream.CHECKS:
+            raise InvalidRequest(f"unknown stream check {check!r}: use " + " or ".join(stream.CHECKS))
+        packing = _Packing(compressions.compression(compression), _format(format), check)
         if snapshot is not None:
             return self._start(volume, names.snapshot_name(snapshot), since, holding_slot,
-                               resume_token, lambda complete: None, role)
+                               resume_token, lambda complete: None, role, packing)
         taken = self._volumes.snapshot([volume], unique_name(SEND_PREFIX))[0].name
 
         def retire(complete: bool) -> None:
@@ -80,14 +90,15 @@ class Transfers:
             else:
                 self._lifecycle.retire(volume, [taken], "taken for a send that failed")
         try:
-            return self._start(volume, taken, since, holding_slot, resume_token, retire, role)
+            return self._start(volume, taken, since, holding_slot, resume_token, retire, role,
+                               packing)
         except PluginError:
             retire(False)
             raise
 
     def _start(self, volume: str, snapshot: str, since: str | None, holding_slot: bool,
                resume_token: str | None, finished: Callable[[bool], None],
-               role: dict[str, Any] | None = None) -> Transfer:
+               role: dict[str, Any] | None = None, packing: _Packing | None = None) -> Transfer:
         """Check, pin and take a slot under the volume's lock; *finished* runs after the
         stream ends (with whether it was whole), once the pins and the slot are released."""
         with self._locks.hold(volume):
@@ -110,13 +121,18 @@ class Transfers:
                   "options": dict(info.options), "resume": resume_token is not None}
         if role is not None:
             header["role"] = role
+        packing = packing or _Packing(None, stream.FORMAT, None)
+        if packing.compression:
+            header["compression"] = packing.compression
+        if packing.check and packing.format != 1:
+            header["check"] = packing.check
 
         def done(complete: bool) -> None:
             self._inflight.unpin(pinned)
             if not holding_slot:
                 self._inflight.release_slot()
             finished(complete)
-        return Transfer(header, argv, done)
+        return Transfer(header, argv, done, compression=packing.compression, format=packing.format)
 
     def move_base(self, volume: str, new: str, old: str | None) -> None:
         """A replication target now holds *new*: hold it, and release *old* unless another
@@ -165,6 +181,11 @@ class Transfers:
                                     self._backend.kind, self._backend.compressions)
         except (InvalidName, InvalidOption) as exc:
             raise StreamRefused(f"the stream's header is not acceptable: {exc}") from None
+        try:
+            packed = compressions.compression(header.get("compression"))
+        except InvalidRequest:
+            raise StreamRefused(f"the stream is compressed with {header.get('compression')!r}, "
+                                "which this snapvol cannot decompress") from None
         resume = header.get("resume") is True
         if resume and not self._backend.resumable:
             raise StreamRefused(f"the stream resumes an interrupted transfer; {self._backend.kind} "
@@ -174,9 +195,10 @@ class Transfers:
                 self.admit(volume, header)
             base = self._replica_base(volume, header)   # after the mark: no Mount slips in
             try:
-                with self._backend.receiving(volume, snapshot, base, opts, resume=resume) as pipe:
+                with self._backend.receiving(volume, snapshot, base, opts, resume=resume) as pipe, \
+                        _unpacked(packed, pipe) as sink:
                     for chunk in stream.prefetch(reader.data(hold_last=True)):
-                        pipe.write(chunk)
+                        sink.write(chunk)
             except stream.StreamError as exc:
                 raise StreamRefused(f"{exc}; nothing was kept") from None
             except (BrokenPipeError, ConnectionError) as exc:
@@ -222,6 +244,50 @@ class StreamRefused(InvalidRequest):
     """A stream that cannot be received here (bad, for the other backend, missing its base)."""
 
 
+@dataclass(frozen=True)
+class _Packing:
+    compression: str | None
+    format: int
+    check: str | None
+
+
+def _format(raw: object) -> int:
+    if raw not in stream.FORMATS or isinstance(raw, bool):
+        raise InvalidRequest(f"unknown stream format {raw!r}: use "
+                             + " or ".join(map(str, stream.FORMATS)))
+    return int(raw)  # type: ignore[call-overload]
+
+
+@contextmanager
+def _unpacked(compression: str | None, pipe: BinaryIO) -> Iterator[BinaryIO]:
+    """*pipe* (the native receiver's input), or the input of a decompressor that writes into
+    it. A decompressor that fails refuses the stream (the CRCs passed: the sender compressed
+    something bad), and one that stops early is blamed rather than the pipe it leaves broken."""
+    if compression is None:
+        yield pipe
+        return
+    pipe.flush()
+    with process.Streaming(compressions.decompress_argv(compression), feed=True,
+                           stdout=pipe.fileno()) as child:
+        try:
+            yield child.proc.stdin   # type: ignore[misc]
+            child.finish(timeout=_UNPACK_TIMEOUT)
+        except (BrokenPipeError, CommandFailed) as exc:
+            try:
+                child.finish(timeout=_UNPACK_TIMEOUT)
+            except CommandFailed as failed:
+                exc = failed
+            if isinstance(exc, CommandFailed) and "pipe" in exc.stderr.lower():
+                raise BrokenPipeError(f"{compression} -d: {exc.stderr.strip()[-200:]}") from None
+            if isinstance(exc, CommandFailed):
+                raise StreamRefused(f"the stream's {compression} data cannot be decompressed "
+                                    f"({exc.stderr.strip()[-200:] or exc}); nothing was kept") from None
+            raise
+
+
+_UNPACK_TIMEOUT = 600.0
+
+
 class Transfer:
     """A running send: iterate it for the framed stream; :meth:`close` (also called by the
     WSGI server when the client goes away) stops the native sender and frees its slot."""
@@ -229,34 +295,48 @@ class Transfer:
     CHUNK = stream.FRAME
 
     def __init__(self, header: dict[str, Any], argv: list[str],
-                 done: Callable[[bool], None]) -> None:
+                 done: Callable[[bool], None], *, compression: str | None = None,
+                 format: int = stream.FORMAT) -> None:
         """*done* is called once, with whether the whole stream was produced."""
         self.header = header
-        self.bytes = 0
+        self.bytes = 0                # what goes into the frames (compressed, if it is)
         self._argv = argv
         self._done: Callable[[bool], None] | None = done
         self._child: Any = None
+        self._packer: Any = None
+        self._compression = compression
+        self._format = format
         self._complete = False
 
     def _native(self) -> Iterator[bytes]:
         self._child = Streaming(self._argv, feed=False)
         with self._child:
             out = self._child.proc.stdout
-            while chunk := out.read(self.CHUNK):     # whole frames (a pipe gives 64 KiB reads)
-                self.bytes += len(chunk)
-                yield chunk
-            self._child.finish()
+            if self._compression is not None:
+                # native sender | compressor: we read the compressor; it owns the pipe now
+                self._packer = Streaming(compressions.compress_argv(self._compression),
+                                         feed=False, stdin=out.fileno())
+                out.close()
+                out = self._packer.proc.stdout
+            with self._packer or nullcontext():
+                while chunk := out.read(self.CHUNK):     # whole frames (a pipe gives 64 KiB reads)
+                    self.bytes += len(chunk)
+                    yield chunk
+                if self._packer is not None:
+                    self._packer.finish()   # first: a sender that failed ends its input early,
+            self._child.finish()            # and it is the one to blame
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            yield from stream.encode(self.header, stream.prefetch(self._native()))
+            yield from stream.encode(self.header, stream.prefetch(self._native()), format=self._format)
             self._complete = True
         finally:
             self.close()
 
     def close(self) -> None:
-        if self._child is not None and self._child.proc.poll() is None:
-            self._child.kill()
+        for child in (self._packer, self._child):
+            if child is not None and child.proc.poll() is None:
+                child.kill()
         done, self._done = self._done, None
         if done is not None:
             done(self._complete)

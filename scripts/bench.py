@@ -334,6 +334,80 @@ def replication_rows(source: Target, replica: PluginProcess, size_mb: int, chang
             f"archive {tgz_size / (1 << 20):.0f} MiB | snapvol full is {tgz / ours:.1f}x faster |"]
 
 
+def fill_compressible(directory: str, size: int) -> None:
+    """*size* bytes of text that compresses about as a database dump does (zstd -3: ~4x):
+    numbered rows with a few random fields, in 64 MiB files, flushed to disk."""
+    import random
+    rnd = random.Random(17)
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+    written, index = 0, 0
+    while written < size:
+        rows = []
+        for _ in range(200_000):
+            rows.append(f"{written + len(rows):012d},{rnd.choice(words)},{rnd.randrange(10**6)},"
+                        f"{rnd.choice(words)}-{rnd.randrange(1000):03d},2026-12-04T{rnd.randrange(24):02d}:00\n")
+        block = "".join(rows).encode()[: min(64 << 20, size - written)]
+        with open(f"{directory}/rows{index:04d}.csv", "wb") as f:
+            f.write(block)
+        written += len(block)
+        index += 1
+    subprocess.run(["sync", "-f", directory], check=True, timeout=600)
+
+
+def throttled(source, sink, rate: float) -> threading.Thread:
+    """Copy *source* to *sink* at most *rate* bytes a second (a slow link), in a thread; both
+    are closed at the end."""
+    def copy() -> None:
+        started, sent = time.perf_counter(), 0
+        try:
+            while block := source.read1(256 << 10):
+                sink.write(block)
+                sent += len(block)
+                ahead = sent / rate - (time.perf_counter() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+        finally:
+            sink.close()
+            source.close()
+    thread = threading.Thread(target=copy, name="bench-link", daemon=True)
+    thread.start()
+    return thread
+
+
+def compression_rows(source: Target, replica: PluginProcess, size_mb: int, rate_mb: float,
+                     base: Path) -> list[str]:
+    """`snapvol send | (a link of rate_mb MB/s) | snapvol receive` of compressible data, with
+    and without ``--compress zstd``."""
+    name = f"zst{secrets.token_hex(3)}"
+    source.call("VolumeDriver.Create", {"Name": name})
+    path = source.call("VolumeDriver.Mount", {"Name": name, "ID": "bench"})["Mountpoint"]
+    print(f"bench: {source.label}: writing {size_mb} MiB of compressible rows...", file=sys.stderr)
+    fill_compressible(path, size_mb << 20)
+    source.call("Snapvol.SnapshotCreate", {"Volumes": [name], "Name": "s1"})
+    results = {}
+    for label, extra in (("plain", []), ("zstd", ["--compress", "zstd"])):
+        copy = f"{name}{label}"
+        started = time.perf_counter()
+        sender = cli(source.socket, "send", f"{name}@s1", *extra, stdout=subprocess.PIPE)
+        receiver = subprocess.Popen([str(REPO / ".venv" / "bin" / "snapvol"), "--socket",
+                                     str(replica.socket), "receive", copy],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+        link = throttled(sender.stdout, receiver.stdin, rate_mb * 1e6)
+        link.join(timeout=3600)
+        if receiver.wait(timeout=600) != 0 or sender.wait(timeout=600) != 0:
+            raise RuntimeError(f"throttled {label}: {receiver.stderr.read()} {sender.stderr.read()}")
+        results[label] = time.perf_counter() - started
+        replica.call("VolumeDriver.Remove", {"Name": copy})
+    source.call("VolumeDriver.Unmount", {"Name": name, "ID": "bench"})
+    source.call("Snapvol.SnapshotRemove", {"Volume": name, "Snapshot": "s1"})
+    source.call("VolumeDriver.Remove", {"Name": name})
+    plain, packed = results["plain"], results["zstd"]
+    return [f"| {source.label}: full send + receive of {size_mb} MiB of compressible rows over a "
+            f"{rate_mb:.0f} MB/s link, `--compress zstd` | {packed:.2f} s | uncompressed: "
+            f"{plain:.2f} s | {plain / packed:.1f}x faster |"]
+
+
 def write_records(path: Path, stop: threading.Event, every: float = 0.1) -> list[tuple[int, float]]:
     """Append one fsync'd record per *every* seconds to ``path/records`` until *stop*: a
     database's committed transactions. Returns (record, wall time acknowledged)."""
@@ -706,6 +780,10 @@ def main() -> None:
     parser.add_argument("--snapshot-sizes", default="10,1024,4096", help="MiB of data")
     parser.add_argument("--replication-mb", type=int, default=1024, help="MiB sent (btrfs)")
     parser.add_argument("--zfs-replication-mb", type=int, default=1024, help="MiB sent (zfs)")
+    parser.add_argument("--no-zfs", action="store_true",
+                        help="no zfs-fuse pool, no ZFS rows (a machine where another user owns ZFS)")
+    parser.add_argument("--link-mb", type=float, default=30.0,
+                        help="MB/s of the slow link in the zstd row")
     # zfs-fuse writes through FUSE at a few tens of MB/s; 4 GiB would take minutes to fill
     parser.add_argument("--zfs-snapshot-max", type=int, default=1024,
                         help="largest data size (MiB) for the ZFS snapshot column")
@@ -743,7 +821,8 @@ def main() -> None:
         # only the sections that use them start buttervolume and ZFS (zfs-fuse, maybe)
         bv_context = (buttervolume(args.buttervolume, base) if args.buttervolume and
                       sections & {"latency", "snapshots"} else nullcontext())
-        zfs_context = zfs_plugin(base) if sections & {"replication", "snapshots"} else nullcontext()
+        zfs_context = (zfs_plugin(base) if not args.no_zfs and sections & {"replication", "snapshots"}
+                       else nullcontext())
         with bv_context as bv, zfs_context as zfs:
             if "replication" in sections:
                 replica = PluginProcess(f"snapvolbenchr{secrets.token_hex(3)}", base / "rstate",
@@ -754,13 +833,15 @@ def main() -> None:
                     replica.start()
                     rows = ["| measure | snapvol | alternative | ratio |", "|---|---|---|---|"]
                     rows += replication_rows(snapvol, replica, args.replication_mb, 10, base, "btrfs")
-                    zpool = make_pool(base, size=4 << 30)
-                    zreplica = PluginProcess(f"snapvolbenchzr{secrets.token_hex(3)}", base / "zrstate",
-                                             {"SNAPVOL_BACKEND": "zfs", "SNAPVOL_ZFS_ROOT": f"{zpool}/snapvol",
-                                              "SNAPVOL_LOG_LEVEL": "warning",
-                                              "SNAPVOL_RUN_DIR": str(base / "run" / "zr")})
-                    zreplica.start()
-                    rows += replication_rows(zfs, zreplica, args.zfs_replication_mb, 10, base, "zfs")
+                    rows += compression_rows(snapvol, replica, 256, args.link_mb, base)
+                    if not args.no_zfs:
+                        zpool = make_pool(base, size=4 << 30)
+                        zreplica = PluginProcess(f"snapvolbenchzr{secrets.token_hex(3)}", base / "zrstate",
+                                                 {"SNAPVOL_BACKEND": "zfs", "SNAPVOL_ZFS_ROOT": f"{zpool}/snapvol",
+                                                  "SNAPVOL_LOG_LEVEL": "warning",
+                                                  "SNAPVOL_RUN_DIR": str(base / "run" / "zr")})
+                        zreplica.start()
+                        rows += replication_rows(zfs, zreplica, args.zfs_replication_mb, 10, base, "zfs")
                     rows += ["", "While four replications hang on a target that never reads:", "",
                              "| measure | hanging | idle | |", "|---|---|---|---|"]
                     rows += latency_while_hanging(snapvol, base, args.repeat)

@@ -32,7 +32,7 @@ ensure_command() {
 
 # The packages the plugin needs at run time.
 RUNTIME_PACKAGES=(btrfs-progs python3-btrfsutil python3-venv python3-flask gunicorn python3-docker python3-tqdm python3-prometheus-client e2fsprogs
-  util-linux)
+  util-linux zstd python3-xxhash)
 
 # docker_answers [DOCKER_HOST]: true if a Docker engine answers.
 docker_answers() { timeout 20 docker info >/dev/null 2>&1; }

@@ -13,7 +13,8 @@ from flask import Blueprint, Response, current_app, request
 
 from .volume_driver import domain
 
-from .. import names
+from .. import names, stream
+from ..compression import compression
 from ..errors import InvalidRequest, PluginError, VolumeBusy
 from ..history import Replication
 from ..replication import Replicator
@@ -109,7 +110,9 @@ def send() -> Response:
     """The framed stream of a snapshot as the (chunked) response body; errors found before
     the stream starts are JSON replies, later ones end the stream with an abort frame."""
     body = docker_request()
-    transfer = domain().transfers.send(required(body, "Volume"), body.get("Snapshot"), body.get("Since"))
+    transfer = domain().transfers.send(required(body, "Volume"), body.get("Snapshot"), body.get("Since"),
+                                       compression=body.get("Compression"),
+                                       format=body.get("Format", stream.FORMAT))
     headers = {"X-Snapvol-Snapshot": transfer.header["snapshot"],
                "X-Snapvol-Base": transfer.header["base"] or ""}
     return Response(transfer, mimetype=STREAM_TYPE, headers=headers)
@@ -151,6 +154,7 @@ def replicate() -> Response:
     domain().volumes.snapshots(volume)                     # a missing volume: 404 now, not mid-stream
     if body.get("As") is not None:
         names.volume_name(body["As"])
+    compression(body.get("Compression"))                  # an unknown one: 400 now
     try:
         Target.parse(target)
     except ValueError as exc:
@@ -161,7 +165,8 @@ def replicate() -> Response:
         try:
             run = replicator.replicate(volume, target, body.get("Snapshot"),
                                        progress=lambda n: events.put({"Bytes": n}),
-                                       remote_name=body.get("As"))
+                                       remote_name=body.get("As"),
+                                       compression=body.get("Compression"))
             events.put({"Err": "", "Replication": _replication(run)})
         except PluginError as exc:
             events.put({"Err": str(exc), "Status": exc.http_status})

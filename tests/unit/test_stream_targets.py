@@ -26,7 +26,7 @@ def test_round_trip_keeps_header_and_data():
     data = bytes(range(256)) * 5000
     header, out = read_all(encoded(data))
     assert out == data
-    assert header == {"format": 1, **HEADER}
+    assert header == {"format": stream.FORMAT, "check": stream.CHECK, **HEADER}
 
 
 @pytest.mark.parametrize("cut", [0, 5, 20, 100, 300_000, 1_200_000, -41, -1])
