@@ -40,7 +40,7 @@ from .scheduler import Scheduler
 from .ssh_client import SshClient
 from .storage import open_backend
 from .domain import Domain
-from .trash import TrashBook
+from .trash_book import TrashBook
 from .verify import VerifyBook
 from .verify_docker import DockerChecks, managed_driver
 

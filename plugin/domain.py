@@ -29,7 +29,8 @@ from .quiesce import DockerQuiescer
 from .schedules import Schedules
 from .status import StatusView
 from .transfers import Transfers
-from .trash import Records, Trash, TrashBook
+from .trash import Records, Trash
+from .trash_book import TrashBook
 from .verify import Checks, Verifier, VerifyBook
 from .volumes import VolumeService
 

@@ -16,7 +16,8 @@ from plugin.errors import InvalidName, VolumeExists, VolumeNotFound
 from plugin.history import AutoHistory, Replication, ReplicationLog
 from plugin.locks import VolumeLocks
 from plugin.mounts import MountTable
-from plugin.trash import Trashed, TrashBook, TrashedNotFound
+from plugin.trash import TrashedNotFound
+from plugin.trash_book import Trashed, TrashBook
 
 
 def assemble(backend, tmp_path: Path, *, ttl: int = 3600, full: int = 90) -> Domain:

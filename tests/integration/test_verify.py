@@ -19,7 +19,7 @@ from plugin.history import AutoHistory
 from plugin.locks import VolumeLocks
 from plugin.mounts import MountTable
 from plugin.scheduler import Scheduler
-from plugin.trash import TrashBook
+from plugin.trash_book import TrashBook
 from plugin.verify import ERROR, FAILED, PASSED, Outcome, Use, VerifyBook
 from plugin.verify_docker import CheckCannotRun
 

@@ -420,7 +420,7 @@ def test_check_compares_mount_ids_with_the_containers_docker_knows(tmp_path):
 
 @pytest.fixture
 def trash_client(backend: FakeBackend, tmp_path: Path):
-    from plugin.trash import TrashBook
+    from plugin.trash_book import TrashBook
     domain = Domain.assemble(backend, MountTable(tmp_path / "mounts.json"), VolumeLocks(0.5),
                              trash=TrashBook(tmp_path / "trash.journal"), trash_ttl=3600)
     domain.volumes.open()

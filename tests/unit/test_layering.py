@@ -25,6 +25,9 @@ FORBIDDEN = {  # module prefix -> imports it must never make
     "plugin.backends.zfs": ("plugin.process", "libzfs_core"),
     "plugin.backends.zfs_layout": ("plugin.process", "libzfs_core"),
     "plugin.backends.zfs_receive": ("libzfs_core",),
+    # the trash's storage knows no volume, no lock and no backend: only its entries
+    "plugin.trash_book": ("flask", "plugin.api", "plugin.backends", "plugin.volumes",
+                          "plugin.trash", "plugin.locks"),
     "plugin.mounts": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.process": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.pool": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),

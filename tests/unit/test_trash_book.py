@@ -1,4 +1,4 @@
-"""The trash's journal (plugin.trash.TrashBook): O(1) changes, kills at any moment,
+"""The trash's journal (plugin.trash_book.TrashBook): O(1) changes, kills at any moment,
 damaged lines, and the migration from the trash.json of earlier versions (issue 17)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from plugin.statefile import quarantined
-from plugin.trash import Trashed, TrashBook
+from plugin.trash_book import Trashed, TrashBook
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)
@@ -173,7 +173,7 @@ def test_a_damaged_trash_json_is_moved_aside_at_migration(tmp_path):
 WRITER = textwrap.dedent("""
     import os, sys
     from datetime import datetime, timedelta, timezone
-    from plugin.trash import Trashed, TrashBook
+    from plugin.trash_book import Trashed, TrashBook
     book = TrashBook(__import__("pathlib").Path(sys.argv[1]))
     start = int(sys.argv[2])
     t0 = datetime(2026, 12, 4, tzinfo=timezone.utc)

@@ -23,7 +23,7 @@ from plugin.errors import InvalidOption, InvalidRequest, SnapshotNotFound, Volum
 from plugin.history import AutoHistory
 from plugin.locks import VolumeLocks
 from plugin.mounts import MountTable
-from plugin.trash import TrashBook
+from plugin.trash_book import TrashBook
 from plugin.verify import ERROR, FAILED, PASSED, Outcome, Use, VerifyBook, VerifyUnavailable
 from plugin.verify_spec import CheckSpec
 from tests.fakes import FakeBackend
