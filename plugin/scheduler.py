@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import nullcontext
 from functools import partial
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -20,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from .errors import PluginError
 from .history import AutoRun
 from .replication import Replicator
-from .schedules import Schedules
+from .schedules import Schedule, Schedules
 from .standby import Standbys
 from .trash import Trash
 from .verify import Verifier
@@ -29,6 +30,7 @@ from .volumes import VolumeService
 log = logging.getLogger(__name__)
 
 MAX_SLEEP = 60.0
+MIN_PAUSE = 0.25      # between two passes: volumes due a moment apart are taken in one pass
 TRASH_CHECK = 10.0    # seconds between looks at the pool's fill while the trash holds something
 
 
@@ -75,7 +77,12 @@ class Scheduler:
     def run_once(self, now: datetime) -> dict[str, AutoRun | Exception]:
         """Run every volume that is due at *now*; one failing volume never stops the others.
 
-        Returns what happened per volume run: its :class:`AutoRun`, or the error.
+        One pass, one listing (:meth:`Schedules.survey`), one history save at the end (at
+        most one a second while it lasts: :meth:`AutoHistory.batched`). Every due snapshot
+        is taken first, the longest overdue first, each stamped with the time it really
+        ran; the prunes come after them, so pruning a thousand volumes never makes the
+        last snapshot of the pass late. Returns what happened per volume run: its
+        :class:`AutoRun`, or the error.
         """
         done: dict[str, AutoRun | Exception] = {}
         self._next_due = None
@@ -85,38 +92,62 @@ class Scheduler:
             except PluginError as exc:
                 log.error("scheduler: cannot tidy the trash: %s", exc)
         try:
-            schedules = self._schedules.schedules()
+            survey = self._schedules.survey()
+            schedules = self._schedules.schedules(survey)
         except PluginError as exc:
             log.error("scheduler: cannot list volumes: %s", exc)
             return done
-        # the same listing tells when to wake next: a run (done or failed) is due again one
-        # interval from now, the others at their next_run
+        # the same listing tells when to wake next: a volume due now (run, failed or
+        # skipped) is due again at its next slot, the others at their next_run
         self.last_pass = now
-        upcoming = [s.next_run if s.next_run > now else now + s.interval for s in schedules]
+        upcoming = [s.next_run if s.next_run > now else s.slot(now) + s.interval
+                    for s in schedules]
         self._next_due = min(upcoming, default=None)
         self._run_syncs()
         self._run_verifications(now)
-        for schedule in sorted(schedules, key=lambda s: s.next_run):
-            if schedule.next_run > now or self._stop.is_set():
-                continue
+        due = sorted((s for s in schedules if s.next_run <= now), key=lambda s: s.next_run)
+        history = self._schedules.history
+        with history.batched() if history is not None else nullcontext():
+            to_prune = self._take_due(due, now, done)
+            for volume, run in to_prune:
+                if self._stop.is_set():
+                    break       # the next run of each prunes what this one left
+                try:
+                    done[volume] = self._schedules.prune_after(volume, run, survey=survey)
+                except Exception as exc:    # prune_after records its own PluginErrors
+                    log.error("scheduler: pruning %s failed: %s", volume, exc)
+        return done
+
+    def _take_due(self, due: list[Schedule], now: datetime,
+                  done: dict[str, AutoRun | Exception]) -> list[tuple[str, AutoRun]]:
+        """Take the snapshots of the *due* schedules (in that order); return the runs left
+        to prune (a replicated volume's is pruned after its replication)."""
+        to_prune = []
+        for schedule in due:
+            if self._stop.is_set():
+                break
             if self._standbys is not None and self._standbys.is_standby(schedule.volume):
                 continue
+            at = max(now, self._clock())        # when this one really runs
+            slot = schedule.slot(at)
             if self._lateness is not None:
-                self._lateness(max(0.0, (now - schedule.next_run).total_seconds()))
+                self._lateness(max(0.0, (at - slot).total_seconds()))
             replicate = schedule.replicate if self._replicator is not None else None
             try:
                 run = done[schedule.volume] = self._schedules.run_automatic(
-                    schedule.volume, now, prune=replicate is None)
+                    schedule.volume, at, prune=False, schedule=schedule, due=slot)
             except Exception as exc:    # the run is recorded; the other volumes still run
                 log.error("scheduler: automatic snapshot of %s failed: %s", schedule.volume, exc)
                 done[schedule.volume] = exc
                 continue
-            if replicate is not None and run.snapshot:
+            if replicate is None:
+                to_prune.append((schedule.volume, run))
+            elif run.snapshot:
                 assert self._replicator is not None
                 self._replicator.submit(schedule.volume, replicate, run.snapshot,
                                         then=partial(self._prune_after_replication,
                                                      schedule.volume, replicate, run))
-        return done
+        return to_prune
 
     def _run_verifications(self, now: datetime) -> None:
         """Start the validated restores that are due (after the start-up clean-up)."""
@@ -165,7 +196,7 @@ class Scheduler:
                    else now + timedelta(seconds=5))   # Docker not reachable yet
             if due is not None:
                 pause = min(pause, max((due - now).total_seconds(), 1.0))
-        return max(0.05, min(MAX_SLEEP, pause))
+        return max(MIN_PAUSE, min(MAX_SLEEP, pause))
 
     # ------------------------------------------------------------------ lifecycle
 
