@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from functools import partial
 from collections.abc import Callable
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_SLEEP = 60.0
 MIN_PAUSE = 0.25      # between two passes: volumes due a moment apart are taken in one pass
+SNAPSHOT_WORKERS = 4  # automatic snapshots taken at once
 TRASH_CHECK = 10.0    # seconds between looks at the pool's fill while the trash holds something
 
 
@@ -47,7 +49,8 @@ class Scheduler:
                  standbys: Standbys | None = None,
                  trash: Trash | None = None,
                  verifier: Verifier | None = None,
-                 lateness: Callable[[float], None] | None = None) -> None:
+                 lateness: Callable[[float], None] | None = None,
+                 workers: int = SNAPSHOT_WORKERS) -> None:
         """Runs *schedules*, re-planning when *volumes* creates or removes a scheduled
         volume. *replicator* sends each automatic snapshot of a volume with ``replicate=TARGET``
         there, in its own bounded pool (a slow target never delays other schedules);
@@ -56,7 +59,8 @@ class Scheduler:
         *trash* is tidied at every pass (expiry, space pressure), at least every
         :data:`TRASH_CHECK` seconds while it holds something. *verifier* runs the
         validated restores of volumes with ``verify=`` when due (each in its own thread),
-        after it has removed what a killed verification left (its first pass)."""
+        after it has removed what a killed verification left (its first pass). Up to
+        *workers* automatic snapshots are taken at once."""
         self._schedules = schedules
         self._replicator = replicator
         self._standbys = standbys
@@ -68,6 +72,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._next_due: datetime | None = None      # from the last run_once's listing
         self._lateness = lateness
+        self._workers = workers
         self.last_pass: datetime | None = None      # when run_once last listed the volumes
         volumes.on_change(self._wake.set)
         volumes.on_create(lambda _name, opts: self._wake.set() if "verify" in opts else None)
@@ -120,26 +125,32 @@ class Scheduler:
 
     def _take_due(self, due: list[Schedule], now: datetime,
                   done: dict[str, AutoRun | Exception]) -> list[tuple[str, AutoRun]]:
-        """Take the snapshots of the *due* schedules (in that order); return the runs left
-        to prune (a replicated volume's is pruned after its replication)."""
+        """Take the snapshots of the *due* schedules, started in that order, up to
+        ``workers`` at once (those with ``quiesce=pause`` after, one by one: each pauses
+        containers through Docker); return the runs left to prune (a replicated volume's is
+        pruned after its replication)."""
+        wanted = [s for s in due if self._standbys is None
+                  or not self._standbys.is_standby(s.volume)]
+        together = [s for s in wanted if s.quiesce == "none"]
+        alone = [s for s in wanted if s.quiesce != "none"]
+        take = partial(self._take, now)
+        if self._workers > 1 and len(together) > 1:
+            # Btrfs commits snapshots requested together in one transaction: four at once
+            # took a pass of a thousand in a third of the time of one after another
+            with ThreadPoolExecutor(min(self._workers, len(together)),
+                                    thread_name_prefix="snapvol-snapshot") as pool:
+                results = list(zip(together, pool.map(take, together)))
+        else:
+            results = [(s, take(s)) for s in together]
+        results += [(s, take(s)) for s in alone]
         to_prune = []
-        for schedule in due:
-            if self._stop.is_set():
-                break
-            if self._standbys is not None and self._standbys.is_standby(schedule.volume):
+        for schedule, run in results:
+            if run is None:
+                continue                        # stopping
+            done[schedule.volume] = run
+            if isinstance(run, Exception):
                 continue
-            at = max(now, self._clock())        # when this one really runs
-            slot = schedule.slot(at)
-            if self._lateness is not None:
-                self._lateness(max(0.0, (at - slot).total_seconds()))
             replicate = schedule.replicate if self._replicator is not None else None
-            try:
-                run = done[schedule.volume] = self._schedules.run_automatic(
-                    schedule.volume, at, prune=False, schedule=schedule, due=slot)
-            except Exception as exc:    # the run is recorded; the other volumes still run
-                log.error("scheduler: automatic snapshot of %s failed: %s", schedule.volume, exc)
-                done[schedule.volume] = exc
-                continue
             if replicate is None:
                 to_prune.append((schedule.volume, run))
             elif run.snapshot:
@@ -148,6 +159,22 @@ class Scheduler:
                                         then=partial(self._prune_after_replication,
                                                      schedule.volume, replicate, run))
         return to_prune
+
+    def _take(self, now: datetime, schedule: Schedule) -> AutoRun | Exception | None:
+        """One due snapshot, stamped with the time it is really taken and its slot; the
+        error if it failed (recorded: the other volumes still run), None when stopping."""
+        if self._stop.is_set():
+            return None
+        at = max(now, self._clock())
+        slot = schedule.slot(at)
+        if self._lateness is not None:
+            self._lateness(max(0.0, (at - slot).total_seconds()))
+        try:
+            return self._schedules.run_automatic(schedule.volume, at, prune=False,
+                                                 schedule=schedule, due=slot)
+        except Exception as exc:
+            log.error("scheduler: automatic snapshot of %s failed: %s", schedule.volume, exc)
+            return exc
 
     def _run_verifications(self, now: datetime) -> None:
         """Start the validated restores that are due (after the start-up clean-up)."""

@@ -4,10 +4,13 @@ shared by the whole pass; slots keep their phase however late a run was."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import plugin.history
+from plugin.errors import BackendError
 from plugin.history import AutoHistory, AutoRun
+from plugin.scheduler import Scheduler
 from tests.unit.test_retention_scheduler import START, World
 
 MINUTE = timedelta(minutes=1)
@@ -35,6 +38,8 @@ def test_a_pass_takes_every_due_snapshot_oldest_slot_first_and_prunes_after(tmp_
     real_write = plugin.history.write_json_atomically
     monkeypatch.setattr(plugin.history, "write_json_atomically",
                         lambda *a, **k: saves.append(a[0]) or real_write(*a, **k))
+    world.scheduler = Scheduler(world.domain.schedules, world.domain.volumes,
+                                clock=lambda: world.now, workers=1)   # an order to check
 
     done = world.tick(MINUTE)
 
@@ -85,9 +90,8 @@ def test_each_snapshot_is_stamped_with_the_time_it_was_taken(tmp_path):
         clock["now"] += timedelta(seconds=2)
         return clock["now"]
 
-    from plugin.scheduler import Scheduler
     scheduler = Scheduler(world.domain.schedules, world.domain.volumes, clock=ticking,
-                          lateness=seen.append)
+                          lateness=seen.append, workers=1)
     world.now = START + MINUTE
     done = scheduler.run_once(START + MINUTE)
     ats = [done[n].at for n in ("aa", "bb", "cc")]
@@ -113,3 +117,34 @@ def test_history_batched_saves_once_and_keeps_the_slot(tmp_path, monkeypatch):
     again = AutoHistory(tmp_path / "schedule.json")
     assert again.last("v99") == AutoRun(START + MINUTE, "auto-99", due=START)
     assert again.last("v0") == AutoRun(START, "auto-x")           # no slot: old records too
+
+
+def test_snapshots_are_taken_several_at_once_all_before_the_prunes(tmp_path, monkeypatch):
+    """A pass's snapshots run on a few threads (Btrfs commits concurrent ones together);
+    every one is taken, each once, before any prune; a failing one is that volume's error."""
+    import threading
+    world = World(tmp_path)
+    for i in range(30):
+        world.domain.volumes.create(f"v{i:02d}", {"schedule": "1m", "keep": "last=1"})
+    world.tick(MINUTE)
+    calls, threads = [], set()
+    taken, destroyed = world.backend.create_snapshot, world.backend.destroy_snapshot
+
+    def take(volume, snapshot):
+        threads.add(threading.current_thread().name)
+        calls.append(("take", volume))
+        time.sleep(0.005)                       # as a commit would: the others start meanwhile
+        if volume == "v07":
+            raise BackendError("cannot snapshot v07: disk on fire")
+        return taken(volume, snapshot)
+
+    monkeypatch.setattr(world.backend, "create_snapshot", take)
+    monkeypatch.setattr(world.backend, "destroy_snapshot",
+                        lambda v, s: calls.append(("prune", v)) or destroyed(v, s))
+    done = world.tick(MINUTE)
+    assert sorted(v for kind, v in calls if kind == "take") == [f"v{i:02d}" for i in range(30)]
+    assert [kind for kind, _ in calls] == ["take"] * 30 + ["prune"] * 29
+    assert len(threads) > 1 and all(t.startswith("snapvol-snapshot") for t in threads)
+    assert isinstance(done["v07"], BackendError) and done["v08"].pruned == 1
+    last = world.domain.status.get("v07").status["schedule"]["last"]
+    assert last["result"] == "failed" and "disk on fire" in last["error"]
