@@ -133,10 +133,12 @@ class AutoHistory:
 
     def _save(self) -> None:
         # Not fsynced: after a power loss the worst case is one extra automatic snapshot.
-        data = {name: {**asdict(run), "at": run.at.isoformat(),
-                       "due": run.due.isoformat() if run.due else None}
+        # by hand, not asdict (which deep-copies: 0.2 s for 1,000 entries), and on one line
+        # (json's C encoder): a scheduler pass of a thousand volumes saves it every second
+        data = {name: {"at": run.at.isoformat(), "snapshot": run.snapshot, "error": run.error,
+                       "pruned": run.pruned, "due": run.due.isoformat() if run.due else None}
                 for name, run in self._runs.items()}
-        write_json_atomically(self._path, data, durable=False)
+        write_json_atomically(self._path, data, durable=False, indent=None)
         self._saved = time.monotonic()
         self._dirty = False
 

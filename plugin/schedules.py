@@ -27,7 +27,7 @@ from .volumes import VolumeService
 
 log = logging.getLogger(__name__)
 
-SURVEY_TTL = 1.0    # seconds a pass's listing serves its prunes
+SURVEY_TTL = 10.0   # seconds a pass's listing serves its prunes (a Create renews it at once)
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class Survey:
 
     volumes: dict[str, VolumeInfo]
     origins: dict[str, dict[str, str]]
+    clones: dict[str, list[VolumeInfo]]   # volume -> those whose from= names it
     taken: float                   # time.monotonic()
     creates: int                   # volumes created before it was taken (Schedules' count)
 
@@ -97,8 +98,13 @@ class Schedules:
         """Every volume (:meth:`Backend.listing`: cheap at thousands) and the clone origins."""
         with self._count_guard:
             creates = self._creates
-        return Survey({v.name: v for v in self._backend.listing()}, self._backend.clone_origins(),
-                      time.monotonic(), creates)
+        volumes = {v.name: v for v in self._backend.listing()}
+        clones: dict[str, list[VolumeInfo]] = {}
+        for info in volumes.values():
+            origin = info.options.get("from", "").partition("@")[0]
+            if origin:
+                clones.setdefault(origin, []).append(info)
+        return Survey(volumes, self._backend.clone_origins(), clones, time.monotonic(), creates)
 
     def _current(self, survey: Survey | None) -> Survey:
         """*survey* if still good, else a new one: a volume created since may be a clone
@@ -219,7 +225,10 @@ class Schedules:
             if schedule is None:
                 continue
             autos = [s for s in self._backend.snapshots(info.name) if is_automatic(s.name)]
-            needed = self._lifecycle.needs(info.name, every.values(), survey.origins)
+            # the clones of this volume, not every volume: needs() looks for them among
+            # what it is given, and scanning a thousand per pruned volume cost O(volumes²)
+            needed = self._lifecycle.needs(info.name, survey.clones.get(info.name, []),
+                                           survey.origins)
             plan = retention.plan(autos, schedule[1], now=now, protected=frozenset(needed))
             for d in plan:
                 row = {"volume": info.name, "snapshot": d.snapshot.name,
