@@ -6,7 +6,13 @@
 is created), calls :meth:`Scheduler.run_once` — the unit-tested core — and survives any
 exception. Jobs call :class:`~plugin.schedules.Schedules` directly, so they take the same
 per-volume locks as Docker's calls. When a run happens is decided by :attr:`Schedule.next_run` from the
-persisted last run, so a restart neither skips a run nor fires the missed ones.
+persisted last run's slot, so a restart neither skips a run nor fires the missed ones, and a
+late run does not move the slots after it.
+
+At a thousand volumes due within seconds (issue 17), a pass lists the volumes once, takes
+every due snapshot first, oldest slot first, a few at a time (Btrfs commits them together,
+and the snapshot ioctl runs without the interpreter lock, so Docker's calls go on), then
+prunes, and saves the history once.
 """
 
 from __future__ import annotations

@@ -677,6 +677,12 @@ def scheduler_rows(base: Path, count: int, duration: float, keep: str = "last=2"
         watch.join()
         watch.scan()
         alive = watch.alive()
+        for _ in range(15):         # counted between two passes, not between a pass's
+            time.sleep(1)           # snapshots and its prunes (then keep + 1 for a moment)
+            again = watch.alive()
+            if again == alive:
+                break
+            alive = again
         status, _ = plugin.call("Snapvol.Status")
     finally:
         plugin.stop()
@@ -722,7 +728,8 @@ def scheduler_rows(base: Path, count: int, duration: float, keep: str = "last=2"
         f"| automatic snapshots taken / due on the grid (creation + k x interval) | "
         f"{taken} / {due_slots} |",
         f"| runs recorded in the history (seen by polling) | {runs_in_history} |",
-        f"| automatic snapshots alive per volume at the end: max / mean (keep bound) | "
+        f"| automatic snapshots alive per volume at the end, between passes: max / mean "
+        f"(keep bound) | "
         f"{most} / {statistics.mean(alive.values()) if alive else 0:.2f} ({bound}) |",
         f"| Get, ms: median / p95 / max, idle ({len(idle.samples)} calls) | {stats(idle.samples)} |",
         f"| Get, ms: median / p95 / max, during the run ({len(busy.samples)} calls) | "
