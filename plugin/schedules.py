@@ -61,7 +61,7 @@ class Schedule:
         return first + ((now - first) // self.interval) * self.interval
 
 
-@dataclass(frozen=True)
+@dataclass
 class Survey:
     """One listing of the volumes and of the snapshots clones depend on, shared by the
     prunes of a scheduler pass: a prune needs both (what must be kept), and listing them
@@ -69,10 +69,12 @@ class Survey:
     commands on ZFS), O(volumes²) for a pass."""
 
     volumes: dict[str, VolumeInfo]
-    origins: dict[str, dict[str, str]]
     clones: dict[str, list[VolumeInfo]]   # volume -> those whose from= names it
     taken: float                   # time.monotonic()
     creates: int                   # volumes created before it was taken (Schedules' count)
+    # Backend.clone_origins, asked on the first prune only (on ZFS a ``zfs get`` of every
+    # dataset; most passes prune nothing)
+    origins: dict[str, dict[str, str]] | None = None
 
 
 class Schedules:
@@ -104,7 +106,7 @@ class Schedules:
             origin = info.options.get("from", "").partition("@")[0]
             if origin:
                 clones.setdefault(origin, []).append(info)
-        return Survey(volumes, self._backend.clone_origins(), clones, time.monotonic(), creates)
+        return Survey(volumes, clones, time.monotonic(), creates)
 
     def _current(self, survey: Survey | None) -> Survey:
         """*survey* if still good, else a new one: a volume created since may be a clone
@@ -227,6 +229,8 @@ class Schedules:
             autos = [s for s in self._backend.snapshots(info.name) if is_automatic(s.name)]
             # the clones of this volume, not every volume: needs() looks for them among
             # what it is given, and scanning a thousand per pruned volume cost O(volumes²)
+            if survey.origins is None:
+                survey.origins = self._backend.clone_origins()
             needed = self._lifecycle.needs(info.name, survey.clones.get(info.name, []),
                                            survey.origins)
             plan = retention.plan(autos, schedule[1], now=now, protected=frozenset(needed))
