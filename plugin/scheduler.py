@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_SLEEP = 60.0
 MIN_PAUSE = 0.25      # between two passes: volumes due a moment apart are taken in one pass
-SNAPSHOT_WORKERS = 4  # automatic snapshots taken at once
+SNAPSHOT_WORKERS = 8  # automatic snapshots taken at once
 TRASH_CHECK = 10.0    # seconds between looks at the pool's fill while the trash holds something
 
 
@@ -141,8 +141,9 @@ class Scheduler:
         alone = [s for s in wanted if s.quiesce != "none"]
         take = partial(self._take, now)
         if self._workers > 1 and len(together) > 1:
-            # Btrfs commits snapshots requested together in one transaction: four at once
-            # took a pass of a thousand in a third of the time of one after another
+            # Btrfs commits snapshots requested together in one transaction: a pass of a
+            # thousand (loop Btrfs, loaded 2-core VM) took 16 s on 2 threads, 5-6 s on 4,
+            # 4.5 s on 8 and 4.6-4.8 s on 16
             with ThreadPoolExecutor(min(self._workers, len(together)),
                                     thread_name_prefix="snapvol-snapshot") as pool:
                 results = list(zip(together, pool.map(take, together)))
