@@ -17,7 +17,7 @@ from typing import Any
 
 from . import names, options, retention
 from .backends.base import Backend, SnapshotInfo, VolumeInfo
-from .errors import NotFound, PluginError
+from .errors import NotFound, PluginError, VolumeNotFound
 from .history import AutoHistory, AutoRun
 from .lifecycle import Lifecycle
 from .locks import VolumeLocks
@@ -169,6 +169,8 @@ class Schedules:
         snapshot = automatic(now)
         try:
             self._volumes.take([volume], snapshot, quiesce)
+        except VolumeNotFound:
+            raise               # removed since the pass listed it: nothing to record
         except PluginError as exc:
             self._record(volume, AutoRun(now, None, str(exc), due=due))
             raise

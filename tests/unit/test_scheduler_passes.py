@@ -148,3 +148,23 @@ def test_snapshots_are_taken_several_at_once_all_before_the_prunes(tmp_path, mon
     assert isinstance(done["v07"], BackendError) and done["v08"].pruned == 1
     last = world.domain.status.get("v07").status["schedule"]["last"]
     assert last["result"] == "failed" and "disk on fire" in last["error"]
+
+
+def test_a_volume_removed_while_a_pass_runs_is_not_recorded_again(tmp_path, monkeypatch):
+    """Removed between the pass's listing and its snapshot: the run fails, and the history
+    (which Remove cleared) does not get the volume back."""
+    world = World(tmp_path)
+    for name in ("aa", "bb"):
+        world.domain.volumes.create(name, {"schedule": "1m"})
+    schedules = world.domain.schedules
+    listed = schedules.schedules
+
+    def listing_then_remove(survey=None):
+        found = listed(survey)
+        world.domain.volumes.remove("bb")
+        return found
+
+    monkeypatch.setattr(schedules, "schedules", listing_then_remove)
+    done = world.tick(MINUTE)
+    assert isinstance(done["aa"], AutoRun) and isinstance(done["bb"], Exception)
+    assert schedules.history.volumes() == {"aa"}
