@@ -1,6 +1,7 @@
 """What the scheduler did last for each volume, persisted so a restart keeps the cadence.
 
-One small JSON file in the state directory, replaced atomically after every run. It holds
+One small JSON file in the state directory, replaced atomically after every run (during a
+scheduler pass, once a second at most and at its end: :meth:`AutoHistory.batched`). It holds
 only what the filesystem cannot tell: when the last automatic run happened and how it ended
 (the snapshots themselves are always read from the filesystem).
 """
