@@ -97,7 +97,8 @@ class Schedules:
             self._creates += 1
 
     def survey(self) -> Survey:
-        """Every volume (:meth:`Backend.listing`: cheap at thousands) and the clone origins."""
+        """Every volume (:meth:`Backend.listing`: cheap at thousands), indexed by the origin
+        of its clones; the clone origins are asked by the first prune that uses it."""
         with self._count_guard:
             creates = self._creates
         volumes = {v.name: v for v in self._backend.listing()}
@@ -192,6 +193,8 @@ class Schedules:
             try:
                 pruned = sum(1 for d in self.prune(volume, now=run.at, survey=survey)
                              if not d["keep"])
+            except VolumeNotFound:
+                return run      # removed since its snapshot: its record went with it
             except PluginError as exc:
                 log.error("pruning %s failed: %s", volume, exc)
                 error = f"snapshot taken, pruning failed: {exc}"

@@ -168,3 +168,21 @@ def test_a_volume_removed_while_a_pass_runs_is_not_recorded_again(tmp_path, monk
     done = world.tick(MINUTE)
     assert isinstance(done["aa"], AutoRun) and isinstance(done["bb"], Exception)
     assert schedules.history.volumes() == {"aa"}
+
+
+def test_a_volume_removed_between_its_snapshot_and_its_prune_is_not_recorded_again(tmp_path,
+                                                                                   monkeypatch):
+    world = World(tmp_path)
+    for name in ("aa", "bb"):
+        world.domain.volumes.create(name, {"schedule": "1m", "keep": "last=1"})
+    schedules = world.domain.schedules
+    prune_after = schedules.prune_after
+
+    def remove_then_prune(volume, run, **kwargs):
+        if volume == "bb":
+            world.domain.volumes.remove("bb")
+        return prune_after(volume, run, **kwargs)
+
+    monkeypatch.setattr(schedules, "prune_after", remove_then_prune)
+    world.tick(MINUTE)
+    assert schedules.history.volumes() == {"aa"}
