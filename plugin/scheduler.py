@@ -6,13 +6,21 @@
 is created), calls :meth:`Scheduler.run_once` — the unit-tested core — and survives any
 exception. Jobs call :class:`~plugin.schedules.Schedules` directly, so they take the same
 per-volume locks as Docker's calls. When a run happens is decided by :attr:`Schedule.next_run` from the
-persisted last run, so a restart neither skips a run nor fires the missed ones.
+persisted last run's slot, so a restart neither skips a run nor fires the missed ones, and a
+late run does not move the slots after it.
+
+At a thousand volumes due within seconds (issue 17), a pass lists the volumes once, takes
+every due snapshot first, oldest slot first, a few at a time (Btrfs commits them together,
+and the snapshot ioctl runs without the interpreter lock, so Docker's calls go on), then
+prunes, and saves the history once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -20,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 from .errors import PluginError
 from .history import AutoRun
 from .replication import Replicator
-from .schedules import Schedules
+from .schedules import Schedule, Schedules
 from .standby import Standbys
 from .trash import Trash
 from .verify import Verifier
@@ -29,6 +37,8 @@ from .volumes import VolumeService
 log = logging.getLogger(__name__)
 
 MAX_SLEEP = 60.0
+MIN_PAUSE = 0.25      # between two passes: volumes due a moment apart are taken in one pass
+SNAPSHOT_WORKERS = 8  # automatic snapshots taken at once
 TRASH_CHECK = 10.0    # seconds between looks at the pool's fill while the trash holds something
 
 
@@ -45,7 +55,8 @@ class Scheduler:
                  standbys: Standbys | None = None,
                  trash: Trash | None = None,
                  verifier: Verifier | None = None,
-                 lateness: Callable[[float], None] | None = None) -> None:
+                 lateness: Callable[[float], None] | None = None,
+                 workers: int = SNAPSHOT_WORKERS) -> None:
         """Runs *schedules*, re-planning when *volumes* creates or removes a scheduled
         volume. *replicator* sends each automatic snapshot of a volume with ``replicate=TARGET``
         there, in its own bounded pool (a slow target never delays other schedules);
@@ -54,7 +65,8 @@ class Scheduler:
         *trash* is tidied at every pass (expiry, space pressure), at least every
         :data:`TRASH_CHECK` seconds while it holds something. *verifier* runs the
         validated restores of volumes with ``verify=`` when due (each in its own thread),
-        after it has removed what a killed verification left (its first pass)."""
+        after it has removed what a killed verification left (its first pass). Up to
+        *workers* automatic snapshots are taken at once."""
         self._schedules = schedules
         self._replicator = replicator
         self._standbys = standbys
@@ -66,6 +78,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._next_due: datetime | None = None      # from the last run_once's listing
         self._lateness = lateness
+        self._workers = workers
         self.last_pass: datetime | None = None      # when run_once last listed the volumes
         volumes.on_change(self._wake.set)
         volumes.on_create(lambda _name, opts: self._wake.set() if "verify" in opts else None)
@@ -75,7 +88,12 @@ class Scheduler:
     def run_once(self, now: datetime) -> dict[str, AutoRun | Exception]:
         """Run every volume that is due at *now*; one failing volume never stops the others.
 
-        Returns what happened per volume run: its :class:`AutoRun`, or the error.
+        One pass, one listing (:meth:`Schedules.survey`), one history save at the end (at
+        most one a second while it lasts: :meth:`AutoHistory.batched`). Every due snapshot
+        is taken first, the longest overdue first, each stamped with the time it really
+        ran; the prunes come after them, so pruning a thousand volumes never makes the
+        last snapshot of the pass late. Returns what happened per volume run: its
+        :class:`AutoRun`, or the error.
         """
         done: dict[str, AutoRun | Exception] = {}
         self._next_due = None
@@ -85,38 +103,85 @@ class Scheduler:
             except PluginError as exc:
                 log.error("scheduler: cannot tidy the trash: %s", exc)
         try:
-            schedules = self._schedules.schedules()
+            survey = self._schedules.survey()
+            schedules = self._schedules.schedules(survey)
         except PluginError as exc:
             log.error("scheduler: cannot list volumes: %s", exc)
             return done
-        # the same listing tells when to wake next: a run (done or failed) is due again one
-        # interval from now, the others at their next_run
+        # the same listing tells when to wake next: a volume due now (run, failed or
+        # skipped) is due again at its next slot, the others at their next_run
         self.last_pass = now
-        upcoming = [s.next_run if s.next_run > now else now + s.interval for s in schedules]
+        upcoming = [s.next_run if s.next_run > now else s.slot(now) + s.interval
+                    for s in schedules]
         self._next_due = min(upcoming, default=None)
         self._run_syncs()
         self._run_verifications(now)
-        for schedule in sorted(schedules, key=lambda s: s.next_run):
-            if schedule.next_run > now or self._stop.is_set():
+        due = sorted((s for s in schedules if s.next_run <= now), key=lambda s: s.next_run)
+        history = self._schedules.history
+        with history.batched() if history is not None else nullcontext():
+            to_prune = self._take_due(due, now, done)
+            for volume, run in to_prune:
+                if self._stop.is_set():
+                    break       # the next run of each prunes what this one left
+                try:
+                    done[volume] = self._schedules.prune_after(volume, run, survey=survey)
+                except Exception as exc:    # prune_after records its own PluginErrors
+                    log.error("scheduler: pruning %s failed: %s", volume, exc)
+        return done
+
+    def _take_due(self, due: list[Schedule], now: datetime,
+                  done: dict[str, AutoRun | Exception]) -> list[tuple[str, AutoRun]]:
+        """Take the snapshots of the *due* schedules, started in that order, up to
+        ``workers`` at once (those with ``quiesce=pause`` after, one by one: each pauses
+        containers through Docker); return the runs left to prune (a replicated volume's is
+        pruned after its replication)."""
+        wanted = [s for s in due if self._standbys is None
+                  or not self._standbys.is_standby(s.volume)]
+        together = [s for s in wanted if s.quiesce == "none"]
+        alone = [s for s in wanted if s.quiesce != "none"]
+        take = partial(self._take, now)
+        if self._workers > 1 and len(together) > 1:
+            # Btrfs commits snapshots requested together in one transaction: a pass of a
+            # thousand (loop Btrfs, loaded 2-core VM) took 16 s on 2 threads, 5-6 s on 4,
+            # 4.5 s on 8 and 4.6-4.8 s on 16
+            with ThreadPoolExecutor(min(self._workers, len(together)),
+                                    thread_name_prefix="snapvol-snapshot") as pool:
+                results = list(zip(together, pool.map(take, together)))
+        else:
+            results = [(s, take(s)) for s in together]
+        results += [(s, take(s)) for s in alone]
+        to_prune = []
+        for schedule, run in results:
+            if run is None:
+                continue                        # stopping
+            done[schedule.volume] = run
+            if isinstance(run, Exception):
                 continue
-            if self._standbys is not None and self._standbys.is_standby(schedule.volume):
-                continue
-            if self._lateness is not None:
-                self._lateness(max(0.0, (now - schedule.next_run).total_seconds()))
             replicate = schedule.replicate if self._replicator is not None else None
-            try:
-                run = done[schedule.volume] = self._schedules.run_automatic(
-                    schedule.volume, now, prune=replicate is None)
-            except Exception as exc:    # the run is recorded; the other volumes still run
-                log.error("scheduler: automatic snapshot of %s failed: %s", schedule.volume, exc)
-                done[schedule.volume] = exc
-                continue
-            if replicate is not None and run.snapshot:
+            if replicate is None:
+                to_prune.append((schedule.volume, run))
+            elif run.snapshot:
                 assert self._replicator is not None
                 self._replicator.submit(schedule.volume, replicate, run.snapshot,
                                         then=partial(self._prune_after_replication,
                                                      schedule.volume, replicate, run))
-        return done
+        return to_prune
+
+    def _take(self, now: datetime, schedule: Schedule) -> AutoRun | Exception | None:
+        """One due snapshot, stamped with the time it is really taken and its slot; the
+        error if it failed (recorded: the other volumes still run), None when stopping."""
+        if self._stop.is_set():
+            return None
+        at = max(now, self._clock())
+        slot = schedule.slot(at)
+        if self._lateness is not None:
+            self._lateness(max(0.0, (at - slot).total_seconds()))
+        try:
+            return self._schedules.run_automatic(schedule.volume, at, prune=False,
+                                                 schedule=schedule, due=slot)
+        except Exception as exc:
+            log.error("scheduler: automatic snapshot of %s failed: %s", schedule.volume, exc)
+            return exc
 
     def _run_verifications(self, now: datetime) -> None:
         """Start the validated restores that are due (after the start-up clean-up)."""
@@ -165,7 +230,7 @@ class Scheduler:
                    else now + timedelta(seconds=5))   # Docker not reachable yet
             if due is not None:
                 pause = min(pause, max((due - now).total_seconds(), 1.0))
-        return max(0.05, min(MAX_SLEEP, pause))
+        return max(MIN_PAUSE, min(MAX_SLEEP, pause))
 
     # ------------------------------------------------------------------ lifecycle
 

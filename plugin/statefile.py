@@ -21,17 +21,19 @@ log = logging.getLogger(__name__)
 CORRUPT = ".corrupt-"
 
 
-def write_json_atomically(path: Path, data: Any, *, durable: bool = True) -> None:
+def write_json_atomically(path: Path, data: Any, *, durable: bool = True,
+                          indent: int | None = 1) -> None:
     """Replace *path* with *data* as JSON so a reader (or a crash) sees old or new, never half.
 
     With *durable* the file and the rename are fsynced, so they also survive a power loss;
     without it they survive a crash of the process (the page cache outlives it), at a
-    fraction of the cost.
+    fraction of the cost. ``indent=None`` writes one line, about ten times faster (only
+    then does :mod:`json` use its C encoder): for files of thousands of entries.
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+            f.write(json.dumps(data, indent=indent, sort_keys=True))
             f.flush()
             if durable:
                 os.fsync(f.fileno())

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -743,6 +744,223 @@ def scale_rows(base: Path, counts: list[int], repeat: int) -> list[str]:
         for point in mounts_under(base / "sstate"):
             subprocess.run(["umount", point], check=False)
     return rows
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+class _GetSampler(threading.Thread):
+    """Docker's Get over one kept-alive connection, round-robin over *names*, every *every*
+    seconds until stopped: each call's latency (ms) and every failure (an ``Err`` or a
+    broken connection)."""
+
+    def __init__(self, socket: str, names: list[str], every: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.target = Target("snapvol", Path(socket), lambda name: None, lambda: [])
+        self.names, self.every = names, every
+        self.samples: list[float] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        index = 0
+        while not self.stop.wait(self.every):
+            name = self.names[index % len(self.names)]
+            index += 1
+            started = time.perf_counter()
+            try:
+                self.target.call("VolumeDriver.Get", {"Name": name})
+            except (RuntimeError, OSError, http.client.HTTPException, ValueError) as exc:
+                self.failures.append(f"{name}: {exc}")
+                continue
+            self.samples.append((time.perf_counter() - started) * 1000)
+
+
+class _SnapshotWatch(threading.Thread):
+    """Watches the plugin from outside, whatever its implementation: when each ``auto-``
+    snapshot first appears in the pool (scanned every *every* s), and each volume's recorded
+    runs in the scheduler's history (``schedule.json``: ``at``, and ``due`` where the plugin
+    records it), from which the run's due time follows."""
+
+    def __init__(self, snapshots_dir: Path, history: Path, every: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.snapshots_dir, self.history, self.every = snapshots_dir, history, every
+        self.seen: dict[tuple[str, str], float] = {}             # (volume, snapshot) -> time
+        self.runs: dict[str, list[dict]] = {}                    # volume -> records, in order
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.scan()
+
+    def scan(self) -> None:
+        now = time.time()
+        try:
+            volumes = list(os.scandir(self.snapshots_dir))
+        except FileNotFoundError:
+            volumes = []
+        for volume in volumes:
+            try:
+                for entry in os.scandir(volume.path):
+                    if entry.name.startswith("auto-"):
+                        self.seen.setdefault((volume.name, entry.name), now)
+            except FileNotFoundError:
+                continue
+        try:
+            recorded = json.loads(self.history.read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        for volume, run in recorded.items():
+            runs = self.runs.setdefault(volume, [])
+            if run.get("snapshot") and (not runs or runs[-1]["snapshot"] != run["snapshot"]):
+                runs.append(run)
+
+    def alive(self) -> dict[str, int]:
+        """volume -> its automatic snapshots now."""
+        return {v.name: sum(1 for e in os.scandir(v.path) if e.name.startswith("auto-"))
+                for v in os.scandir(self.snapshots_dir)}
+
+
+def scheduler_rows(base: Path, count: int, duration: float, keep: str = "last=2",
+                   interval: int = 60, idle_s: float = 10.0) -> list[str]:
+    """*count* volumes with ``schedule=<interval>s`` and ``keep``, on a plugin of their own
+    (Btrfs, its own pool), for *duration* seconds after they exist. Measured from outside:
+    each automatic snapshot's lateness (when it appeared in the pool, scanned every 0.25 s,
+    minus its due time: the run's ``due`` in the scheduler's history where recorded, else
+    the previous run's ``at`` plus the interval, the first one's the volume's creation plus
+    the interval), snapshots taken against the slots due on the ideal grid (creation + k
+    intervals, up to 5 s before the end), automatic snapshots alive per volume at the end,
+    and Docker's Get (round-robin over the volumes, one call every 20 ms) idle (after the
+    volumes are made, before the first is due) and during the run, with every failed call."""
+    home = base / f"sched-{secrets.token_hex(3)}"
+    home.mkdir()
+    plugin = PluginProcess(f"snapvolbenchs{secrets.token_hex(3)}", home / "state",
+                           {"SNAPVOL_POOL_SIZE": "8G", "SNAPVOL_LOG_LEVEL": "warning",
+                            "SNAPVOL_RUN_DIR": str(home / "run")})
+    names = [f"sched{i:05d}" for i in range(count)]
+    opts = {"schedule": f"{interval}s", "keep": keep}
+    try:
+        plugin.start()
+        maker = Target("snapvol", plugin.socket, lambda name: None, lambda: [])
+        print(f"bench: scheduler: creating {count} volumes...", file=sys.stderr)
+        made_from = time.time()
+        for name in names:
+            maker.call("VolumeDriver.Create", {"Name": name, "Opts": opts})
+        made_in = time.time() - made_from
+        watch = _SnapshotWatch(plugin.state_dir / "pool" / "snapshots",
+                               plugin.state_dir / "schedule.json")
+        watch.start()
+        idle = _GetSampler(str(plugin.socket), names)
+        window = made_from + interval - 1 - time.time()
+        if window > 2:
+            idle.start()
+            time.sleep(min(idle_s, window))
+            idle.stop.set()
+            idle.join()
+        created = {}
+        for name in names:
+            created[name] = btrfsutil.subvolume_info(plugin.volume_dir(name)).otime
+        busy = _GetSampler(str(plugin.socket), names)
+        busy.start()
+        print(f"bench: scheduler: running for {duration:.0f} s...", file=sys.stderr)
+        ends = time.time() + duration
+        while time.time() < ends:
+            time.sleep(1)
+        busy.stop.set()
+        busy.join()
+        watch.stop.set()
+        watch.join()
+        watch.scan()
+        alive = watch.alive()
+        for _ in range(15):         # counted between two passes, not between a pass's
+            time.sleep(1)           # snapshots and its prunes (then keep + 1 for a moment)
+            again = watch.alive()
+            if again == alive:
+                break
+            alive = again
+        status, _ = plugin.call("Snapvol.Status")
+    finally:
+        plugin.stop()
+        for point in mounts_under(home):
+            subprocess.run(["umount", point], check=False, timeout=120)
+    lateness: list[float] = []
+    runs_in_history = sum(len(r) for r in watch.runs.values())
+    for name in names:
+        previous_at = None
+        for run in watch.runs.get(name, []):
+            snapshot = run["snapshot"]
+            seen = watch.seen.get((name, snapshot))
+            if "due" in run:
+                due = datetime.fromisoformat(run["due"]).timestamp()
+            elif previous_at is None:
+                due = created[name] + interval
+            else:
+                due = previous_at + interval
+            previous_at = datetime.fromisoformat(run["at"]).timestamp()
+            if seen is None:
+                continue                # taken and pruned between two scans: not timed
+            lateness.append(max(0.0, seen - due))
+    taken = sum(1 for (volume, _) in watch.seen if volume in created)
+    due_slots = sum(max(0, int((ends - 5 - created[n]) // interval)) for n in names)
+    bound = _keep_bound(keep, interval)
+    most = max(alive.values(), default=0)
+    within = sum(1 for x in lateness if x <= 5.0) / len(lateness) if lateness else 0.0
+
+    def stats(samples: list[float]) -> str:
+        if not samples:
+            return "n/a (no window)"
+        return (f"{statistics.median(samples):.2f} / {_percentile(samples, 0.95):.2f} / "
+                f"{max(samples):.1f}")
+
+    return [
+        "| measure | value |", "|---|---|",
+        f"| volumes (`schedule={interval}s`, `keep={keep}`), made in | {count}, {made_in:.0f} s |",
+        "| lateness, s: p50 / p95 / p99 / max | "
+        + (f"{_percentile(lateness, .5):.2f} / {_percentile(lateness, .95):.2f} / "
+           f"{_percentile(lateness, .99):.2f} / {max(lateness):.2f}" if lateness else "n/a")
+        + f" ({len(lateness)} timed) |",
+        f"| within 5 s of the due time | {100 * within:.1f} % |",
+        f"| automatic snapshots taken / due on the grid (creation + k x interval) | "
+        f"{taken} / {due_slots} |",
+        f"| runs recorded in the history (seen by polling) | {runs_in_history} |",
+        f"| automatic snapshots alive per volume at the end, between passes: max / mean "
+        f"(keep bound) | "
+        f"{most} / {statistics.mean(alive.values()) if alive else 0:.2f} ({bound}) |",
+        f"| Get, ms: median / p95 / max, idle ({len(idle.samples)} calls) | {stats(idle.samples)} |",
+        f"| Get, ms: median / p95 / max, during the run ({len(busy.samples)} calls) | "
+        f"{stats(busy.samples)} |",
+        f"| failed Get calls (idle + during) | {len(idle.failures) + len(busy.failures)}"
+        + (f": {(idle.failures + busy.failures)[0]}" if idle.failures or busy.failures else "")
+        + " |",
+        f"| plugin still answering at the end (Snapvol.Status) | {status} |",
+    ]
+
+
+def _keep_bound(keep: str, interval: int) -> str:
+    """The most automatic snapshots *keep* lets a volume have at a time, where it is simple
+    to tell (``last=N``, ``within=DUR``), else the policy itself."""
+    tokens = [t for t in keep.replace(",", " ").split() if t]
+    if len(tokens) == 1 and tokens[0].startswith("last="):
+        return tokens[0][5:]
+    if len(tokens) == 1 and tokens[0].startswith("within="):
+        from plugin.units import parse_duration
+        return str(int(parse_duration(tokens[0][7:]) // interval) + 1)
+    return keep
+
+
+def scheduler_section(args: argparse.Namespace, base: Path | None = None) -> list[str]:
+    """The scheduler table with its heading (in *base*, else a directory of its own)."""
+    own = base is None
+    home = Path(tempfile.mkdtemp(prefix="snapvol-bench-", dir="/tmp")) if own else base
+    try:
+        rows = scheduler_rows(home, args.scheduler_volumes, args.scheduler_minutes * 60,
+                              args.scheduler_keep)
+    finally:
+        if own and not mounts_under(home):
+            shutil.rmtree(home)
+    return [f"Automatic snapshots of {args.scheduler_volumes} volumes every minute "
+            "(one plugin, Btrfs, its own pool; a shared machine: figures are noisy):\n",
+            *rows, ""]
 
 
 def docker_round_trip(docker: DockerDaemon, image: str, driver: str, repeat: int) -> str:
@@ -775,7 +993,7 @@ def main() -> None:
     parser.add_argument("--zfs-max", type=int, default=100,
                         help="largest volume count for the ZFS rows")
     parser.add_argument("--sections",
-                        default="latency,roundtrip,snapshots,replication,standby,swarm,scale",
+                        default="latency,roundtrip,snapshots,replication,standby,swarm,scale,scheduler",
                         help="which tables to produce, comma-separated")
     parser.add_argument("--snapshot-sizes", default="10,1024,4096", help="MiB of data")
     parser.add_argument("--replication-mb", type=int, default=1024, help="MiB sent (btrfs)")
@@ -793,8 +1011,19 @@ def main() -> None:
                         help="volume counts for the scale section (start, memory)")
     parser.add_argument("--swarm-mb", type=int, default=256,
                         help="MiB in the Swarm service's volume (swarm section)")
+    # scheduler: 1,000 volumes with schedule=1m for 4 min by default; the long mode is e.g.
+    # --scheduler-minutes 30 --scheduler-keep within=10m (prunes reach a steady state)
+    parser.add_argument("--scheduler-volumes", type=int, default=1000,
+                        help="volumes with a schedule (scheduler section)")
+    parser.add_argument("--scheduler-minutes", type=float, default=4.0,
+                        help="how long the scheduler section runs once its volumes exist")
+    parser.add_argument("--scheduler-keep", default="last=2",
+                        help="keep= of the scheduler section's volumes")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
+    if sections == {"scheduler"}:          # alone: needs neither buttervolume nor ZFS
+        print("\n".join(scheduler_section(args)))
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     base = Path(tempfile.mkdtemp(prefix="snapvol-bench-", dir="/tmp"))
     out: list[str] = []
@@ -860,6 +1089,8 @@ def main() -> None:
                 out.append("A stateful Swarm service drained off its node (two Docker nodes on "
                            "this machine, tests/e2e/nodes.py; busybox with a checksummed file):\n")
                 out += swarm_rows(base, args.swarm_mb) + [""]
+            if "scheduler" in sections:
+                out += scheduler_section(args, base)
             if "snapshots" in sections:
                 out.append("Snapshot time against data size, ms, median / p95 of 5 (tar: of 3), "
                            "same run, data freshly written and synced:\n")

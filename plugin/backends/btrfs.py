@@ -27,7 +27,7 @@ import btrfsutil
 from .. import names, process
 from ..errors import (BackendError, BackendUnavailable, InvalidOption, SnapshotExists, VolumeExists,
                       VolumeNotFound)
-from . import btrfs_recovery
+from . import btrfs_ioctl, btrfs_recovery
 from .base import Capacity, Leftover, SnapshotInfo, Usage, VolumeInfo, snapshot_each
 from .btrfs_layout import CLI_TIMEOUT, Layout, filesystem_id
 from .btrfs_receive import Receiver, snapshot_info
@@ -305,7 +305,9 @@ class BtrfsBackend:
             raise SnapshotExists(f"snapshot {volume}@{snapshot} already exists")
         target.parent.mkdir(mode=0o700, exist_ok=True)
         try:
-            btrfsutil.create_snapshot(source, target, read_only=True)
+            # not btrfsutil's: it holds the interpreter lock through the transaction commit,
+            # and Docker's calls wait for every snapshot a scheduler pass takes
+            btrfs_ioctl.create_snapshot(source, target, read_only=True)
         except OSError as exc:
             raise BackendError(f"cannot snapshot {volume}: {exc}", errno=exc.errno) from None
         log.info("took snapshot %s@%s", volume, snapshot)
