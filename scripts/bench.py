@@ -156,8 +156,9 @@ def buttervolume(binary: str, base: Path) -> Iterator[Target]:
 
 
 @contextmanager
-def zfs_plugin(base: Path) -> Iterator[Target]:
-    """snapvol with the ZFS backend on a pool of its own (zfs-fuse where no kernel ZFS)."""
+def zfs_plugin(base: Path, env: dict[str, str] | None = None) -> Iterator[Target]:
+    """snapvol with the ZFS backend on a pool of its own (zfs-fuse where no kernel ZFS);
+    *env* adds settings."""
     started = None
     if not os.path.exists("/dev/zfs") and subprocess.run(["zpool", "list"], capture_output=True).returncode:
         pidfile = base / "zfs-fuse.pid"
@@ -170,7 +171,8 @@ def zfs_plugin(base: Path) -> Iterator[Target]:
     pool = make_pool(base, size=8 << 30)
     process = PluginProcess(f"snapvolbenchz{secrets.token_hex(3)}", base / "zstate",
                             {"SNAPVOL_BACKEND": "zfs", "SNAPVOL_ZFS_ROOT": f"{pool}/snapvol",
-                             "SNAPVOL_LOG_LEVEL": "warning", "SNAPVOL_RUN_DIR": str(base / "run" / "z")})
+                             "SNAPVOL_LOG_LEVEL": "warning", "SNAPVOL_RUN_DIR": str(base / "run" / "z"),
+                             **(env or {})})
     try:
         process.start()
         target = Target("snapvol-zfs", process.socket,
@@ -183,6 +185,42 @@ def zfs_plugin(base: Path) -> Iterator[Target]:
         destroy_pool(pool)
         if started:
             os.kill(started, signal.SIGTERM)
+
+
+def raw_zfs_ms(dataset: str) -> float:
+    """One ``zfs list -H -o name <dataset>`` process, ms: the unit issue 17 compares with."""
+    return timed(lambda: subprocess.run(["zfs", "list", "-H", "-o", "name", dataset],
+                                        check=True, capture_output=True, timeout=120))
+
+
+def zfs_rows(base: Path, sizes: list[int], repeat: int) -> list[str]:
+    """snapvol-zfs per endpoint at each of *sizes* volumes, median / p95, next to one raw
+    ``zfs list`` process measured in the same run, and the ratio of medians. Remove
+    destroys (trash off): the trash's rename is not what is measured. A count the pool
+    cannot reach (zfs-fuse stalls somewhere past a few hundred mounted datasets) ends the
+    table there, and says so."""
+    endpoints = ["Get", "Path", "Mount", "Unmount", "List", "Create", "Remove"]
+    rows = ["| volumes | raw `zfs list` | " + " | ".join(endpoints) + " |",
+            "|" + "---|" * (2 + len(endpoints))]
+    base = base / "zfs-section"
+    (base / "run").mkdir(parents=True)
+    with zfs_plugin(base, {"SNAPVOL_TRASH_TTL": "0"}) as zfs:
+        for n in sizes:
+            print(f"bench: zfs section at {n} volumes...", file=sys.stderr)
+            try:
+                measured = latency_rows(zfs, n, repeat)
+            except (RuntimeError, OSError, subprocess.SubprocessError, http.client.HTTPException) as exc:
+                rows.append(f"| {n} | not reached: {str(exc)[:200]} |")
+                print(rows[-1], file=sys.stderr)
+                break
+            raw = [raw_zfs_ms(f"{zfs.zfs_root}/fill00000") for _ in range(max(5, repeat // 10))]
+            raw_median = statistics.median(raw)
+            cells = [f"{measured[ep]} ({float(measured[ep].split()[0]) / raw_median:.2f}x)"
+                     for ep in endpoints]
+            rows.append(f"| {n} | {summary(raw)} | " + " | ".join(cells) + " |")
+            print(rows[-1], file=sys.stderr)           # kept if a larger count fails
+    return ["snapvol-zfs latency over the raw socket, ms, median / p95 (ratio of the medians "
+            "to one raw `zfs list -H -o name` process):\n", *rows, ""]
 
 
 def fill(directory: str, size: int) -> None:
@@ -567,7 +605,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser()
-    parser.add_argument("--buttervolume", required=True)
+    parser.add_argument("--buttervolume", help="needed by every section but zfs")
     parser.add_argument("--sizes", default="10,100,1000")
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--trips", type=int, default=10)
@@ -575,8 +613,9 @@ def main() -> None:
     # stalls; measure ZFS rows up to 100 by default (raise it on OpenZFS)
     parser.add_argument("--zfs-max", type=int, default=100,
                         help="largest volume count for the ZFS rows")
+    parser.add_argument("--zfs-sizes", default="10,100,1000", help="volume counts (zfs section)")
     parser.add_argument("--sections",
-                        default="latency,roundtrip,snapshots,replication,standby,swarm",
+                        default="latency,zfs,roundtrip,snapshots,replication,standby,swarm",
                         help="which tables to produce, comma-separated")
     parser.add_argument("--snapshot-sizes", default="10,1024,4096", help="MiB of data")
     parser.add_argument("--replication-mb", type=int, default=1024, help="MiB sent (btrfs)")
@@ -592,6 +631,13 @@ def main() -> None:
     sections = set(args.sections.split(","))
     sizes = [int(s) for s in args.sizes.split(",")]
     base = Path(tempfile.mkdtemp(prefix="snapvol-bench-", dir="/tmp"))
+    zfs_sizes = [int(s) for s in args.zfs_sizes.split(",")]
+    if sections == {"zfs"}:         # alone (e.g. in the OpenZFS VM): no btrfs, no buttervolume
+        print("\n".join(zfs_rows(base, zfs_sizes, args.repeat)))
+        shutil.rmtree(base, ignore_errors=True)
+        return
+    if not args.buttervolume:
+        parser.error("--buttervolume is needed unless --sections is zfs")
     out: list[str] = []
     # The mount table lives in /run, which is a tmpfs on every systemd host; where it is not
     # (some VMs and containers), give the plugin one, so the figures are a host's figures.
@@ -662,6 +708,8 @@ def main() -> None:
                     print(f"bench: {target.label} at {n} volumes...", file=sys.stderr)
                     results[(target.label, n)] = latency_rows(target, n, args.repeat)
             bv_memory = memory_mib(bv.pids())
+        if "zfs" in sections:
+            out += zfs_rows(base, zfs_sizes, args.repeat)
         loaded = memory_mib(snapvol.pids())
         if "latency" not in sections:
             sizes = []
