@@ -160,7 +160,8 @@ class ZfsBackend:
         children = self._layout.children(fresh=fresh)
         chosen = {name: props for name, props in children.items()
                   if props.get(OWNER) == "snapvol" and names.is_internal(name) == internal}
-        if self._index.syncs == syncs and not all(self._index.alive(n) for n in chosen):
+        sources = self._index.mounts.sources()          # read once for all of them
+        if self._index.syncs == syncs and not all(self._index.alive(n, sources) for n in chosen):
             children = self._index.sync()
             chosen = {name: props for name, props in children.items()
                       if props.get(OWNER) == "snapvol" and names.is_internal(name) == internal}

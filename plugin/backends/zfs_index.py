@@ -178,11 +178,14 @@ class ZfsIndex:
             return self.sync()
         return children
 
-    def alive(self, child: str) -> bool | None:
-        """Whether *child* exists, when that is cheap to tell: the mount table names it at
-        its mount point, or ``lzc_exists`` answers; ``None`` when only a ``zfs`` process
-        could tell (not mounted, zfs-fuse)."""
-        if self.mounts.sources().get(self._mountpoint(child)) == self._prefix + child:
+    def alive(self, child: str, sources: Mapping[str, str] | None = None) -> bool | None:
+        """Whether *child* exists, when that is cheap to tell: the mount table (*sources*,
+        when the caller has just read it for many) names it at its mount point, or
+        ``lzc_exists`` answers; ``None`` when only a ``zfs`` process could tell (not
+        mounted, zfs-fuse)."""
+        if sources is None:
+            sources = self.mounts.sources()
+        if sources.get(self._mountpoint(child)) == self._prefix + child:
             return True
         if self._exists is not None:
             try:
@@ -277,6 +280,8 @@ class ZfsIndex:
         """A dataset of ours is mounted below the mount directory that the index does not
         hold (made, renamed or mounted behind its back)."""
         for source in self.mounts.sources().values():
-            if source.startswith(self._prefix) and source[len(self._prefix):] not in children:
+            child = source[len(self._prefix):]
+            # deeper datasets are not the index's (nor volumes): they must not re-sync it
+            if source.startswith(self._prefix) and "/" not in child and child not in children:
                 return True
         return False
