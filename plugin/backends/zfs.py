@@ -154,17 +154,17 @@ class ZfsBackend:
 
     def _listed(self, *, internal: bool, fresh: bool) -> list[VolumeInfo]:
         """The volumes (snapvol's own, or the clients'), each proven to exist: mounted per
-        the mount table, or by ``lzc_exists``; if any cannot be proven so (not mounted on
-        zfs-fuse) or is found gone, one re-sync of the index is the proof."""
-        syncs = self._index.syncs
+        the mount table, or by ``lzc_exists``; those that cannot be proven so (not mounted,
+        on zfs-fuse: zfs-fuse mounts no more than 999 here) by one ``zfs get`` of them
+        alone, never one per volume."""
         children = self._layout.children(fresh=fresh)
         chosen = {name: props for name, props in children.items()
                   if props.get(OWNER) == "snapvol" and names.is_internal(name) == internal}
         sources = self._index.mounts.sources()          # read once for all of them
-        if self._index.syncs == syncs and not all(self._index.alive(n, sources) for n in chosen):
-            children = self._index.sync()
-            chosen = {name: props for name, props in children.items()
-                      if props.get(OWNER) == "snapvol" and names.is_internal(name) == internal}
+        unproven = [name for name in chosen if not self._index.alive(name, sources)]
+        if unproven:
+            gone = set(unproven) - self._index.confirm(unproven)
+            chosen = {name: props for name, props in chosen.items() if name not in gone}
         return [self._layout.info(name, props) for name, props in chosen.items()]
 
     def volume(self, name: str) -> VolumeInfo:

@@ -23,7 +23,8 @@ The contract:
   (zfs-fuse: "dataset is busy", so it needs an unmount first): either way the mount table
   stops vouching for the old name. Where the mount table cannot prove it (the dataset is
   not mounted), ``lzc_exists`` (one ioctl, OpenZFS) or one ``zfs get`` of that dataset
-  (zfs-fuse) decides, and a dataset found gone is dropped.
+  (zfs-fuse; of all such datasets at once for a listing, :meth:`ZfsIndex.confirm`) decides,
+  and a dataset found gone is dropped.
 * It sees datasets made behind its back: a name it does not hold is looked up with one
   ``zfs get`` (and, found, added); a dataset of the parent mounted below the mount
   directory that it does not hold, or one found gone, marks it stale, and a stale index
@@ -193,6 +194,17 @@ class ZfsIndex:
             except Exception as exc:                # pyzfs's own error tree
                 log.warning("lzc_exists %s%s failed: %s", self._prefix, child, exc)
         return None
+
+    def confirm(self, children: list[str]) -> set[str]:
+        """Which of *children* exist, in one ``zfs get`` of them alone (for those
+        :meth:`alive` could not vouch for: not mounted, on zfs-fuse); the others are
+        forgotten, as gone behind our back."""
+        found = self._zfs.existing([self._prefix + c for c in children])
+        here = {c for c in children if self._prefix + c in found}
+        for child in children:
+            if child not in here:
+                self.forget(child, behind_our_back=True)
+        return here
 
     # ------------------------------------------------------------------ one
 

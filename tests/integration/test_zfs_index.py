@@ -223,3 +223,17 @@ def test_remove_through_the_service_runs_as_many_commands_at_3_as_at_13_volumes(
         domain.volumes.create(f"v{i}", {})
     assert remove_cost() == few
     assert not [c for c in commands if "-r" in c and backend.root in c], commands
+
+
+def test_a_listing_with_an_unmounted_volume_asks_about_that_one_alone(backend, commands):
+    """zfs-fuse mounts no more than 999 datasets here: the 1,000th volume stays unmounted,
+    and a listing must not fall back to listing every dataset for it."""
+    for name in ("a", "b", "c"):
+        backend.create_volume(name, {})
+    zfs_busy_ok("unmount", f"{backend.root}/b")
+    commands.clear()
+    assert listed(backend) == ["a", "b", "c"]
+    if backend.describe()["libzfs_core"]:
+        assert commands == []                       # lzc_exists
+    else:
+        assert commands == [("zfs", "get", "-H", "-o", "name", "type", f"{backend.root}/b")]
