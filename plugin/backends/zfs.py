@@ -145,8 +145,9 @@ class ZfsBackend:
         return self._listed(internal=False, fresh=False)
 
     def listing(self) -> list[VolumeInfo]:
-        """:meth:`volumes` for a client's List: re-synced first when the index is older than
-        :data:`.zfs_index.MAX_AGE` (so datasets made unmounted behind our back show too)."""
+        """:meth:`volumes` for a client's List; the index is re-synced when it is older than
+        :data:`.zfs_index.MAX_AGE` (so datasets made unmounted behind our back show too), in
+        the background: this call does not wait for it."""
         return self._listed(internal=False, fresh=True)
 
     def internal_volumes(self) -> list[VolumeInfo]:
