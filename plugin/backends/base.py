@@ -114,7 +114,9 @@ class Backend(Protocol):
     def listing(self) -> list[VolumeInfo]:
         """:meth:`volumes` for Docker's List, which must stay fast at thousands of volumes:
         the same answer (a volume created or removed shows at once), where a backend can give
-        it more cheaply by remembering what cannot change (Btrfs: each subvolume's mark)."""
+        it more cheaply by remembering what cannot change (Btrfs: each subvolume's mark; ZFS:
+        its index, whose one exception is a dataset made unmounted with the ``zfs`` CLI
+        behind snapvol's back: listed within ``zfs_index.MAX_AGE`` seconds and a listing)."""
 
     def internal_volumes(self) -> list[VolumeInfo]:
         """snapvol's own volumes (``plugin.names.is_internal``: the trash), which

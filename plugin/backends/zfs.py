@@ -2,11 +2,14 @@
 
 Creation is committed by the last ``zfs set snapvol:owner=snapvol``, removal starts by
 setting ``removing``, so Docker never sees a half-made volume; start-up destroys datasets left
-"creating" or "removing" by a crash, and the inboxes of interrupted receives. Listing is one
-``zfs get -H -p -d 1`` for all volumes.
+"creating" or "removing" by a crash, and the inboxes of interrupted receives. Which volumes
+there are comes from :class:`.zfs_index.ZfsIndex` (one ``zfs get -H -p -d 1`` at start, then
+kept current by the operations here): Get, Path, Mount and List of mounted volumes run no
+``zfs`` process, and Remove finds the clones it must promote without listing every dataset.
 
 * :mod:`.zfs_commands`: each ZFS primitive, through libzfs_core or the ``zfs`` CLI, and why;
 * :mod:`.zfs_layout`: where volumes live in the pool, their ownership and options properties;
+* :mod:`.zfs_index`: the datasets and their properties in memory, and why it is never stale;
 * :mod:`.zfs_receive`: streams received into volumes, inboxes and resume tokens.
 """
 
@@ -16,8 +19,8 @@ import errno
 import logging
 import os
 import re
-from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
@@ -49,7 +52,9 @@ class ZfsBackend:
         self.pool = root.split("/", 1)[0]
         self.mount_base = mount_base
         self._zfs = ZfsCommands(lzc)
-        self._layout = Layout(self._zfs, root, mount_base)
+        self._layout = Layout(self._zfs, root, mount_base,
+                              lzc.lzc_exists if lzc is not None else None)
+        self._index = self._layout.index
         self._receiver = Receiver(self._zfs, self._layout)
         self.atomic_snapshots = self._zfs.atomic_snapshots
         self.resumable = self._zfs.resumable
@@ -84,6 +89,7 @@ class ZfsBackend:
             log.info("creating parent dataset %s", self.root)
             self._zfs.create_parent(self.root)
         self.mount_base.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self._index.sync()              # the index: the one listing of every dataset
         self.compressions = self._zfs.compressions(self.pool)
         self._facts.update({"libzfs_core": self._zfs.libzfs_core,
                             "compression": sorted(self.compressions)})
@@ -92,9 +98,10 @@ class ZfsBackend:
         self.finish_interrupted()
 
     def leftovers(self) -> list[Leftover]:
-        """What :meth:`finish_interrupted` would do, found without changing anything."""
+        """What :meth:`finish_interrupted` would do, found without changing anything (from
+        a fresh listing: what a crashed operation left is not something the index saw)."""
         found = []
-        for name, props in self._layout.children().items():
+        for name, props in self._index.sync().items():
             dataset = f"{self.root}/{name}"
             if name.startswith(INBOX):
                 if not self._receiver.token(dataset):        # else: kept for a resume
@@ -108,8 +115,9 @@ class ZfsBackend:
     def finish_interrupted(self) -> None:
         """Destroy what crashed operations left: inboxes of receives that cannot resume,
         datasets left "creating" or "removing"."""
-        for name, props in self._layout.children().items():
+        for name, props in list(self._layout.children().items()):
             if name.startswith(INBOX):
+                self._index.invalidate()         # aborted, destroyed or kept: listed again
                 self._receiver.drop_inbox(f"{self.root}/{name}", keep_resumable=True)
             elif props.get(OWNER) in ("creating", "removing"):
                 log.info("destroying %s/%s left %s by an interrupted operation",
@@ -134,25 +142,49 @@ class ZfsBackend:
     # ------------------------------------------------------------------ queries
 
     def volumes(self) -> list[VolumeInfo]:
-        return [self._layout.info(name, props) for name, props in self._layout.children().items()
-                if props.get(OWNER) == "snapvol" and not names.is_internal(name)]
+        return self._listed(internal=False, fresh=False)
 
     def listing(self) -> list[VolumeInfo]:
-        return self.volumes()          # already one ``zfs get`` for all of them
+        """:meth:`volumes` for a client's List; the index is re-synced when it is older than
+        :data:`.zfs_index.MAX_AGE` (so datasets made unmounted behind our back show too), in
+        the background: this call does not wait for it."""
+        return self._listed(internal=False, fresh=True)
 
     def internal_volumes(self) -> list[VolumeInfo]:
-        return [self._layout.info(name, props) for name, props in self._layout.children().items()
-                if props.get(OWNER) == "snapvol" and names.is_internal(name)]
+        return self._listed(internal=True, fresh=False)
+
+    def _listed(self, *, internal: bool, fresh: bool) -> list[VolumeInfo]:
+        """The volumes (snapvol's own, or the clients'), each proven to exist: mounted per
+        the mount table, or by ``lzc_exists``; those that cannot be proven so (not mounted,
+        on zfs-fuse: zfs-fuse mounts no more than 999 here) by one ``zfs get`` of them
+        alone, never one per volume."""
+        children = self._layout.children(fresh=fresh)
+        chosen = {name: props for name, props in children.items()
+                  if props.get(OWNER) == "snapvol" and names.is_internal(name) == internal}
+        sources = self._index.mounts.sources()          # read once for all of them
+        unproven = [name for name in chosen if not self._index.alive(name, sources)]
+        if unproven:
+            gone = set(unproven) - self._index.confirm(unproven)
+            chosen = {name: props for name, props in chosen.items() if name not in gone}
+        return [self._layout.info(name, props) for name, props in chosen.items()]
 
     def volume(self, name: str) -> VolumeInfo:
-        props = self._zfs.get(self._layout.dataset(name), [OWNER, OPTIONS, "creation"], missing_ok=True)
-        if props is None or props.get(OWNER) != "snapvol":
-            self._layout.require_healthy()
-            raise VolumeNotFound(name)
-        return self._layout.info(name, props)
+        return self._layout.info(name, self._layout.owned_props(name)[1])
 
     def usage(self, name: str) -> Usage:
-        props = self._zfs.get(self._layout.owned(name), ["referenced", "refquota"])
+        """From ``statvfs`` of its mount point when the mount table shows it mounted there
+        (ZFS reports the dataset's ``referenced`` bytes as used blocks, in 512-byte units),
+        else from ``zfs get``."""
+        dataset, props = self._layout.owned_props(name)
+        quota = int(props["refquota"]) if props.get("refquota", "").isdigit() else 0
+        mountpoint = os.path.realpath(self._layout.mountpoint(name))
+        if self._index.mounts.sources().get(mountpoint) == dataset:
+            try:
+                st = os.statvfs(mountpoint)
+                return Usage((st.f_blocks - st.f_bfree) * st.f_frsize, quota or None)
+            except OSError:
+                pass                    # unmounted meanwhile: ask ZFS
+        props = self._zfs.get(dataset, ["referenced", "refquota"])
         quota = int(props["refquota"]) if props["refquota"].isdigit() else 0
         return Usage(int(props["referenced"]), quota or None)
 
@@ -192,6 +224,7 @@ class ZfsBackend:
             if isinstance(exc, OSError):
                 raise BackendError(f"cannot create volume {name}: {exc}", errno=exc.errno) from None
             raise
+        self._index.refresh(names.stored_volume_name(name))
         log.info("created volume %s (options: %s)", name, ", ".join(sorted(options)) or "none")
         return self.volume(name)
 
@@ -216,6 +249,8 @@ class ZfsBackend:
             # not when a repeat finds it done: setting it remounts, which zfs-fuse can refuse
             # as busy for a moment, and an undo must not fail on a step it does not need
             self._zfs.set_while_busy(new, "mountpoint", mountpoint)
+        self._index.forget(names.stored_volume_name(name))
+        self._index.refresh(names.stored_volume_name(new_name))
         try:
             self._layout.mountpoint(name).rmdir()
         except OSError:
@@ -233,11 +268,13 @@ class ZfsBackend:
         promote refused on a full pool (zfs-fuse keeps no slop space for it) then changes
         nothing, so the caller can give up cleanly and try again later."""
         dataset = self._layout.owned(name)
+        child = names.stored_volume_name(name)
         if names.is_internal(name):
             self._promote_clones(dataset)
         marked = False
         try:
             self._zfs.set(dataset, OWNER, "removing")       # invisible from here on
+            self._index.note(child, OWNER, "removing")
             marked = True
         except CommandFailed as exc:
             if not _OUT_OF_SPACE.search(exc.stderr):
@@ -246,14 +283,24 @@ class ZfsBackend:
             # a crash from here leaves the volume visible, and a repeated Remove finishes it.
             log.warning("pool full: removing volume %s without marking it first", name)
         try:
-            self._promote_clones(dataset)
-            self._layout.destroy(dataset, mounted=True)
+            try:
+                self._promote_clones(dataset)
+                self._layout.destroy(dataset, mounted=True)
+            except BackendError as exc:
+                if "clone" not in str(exc) and exc.errno != errno.EEXIST:
+                    raise
+                # a clone made behind the index's back refuses the destroy: the filesystem
+                # knows it, so re-sync once and promote it too
+                self._index.sync()
+                self._promote_clones(dataset)
+                self._layout.destroy(dataset, mounted=True)
         except BackendError:
             # refused (a promote out of space, a busy dataset): visible again, so that the
             # Remove can be retried, never an invisible volume nobody can remove
             if marked:
                 try:
                     self._zfs.set(dataset, OWNER, "snapvol")
+                    self._index.note(child, OWNER, "snapvol")
                 except BackendError as exc:
                     log.error("volume %s stays marked for removal (the next start finishes "
                               "it): %s", name, exc)
@@ -261,16 +308,24 @@ class ZfsBackend:
         log.info("removed volume %s", name)
 
     def _promote_clones(self, dataset: str) -> None:
+        """Promote the volumes cloned from snapshots of *dataset*, found in the index (no
+        listing of every dataset); after each promote, the datasets whose origin it moved
+        are read again (one ``zfs get`` each: the clones of *dataset*, not all volumes)."""
+        prefix = self.root + "/"
         for _ in range(1000):   # each promote moves at least one snapshot away from dataset
-            props = self._zfs.get_with_children(self.root, ["origin", OWNER])
-            clones = sorted(child for child, p in props.items()
+            children = self._layout.children()
+            clones = sorted(child for child, p in children.items()
                             if p.get("origin", "").startswith(dataset + "@")
                             and p.get(OWNER) == "snapvol")
             if not clones:
                 return
-            self._zfs.promote(clones[0])
-            log.info("promoted %s: it no longer depends on %s, which is being removed",
-                     clones[0], dataset)
+            self._zfs.promote(prefix + clones[0])
+            log.info("promoted %s%s: it no longer depends on %s, which is being removed",
+                     prefix, clones[0], dataset)
+            # the promoted clone takes over the origin snapshot and those before it: its
+            # origin, the old origin's, and those of the other clones of them change
+            for child in {dataset.removeprefix(prefix), *clones}:
+                self._index.refresh(child)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -348,6 +403,7 @@ class ZfsBackend:
         except BaseException:
             self._layout.remove_half_made(dataset, "half-made")
             raise
+        self._index.refresh(names.stored_volume_name(new_volume))
         log.info("cloned %s@%s as %s", volume, snapshot, new_volume)
         return self.volume(new_volume)
 
@@ -407,15 +463,30 @@ class ZfsBackend:
                   options: Mapping[str, str], *,
                   resume: bool = False) -> AbstractContextManager[BinaryIO]:
         """See :meth:`.zfs_receive.Receiver.receiving` (nothing runs before the context is
-        entered)."""
-        return self._receiver.receiving(volume, snapshot, base, options, resume=resume)
+        entered). The index reads the volume again after it, whatever happened."""
+        return self._received(volume, self._receiver.receiving(volume, snapshot, base, options,
+                                                               resume=resume))
+
+    @contextmanager
+    def _received(self, volume: str,
+                  receiving: AbstractContextManager[BinaryIO]) -> Iterator[BinaryIO]:
+        try:
+            with receiving as stream:
+                yield stream
+        finally:
+            self._index.invalidate()         # inboxes came and went
+            try:
+                self._index.refresh(names.stored_volume_name(volume))
+            except BackendError as exc:      # the listing re-syncs; keep the receive's own error
+                log.warning("cannot read %s after a receive: %s", volume, exc)
 
     # ------------------------------------------------------------------ mounting
 
     def attach(self, name: str) -> Path:
         dataset = self._layout.owned(name)
         mountpoint = self._layout.mountpoint(name)
-        if not self._layout.is_mounted(mountpoint):
+        # the index's mount table: re-read only when the kernel says mounts changed
+        if self._index.mounts.sources().get(os.path.realpath(mountpoint)) != dataset:
             log.info("mounting %s at %s", dataset, mountpoint)
             self._zfs.mount(dataset, mountpoint)
         return mountpoint

@@ -197,6 +197,17 @@ class ZfsCommands:
             found.setdefault(name, {})[prop] = value
         return found
 
+    def existing(self, datasets: list[str]) -> set[str]:
+        """Which of *datasets* exist, in one ``zfs get`` (zfs lists those that do and
+        exits 1 for the others)."""
+        if not datasets:
+            return set()
+        result = process.run(["zfs", "get", "-H", "-o", "name", "type", *datasets],
+                             timeout=TIMEOUT, ok_codes=(0, 1))
+        if result.returncode and not _MISSING.search(result.stderr):
+            raise CommandFailed(result.argv, result.returncode, result.stderr)
+        return set(result.stdout.splitlines()) & set(datasets)
+
     def snapshots(self, dataset: str) -> dict[str, dict[str, str]]:
         """The snapshots of *dataset* (the part after ``@``), oldest first, with their
         ``creation`` and ``guid``."""

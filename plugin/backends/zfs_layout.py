@@ -7,6 +7,7 @@ One dataset per volume, ``<root>/<name>``, with ``canmount=noauto`` and an expli
     snapvol:options  the volume's options as JSON
 
 A dataset without ``snapvol:owner=snapvol`` is not a volume: :meth:`Layout.owned` refuses it.
+Which datasets there are, and these properties, come from :class:`.zfs_index.ZfsIndex`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from .. import names
 from ..errors import BackendError, BackendUnavailable, CommandFailed, SnapshotNotFound, VolumeNotFound
@@ -23,20 +25,29 @@ from ..mountinfo import mounted_filesystem
 from ..units import parse_size
 from .base import SnapshotInfo, VolumeInfo
 from .zfs_commands import ZfsCommands
+from .zfs_index import ZfsIndex
 
 log = logging.getLogger(__name__)
 
 OWNER = "snapvol:owner"
 OPTIONS = "snapvol:options"
+# what the index holds of each dataset below the root (``type`` comes with it)
+LISTED = ["creation", "mounted", "origin", "refquota", OWNER, OPTIONS]
 
 
 class Layout:
-    """The volumes below the parent dataset *root*, mounted below *mount_base*."""
+    """The volumes below the parent dataset *root*, mounted below *mount_base*; *exists* is
+    libzfs_core's ``lzc_exists`` where it is loaded (see :class:`.zfs_index.ZfsIndex`)."""
 
-    def __init__(self, zfs: ZfsCommands, root: str, mount_base: Path) -> None:
+    def __init__(self, zfs: ZfsCommands, root: str, mount_base: Path,
+                 exists: Any | None = None) -> None:
         self._zfs = zfs
         self.root = root
         self.mount_base = mount_base
+        self.index = ZfsIndex(zfs, root, mount_base, LISTED, exists)
+        self._infos: dict[str, tuple[Mapping[str, str], VolumeInfo]] = {}
+        # dataset -> (its index.snapshot_stamp when read, volume, snapshots)
+        self._snapshots: dict[str, tuple[Any, str, dict[str, SnapshotInfo]]] = {}
 
     def dataset(self, name: str) -> str:
         return f"{self.root}/{names.stored_volume_name(name)}"
@@ -50,12 +61,21 @@ class Layout:
         :raises VolumeNotFound: no such dataset, or not a finished volume of snapvol's.
         :raises BackendUnavailable: the parent dataset is gone or unusable.
         """
+        return self.owned_props(name)[0]
+
+    def owned_props(self, name: str) -> tuple[str, Mapping[str, str]]:
+        """The dataset of volume *name* and its indexed properties (``LISTED``), proven to
+        exist (no ``zfs`` process when it is mounted).
+
+        :raises VolumeNotFound: as :meth:`owned`.
+        :raises BackendUnavailable: as :meth:`owned`.
+        """
         dataset = self.dataset(name)
-        props = self._zfs.get(dataset, [OWNER], missing_ok=True)
+        props = self.index.props(names.stored_volume_name(name))
         if props is None or props.get(OWNER) != "snapvol":
             self.require_healthy()
             raise VolumeNotFound(name)
-        return dataset
+        return dataset, props
 
     def owned_snapshot(self, volume: str, snapshot: str) -> str:
         """``dataset@snapshot`` of a snapshot of volume *volume*.
@@ -69,12 +89,21 @@ class Layout:
         return f"{dataset}@{snapshot}"
 
     def snapshots(self, dataset: str, volume: str) -> dict[str, SnapshotInfo]:
-        """The snapshots of *dataset* (the volume *volume*) by name, oldest first."""
+        """The snapshots of *dataset* (the volume *volume*) by name, oldest first: read again
+        unless the index's stamp (OpenZFS, mounted) says none changed since the last read.
+        The caller must not change the mapping."""
+        stamp = self.index.snapshot_stamp(dataset.rsplit("/", 1)[1])
+        cached = self._snapshots.get(dataset)
+        if stamp is not None and cached is not None and cached[:2] == (stamp, volume):
+            return cached[2]
         # a received snapshot keeps its guid: it is its own "received" identity
-        return {snap: SnapshotInfo(volume, snap,
-                                   datetime.fromtimestamp(int(p["creation"]), tz=timezone.utc),
-                                   format(int(p["guid"]), "x"), format(int(p["guid"]), "x"))
-                for snap, p in self._zfs.snapshots(dataset).items()}
+        found = {snap: SnapshotInfo(volume, snap,
+                                    datetime.fromtimestamp(int(p["creation"]), tz=timezone.utc),
+                                    format(int(p["guid"]), "x"), format(int(p["guid"]), "x"))
+                 for snap, p in self._zfs.snapshots(dataset).items()}
+        if stamp is not None:          # taken before the read: a change after it shows next time
+            self._snapshots[dataset] = (stamp, volume, found)
+        return found
 
     def snapshots_below(self) -> list[SnapshotInfo]:
         """The snapshots of every dataset directly below the root, in one query (whose
@@ -86,20 +115,29 @@ class Layout:
                 if name.startswith(prefix) and "@" in name
                 for volume, _, snap in [name[len(prefix):].partition("@")] if "/" not in volume]
 
-    def children(self) -> dict[str, dict[str, str]]:
-        """Volume-like datasets directly below the root, with the properties we list by."""
+    def children(self, *, fresh: bool = False) -> dict[str, dict[str, str]]:
+        """Volume-like datasets directly below the root, with the properties we list by
+        (``LISTED``), from the index (see :meth:`.zfs_index.ZfsIndex.children` for *fresh*);
+        not each proven to exist.
+
+        :raises BackendUnavailable: the root cannot be listed.
+        """
         try:
-            found = self._zfs.get_with_children(self.root, ["type", "creation", "mounted", "origin",
-                                                            OWNER, OPTIONS])
+            return self.index.children(fresh=fresh)
         except CommandFailed as exc:
             raise BackendUnavailable(f"cannot list {self.root}: {exc}") from None
-        prefix = self.root + "/"
-        return {dataset[len(prefix):]: props for dataset, props in found.items()
-                if dataset.startswith(prefix) and "/" not in dataset[len(prefix):]
-                and "@" not in dataset and props.get("type") == "filesystem"}
 
     def info(self, name: str, props: Mapping[str, str]) -> VolumeInfo:
-        """The volume *name* from its properties (``creation``, ``snapvol:options``)."""
+        """The volume *name* from its properties (``creation``, ``snapvol:options``); the
+        same object again while the index holds the same properties."""
+        cached = self._infos.get(name)
+        if cached is not None and cached[0] is props:
+            return cached[1]
+        info = self._parse_info(name, props)
+        self._infos[name] = (props, info)
+        return info
+
+    def _parse_info(self, name: str, props: Mapping[str, str]) -> VolumeInfo:
         try:
             opts = json.loads(props.get(OPTIONS, "{}"))
         except ValueError:
@@ -122,6 +160,9 @@ class Layout:
     def destroy(self, dataset: str, *, mounted: bool) -> None:
         """Destroy a dataset of ours with its snapshots, and its mount directory."""
         self._zfs.destroy(dataset, mounted=mounted)
+        self.index.forget(dataset.rsplit("/", 1)[1])
+        self._infos.pop(dataset.rsplit("/", 1)[1], None)
+        self._snapshots.pop(dataset, None)
         try:
             (self.mount_base / dataset.rsplit("/", 1)[1]).rmdir()
         except OSError:
