@@ -1058,7 +1058,8 @@ def main() -> None:
     parser.add_argument("--buttervolume", help="its binary (no buttervolume columns without)")
     parser.add_argument("--bv-max", type=int, default=1000,
                         help="largest volume count for buttervolume (14 s a List at 1,000)")
-    parser.add_argument("--sizes", default="10,100,1000")
+    parser.add_argument("--sizes", default="10,100,1000,10000",
+                        help="volume counts (latency section; buttervolume up to --bv-max)")
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--trips", type=int, default=10)
     # zfs-fuse mounts at most 999 datasets (the 1,000th is made but not mounted, and stays
