@@ -173,8 +173,10 @@ class ZfsBackend:
 
     def usage(self, name: str) -> Usage:
         """From ``statvfs`` of its mount point when the mount table shows it mounted there
-        (ZFS reports the dataset's ``referenced`` bytes as used blocks, in 512-byte units),
-        else from ``zfs get``."""
+        (no process: Docker's Get shows it), else from ``zfs get``. ZFS reports the dataset's
+        ``referenced`` bytes as used blocks, counted in 512-byte units on zfs-fuse and in the
+        record size on OpenZFS (128 KiB by default): so this is within one such unit of
+        :meth:`usages`, which reads ``referenced`` itself."""
         dataset, props = self._layout.owned_props(name)
         quota = int(props["refquota"]) if props.get("refquota", "").isdigit() else 0
         mountpoint = os.path.realpath(self._layout.mountpoint(name))
