@@ -817,18 +817,24 @@ class TwoNodes:
             for future in [pool.submit(fn, n) for n in self]:
                 future.result()
 
-    def _wait_ssh(self, timeout: float = 20) -> None:
-        """Each node reaches the other's sshd (and its own) with the shared keys."""
+    def _wait_ssh(self, timeout: float = 60) -> None:
+        """Each node reaches the other's sshd (and its own) with the shared keys. A try that
+        hangs is abandoned and made again (seen once in a rehearsal: the first ssh into a
+        node just started hung past 20 s, and its timeout failed the whole engine lane)."""
         deadline = time.monotonic() + timeout
         for src in self:
             for dst in self:
                 while True:
-                    probe = src.ssh(dst, "hostname", timeout=20)
-                    if probe.returncode == 0 and probe.stdout.strip() == dst.hostname:
-                        break
+                    try:
+                        probe = src.ssh(dst, "hostname", timeout=10)
+                    except subprocess.TimeoutExpired:
+                        why = "a try hung for 10 s"
+                    else:
+                        if probe.returncode == 0 and probe.stdout.strip() == dst.hostname:
+                            break
+                        why = probe.stderr.strip()
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"ssh {src.hostname} -> {dst.hostname}: "
-                                           f"{probe.stderr.strip()}; "
+                        raise RuntimeError(f"ssh {src.hostname} -> {dst.hostname}: {why}; "
                                            f"{(dst.dir / 'ssh' / 'sshd.log').read_text()[-1500:]}")
                     time.sleep(0.2)
 
