@@ -431,6 +431,20 @@ def build_test_image(docker: DockerDaemon, tag: str, context: Path) -> str:
     return tag
 
 
+# The sshd_config lines every test sshd shares. SHLVL=1 makes the session's bash a nested
+# shell, so it skips the ~/.bashrc that bash reads for ssh commands: a test host must not run
+# this machine's interactive set-up. Here that is `pyenv init`, whose rehash waits 60 s on a
+# lock that a killed session left behind (seen in CI: every ssh into a fresh node hung).
+SSHD_COMMON = """\
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+SetEnv SHLVL=1
+"""
+
+
 class SshServer:
     """sshd on 127.0.0.1 with keys of the test's own (host and client), root by key only."""
 
@@ -455,12 +469,7 @@ Port {self.port}
 ListenAddress 127.0.0.1
 HostKey {host_key}
 AuthorizedKeysFile {self.base / 'authorized_keys'}
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-PidFile {self.base / 'sshd.pid'}
+{SSHD_COMMON}PidFile {self.base / 'sshd.pid'}
 """)
         Path("/run/sshd").mkdir(exist_ok=True)   # sshd's privilege separation directory
         with (self.base / "sshd.log").open("wb") as log:

@@ -81,7 +81,7 @@ from typing import Any
 
 from plugin.client import PluginClient
 from tests.e2e.engine import Engine
-from tests.e2e.harness import REPO, CommandError, DockerDaemon
+from tests.e2e.harness import REPO, SSHD_COMMON, CommandError, DockerDaemon
 
 SOCKET = "/run/docker/plugins/snapvol.sock"      # inside each node's mount namespace
 DRIVER = "snapvol"
@@ -394,12 +394,7 @@ Port 22
 ListenAddress {self.ip}
 HostKey {ssh_dir / 'host_key'}
 AuthorizedKeysFile {self.nodes.ssh_dir / 'authorized_keys'}
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-PrintMotd no
+{SSHD_COMMON}PrintMotd no
 PidFile {ssh_dir / 'sshd.pid'}
 """)
         Path("/run/sshd").mkdir(exist_ok=True)    # sshd's privilege separation directory
