@@ -104,7 +104,8 @@ class FakeBackend:
         info = self.volume(name)
         path = info.mountpoint.parent / new_name
         info.mountpoint.rename(path)
-        self._volumes[new_name] = replace(self._volumes.pop(name), name=new_name, mountpoint=path)
+        old = self._volumes.pop(name)
+        self._volumes[new_name] = VolumeInfo(new_name, path, old.created, old.options)
         if name in self._snapshots:
             self._snapshots[new_name] = {k: replace(s, volume=new_name)
                                          for k, s in self._snapshots.pop(name).items()}

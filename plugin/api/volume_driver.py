@@ -21,7 +21,7 @@ def domain() -> Domain:
     return current_app.extensions["snapvol.domain"]
 
 
-def _volume(name: str, mountpoint: Path | None, created: datetime | None,
+def _volume(name: str, mountpoint: Path | str | None, created: datetime | None,
             status: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"Name": name}
     if mountpoint is not None:
@@ -117,4 +117,4 @@ def get() -> Response:
 @bp.post("/VolumeDriver.List")
 def list_volumes() -> Response:
     docker_request()
-    return reply(Volumes=[_volume(v.name, v.mountpoint, v.created) for v in domain().volumes.list()])
+    return reply(Volumes=[_volume(v.name, v.path, v.created) for v in domain().volumes.list()])

@@ -10,20 +10,66 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+import os
+import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, BinaryIO, ClassVar, Protocol
 
 
-@dataclass(frozen=True)
-class VolumeInfo:
-    """A volume as the filesystem describes it."""
+_NO_OPTIONS: Mapping[str, str] = MappingProxyType({})
 
+
+class VolumeInfo:
+    """A volume as the filesystem describes it. Immutable; equal when all four parts are.
+
+    Compact on purpose: a backend's listing memo keeps one per volume (10,000 and more), so
+    the mountpoint is kept as its directory, one string shared by all the volumes there,
+    and the volume's name; :attr:`path` joins them (what Docker is given), :attr:`mountpoint`
+    makes a :class:`~pathlib.Path` (about 350 bytes a volume if it were kept). The volumes
+    without options share one empty mapping."""
+
+    __slots__ = ("name", "_where", "_named", "created", "options")
     name: str
-    mountpoint: Path
     created: datetime                  # timezone-aware UTC, from the filesystem
-    options: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, str]
+
+    def __init__(self, name: str, mountpoint: Path | str, created: datetime,
+                 options: Mapping[str, str] | None = None) -> None:
+        path = os.fspath(mountpoint)
+        directory, _, base = path.rpartition("/")
+        named = base == name and bool(directory)   # true of every backend's mountpoint
+        for attr, value in (("name", name), ("_where", sys.intern(directory) if named else path),
+                            ("_named", named), ("created", created),
+                            ("options", options or _NO_OPTIONS)):
+            object.__setattr__(self, attr, value)
+
+    @property
+    def path(self) -> str:
+        """The mountpoint, as text."""
+        return f"{self._where}/{self.name}" if self._named else self._where
+
+    @property
+    def mountpoint(self) -> Path:
+        return Path(self.path)
+
+    def __setattr__(self, attr: str, value: object) -> None:
+        raise AttributeError(f"VolumeInfo is immutable (setting {attr})")
+
+    def _parts(self) -> tuple[object, ...]:
+        return (self.name, self.path, self.created, dict(self.options))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, VolumeInfo) and self._parts() == other._parts()
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.path, self.created))
+
+    def __repr__(self) -> str:
+        return (f"VolumeInfo(name={self.name!r}, mountpoint={self.path!r}, "
+                f"created={self.created!r}, options={dict(self.options)!r})")
 
 
 @dataclass(frozen=True)

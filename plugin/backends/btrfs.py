@@ -51,8 +51,8 @@ class BtrfsBackend:
         self.volumes_dir = self._layout.volumes_dir
         self.snapshots_dir = self._layout.snapshots_dir
         self.staging_dir = self._layout.staging_dir
-        # what listing() found last time: (name, subvolume ID) -> the volume
-        self._listed: dict[tuple[str, int], VolumeInfo] = {}
+        # what listing() found last time: name -> the volume (with its subvolume ID)
+        self._listed: dict[str, _Listed] = {}
 
     # ------------------------------------------------------------------ start-up
 
@@ -133,10 +133,10 @@ class BtrfsBackend:
         self._listed = found = self._scan(internal=False, known=self._listed)
         return list(found.values())
 
-    def _scan(self, *, internal: bool, known: Mapping[tuple[str, int], VolumeInfo] | None = None,
-              ) -> dict[tuple[str, int], VolumeInfo]:
-        """The volumes of ours in volumes/, snapvol's own (the trash) or the others, keyed by
-        name and subvolume ID; a subvolume already in *known* is not read again."""
+    def _scan(self, *, internal: bool, known: Mapping[str, _Listed] | None = None,
+              ) -> dict[str, _Listed]:
+        """The volumes of ours in volumes/, snapvol's own (the trash) or the others, by name;
+        a subvolume already in *known* (same name, same subvolume ID) is not read again."""
         found = {}
         try:
             entries = list(os.scandir(self.volumes_dir))
@@ -145,18 +145,18 @@ class BtrfsBackend:
         for entry in entries:
             if names.is_internal(entry.name) != internal:
                 continue
-            key = (entry.name, entry.inode())   # from getdents: a subvolume's ID, no stat
-            info = known.get(key) if known is not None else None
-            if info is None:
+            subvolume_id = entry.inode()        # from getdents: a subvolume's ID, no stat
+            info = known.get(entry.name) if known is not None else None
+            if info is None or info.subvolume_id != subvolume_id:
                 try:
-                    info = self._info(entry.name, Path(entry.path))
+                    info = _Listed.of(self._info(entry.name, entry.path), subvolume_id)
                 except VolumeNotFound:
                     continue                    # not ours
                 except OSError as exc:          # BtrfsUtilError is an OSError
                     if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                         log.warning("volume %s left out of the list: %s", entry.name, exc)
                     continue                    # removed while we were listing
-            found[key] = info
+            found[info.name] = info             # the memo's string, not a new one per scan
         return found
 
     def volume(self, name: str) -> VolumeInfo:
@@ -190,7 +190,7 @@ class BtrfsBackend:
                 continue                    # removed while we looked
         return found
 
-    def _info(self, name: str, path: Path) -> VolumeInfo:
+    def _info(self, name: str, path: Path | str) -> VolumeInfo:
         meta = self._layout.read_owner(path)
         if meta is None:
             raise VolumeNotFound(name)
@@ -430,3 +430,17 @@ class BtrfsBackend:
         if "size" in options:
             self._layout.ensure_quotas()
             self._layout.limit(path, options["size"])
+
+
+class _Listed(VolumeInfo):
+    """A volume as :meth:`BtrfsBackend.listing` remembers it: with the ID of the subvolume it
+    was read from (the memo's check), in a slot rather than in a key tuple (10,000 of them)."""
+
+    __slots__ = ("subvolume_id",)
+    subvolume_id: int
+
+    @classmethod
+    def of(cls, info: VolumeInfo, subvolume_id: int) -> _Listed:
+        listed = cls(info.name, info.path, info.created, info.options)
+        object.__setattr__(listed, "subvolume_id", subvolume_id)
+        return listed

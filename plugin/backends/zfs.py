@@ -29,7 +29,7 @@ from ..errors import (BackendError, BackendUnavailable, CommandFailed, Conflict,
                       SnapshotNotFound, VolumeExists, VolumeNotFound)
 from .base import Capacity, Leftover, SnapshotInfo, Usage, VolumeInfo, snapshot_each
 from .zfs_commands import ZfsCommands
-from .zfs_layout import OPTIONS, OWNER, Layout
+from .zfs_layout import OWNER, Layout
 from .zfs_receive import INBOX, Receiver
 
 log = logging.getLogger(__name__)
