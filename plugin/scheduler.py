@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from functools import partial
@@ -40,6 +41,8 @@ MAX_SLEEP = 60.0
 MIN_PAUSE = 0.25      # between two passes: volumes due a moment apart are taken in one pass
 SNAPSHOT_WORKERS = 8  # automatic snapshots taken at once
 TRASH_CHECK = 10.0    # seconds between looks at the pool's fill while the trash holds something
+SETTLE = 0.2          # a pass woken by a change waits until changes stop this long...
+MAX_SETTLE = 2.0      # ... but no longer than this (see Scheduler._settle)
 
 
 def utc_now() -> datetime:
@@ -257,4 +260,21 @@ class Scheduler:
             except Exception:   # a bug must not end automatic snapshots for good
                 log.exception("scheduler: unexpected error; retrying in a minute")
                 pause = MAX_SLEEP
-            self._wake.wait(pause)
+            due_at = time.monotonic() + pause
+            if self._wake.wait(pause):
+                self._settle(due_at)
+
+    def _settle(self, due_at: float) -> None:
+        """After a wake by a change, wait until the changes stop for :data:`SETTLE` seconds,
+        at most :data:`MAX_SETTLE`, and never past *due_at* (when the next pass was due
+        anyway, a monotonic time). Why: every Create or Remove of a volume with a schedule
+        or into the trash wakes the loop, and each pass lists every volume; during a burst
+        (the bench removes 10,000 one after another) passes ran back to back, each holding
+        the interpreter lock against Docker's calls (Remove's p95 was 19 ms at 10,000
+        volumes). Now a burst makes one pass every :data:`MAX_SETTLE` seconds at most."""
+        deadline = min(time.monotonic() + MAX_SETTLE, due_at)
+        while not self._stop.is_set():
+            self._wake.clear()
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._wake.wait(min(SETTLE, left)):
+                return

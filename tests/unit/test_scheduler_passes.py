@@ -186,3 +186,32 @@ def test_a_volume_removed_between_its_snapshot_and_its_prune_is_not_recorded_aga
     monkeypatch.setattr(schedules, "prune_after", remove_then_prune)
     world.tick(MINUTE)
     assert schedules.history.volumes() == {"aa"}
+
+
+def test_a_burst_of_changes_makes_few_passes_not_one_per_change(tmp_path, monkeypatch):
+    """Each Create of a scheduled volume wakes the loop; 200 of them over ~1 s used to run a
+    pass (a listing of every volume) after nearly each one. Now the loop waits until the
+    changes stop (or MAX_SETTLE), and a pass comes at most every MAX_SETTLE seconds."""
+    monkeypatch.setattr("plugin.scheduler.MAX_SETTLE", 0.5)
+    world = World(tmp_path)
+    passes = []
+    real = world.scheduler.run_once
+    monkeypatch.setattr(world.scheduler, "run_once", lambda now: passes.append(time.monotonic()) or real(now))
+    world.scheduler.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not passes and time.monotonic() < deadline:      # the first pass, at start
+            time.sleep(0.01)
+        started = time.monotonic()
+        for i in range(200):
+            world.domain.volumes.create(f"v{i:03d}", {"schedule": "1h"})
+            time.sleep(0.005)
+        ended = time.monotonic()
+        deadline = ended + 5
+        while not any(t > ended for t in passes) and time.monotonic() < deadline:
+            time.sleep(0.01)                                    # the last change is seen
+        during = [t for t in passes if started < t <= ended]
+        assert any(t > ended for t in passes)
+        assert len(during) <= (ended - started) / 0.5 + 2, (len(during), ended - started)
+    finally:
+        world.scheduler.stop()
