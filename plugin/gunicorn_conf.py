@@ -21,6 +21,7 @@ from plugin.config import Settings
 from plugin.refusal import REFUSAL_ENV, is_managed, managed_plugin_refusal, start_refusal
 from plugin.errors import AlreadyRunning, ConfigError, PluginError
 from plugin.locks import single_instance
+from plugin.serve import give_back_freed_memory
 from plugin.storage import check_storage
 
 os.environ.pop(REFUSAL_ENV, None)      # only this master decides to refuse
@@ -118,7 +119,9 @@ def on_starting(server) -> None:
 def post_worker_init(worker) -> None:
     """Start the scheduler, the stream socket and the metrics server of the app this worker
     loaded (``create_app`` starts no thread). The metrics server lives here, in the worker
-    that holds the state it reports, never in the master or on the plugin socket."""
+    that holds the state it reports, never in the master or on the plugin socket. Before
+    them, glibc is told to give freed memory back (:func:`plugin.serve.give_back_freed_memory`)."""
+    give_back_freed_memory()
     for name in ("snapvol.streams", "snapvol.scheduler", "snapvol.announcer",
                  "snapvol.metrics_server"):
         part = worker.wsgi.extensions.get(name)

@@ -8,6 +8,8 @@ the worker, forked from the master, counts the same pages again: 24 MiB of the i
 plugin's RSS sum for a module never used (issue 17). Here a stand-in takes its place
 before gunicorn is imported: the first use, should one ever come, imports it for real, so
 nothing changes but when.
+
+:func:`give_back_freed_memory` is here too: the worker calls it (``post_worker_init``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,32 @@ def defer_import(name: str) -> None:
     stand_in = DeferredModule(name)
     stand_in.__spec__ = spec          # `import name` reads __spec__._initializing
     sys.modules[name] = stand_in
+
+
+_M_TRIM_THRESHOLD = -1            # glibc's mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+_THRESHOLD = 128 * 1024             # glibc's own starting value for both
+
+
+def give_back_freed_memory() -> bool:
+    """Make glibc hand freed memory back to the system instead of keeping it for later
+    (issue 17: memory given back when volumes go). Returns whether glibc took it.
+
+    By default glibc raises its mmap threshold each time a large block is freed (up to
+    32 MiB), so later large blocks (a List reply at 10,000 volumes, the trash journal's
+    compaction) come from the heap, which keeps what they free. Fixed at 128 KiB, every
+    such block gets a mapping of its own, returned when freed, and the heap's free top is
+    trimmed above 128 KiB. Measured at 10,000 volumes made, removed and purged: RSS of the
+    plugin after the purge 73.0 MiB before, 69.6 after. A no-op without glibc.
+
+    Called in the worker, which holds the volumes and has ctypes loaded already (the master
+    would pay 0.5 MiB to import it, for memory it does not churn)."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, _THRESHOLD) == 1 for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
 
 
 def main() -> None:
