@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     send.add_argument("--compress", choices=("none", "zstd"), default=None,
                       help="compress the stream with zstd (for slow links, compressible data)")
-    send.add_argument("--format", type=int, choices=(1, 2), default=None,
-                      help="stream format: 2 (default), or 1 for a receiver running snapvol 0.2")
+    send.add_argument("--format", type=int, choices=(1, 2, 3), default=None,
+                      help="stream format: the best the plugin has (3 on Btrfs, else 2); 2 for a "
+                      "receiver that reads formats 1 and 2 only, 1 for one running snapvol 0.2")
     send.set_defaults(run=run_send)
     recv = sub.add_parser("receive", parents=[common],
                           help="make a volume from a full stream, or update a replica with an "

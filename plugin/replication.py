@@ -81,7 +81,7 @@ class Replicator:
             snapshot = names.snapshot_name(snapshot)
             attempt = 0
             # what the last attempt sent: base, token, format and compression
-            plan: dict[str, Any] = {"role": role, "format": stream.FORMAT,
+            plan: dict[str, Any] = {"role": role, "format": None,    # None: the best here
                                     "compression": self._compression if compression is None
                                     else compressions.compression(compression)}
             while True:
@@ -151,7 +151,11 @@ class Replicator:
         try:
             reply = self._send_to(where, remote_name, _counted(transfer, progress))
         except TransferFailed as exc:
-            if plan["format"] != 1 and f"stream format {plan['format']} is not supported" in str(exc):
+            if f"stream format {stream.NATIVE} is not supported" in str(exc):
+                # a target that reads formats 1 and 2 only: the next attempt sends 2
+                log.info("%s reads stream formats 1 and 2: sending 2", label)
+                plan.update(format=stream.FORMAT)
+            elif plan["format"] != 1 and "stream format 2 is not supported" in str(exc):
                 # a target of snapvol 0.2 reads format 1 only (and knows no compression):
                 # the next attempt speaks its language
                 log.info("%s reads stream format 1 only: sending that", label)

@@ -9,6 +9,7 @@ two across hosts.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from . import compression as compressions, names, options, stream
+from .client import kernel_mover
 from .backends.base import Backend
 from .errors import (CommandFailed, InvalidName, InvalidOption, InvalidRequest, PluginError, SnapshotNotFound,
                      VolumeInUse, VolumeNotFound)
@@ -57,7 +59,7 @@ class Transfers:
     def send(self, volume: object, snapshot: object = None, since: object = None, *,
              holding_slot: bool = False, resume_token: str | None = None,
              role: dict[str, Any] | None = None, compression: object = None,
-             format: int = stream.FORMAT, check: str | None = None) -> Transfer:
+             format: int | None = None, check: str | None = None) -> Transfer:
         """The framed stream of *volume*@*snapshot* (a snapshot taken now when None),
         incremental from *since*, as a :class:`Transfer` to iterate (and close). A snapshot
         taken here is the newest ``send-`` one once its stream is complete (the older ones
@@ -67,8 +69,10 @@ class Transfers:
         pinned (retention skips them) and no lock is held, so Docker's calls go on.
 
         *compression* (``"zstd"``) compresses the native stream (:mod:`plugin.compression`);
-        *format* 1 makes a stream that snapvol 0.2 reads (no compression there); *check*
-        (``"crc32"``) a format 2 stream that a receiver without python3-xxhash reads.
+        *format* None: 3 for a backend whose native streams check themselves
+        (``checked_streams``) when not compressed, else 2; 2 makes a stream that a snapvol
+        reading formats 1 and 2 only reads, 1 one that snapvol 0.2 reads (no compression there); *check* (``"crc32"``) a
+        format 2 stream that a receiver without python3-xxhash reads.
 
         :raises VolumeNotFound, SnapshotNotFound: as named.
         :raises VolumeBusy: as many transfers as allowed are already running (unless the
@@ -78,7 +82,9 @@ class Transfers:
         since = None if since is None else names.snapshot_name(since)
         if check is not None and check not in stream.CHECKS:
             raise InvalidRequest(f"unknown stream check {check!r}: use " + " or ".join(stream.CHECKS))
-        packing = _Packing(compressions.compression(compression), _format(format), check)
+        packed = compressions.compression(compression)
+        packing = _Packing(packed, _format(format, self._backend.checked_streams and packed is None),
+                           check)
         if snapshot is not None:
             return self._start(volume, names.snapshot_name(snapshot), since, holding_slot,
                                resume_token, lambda complete: None, role, packing)
@@ -124,7 +130,7 @@ class Transfers:
         packing = packing or _Packing(None, stream.FORMAT, None)
         if packing.compression:
             header["compression"] = packing.compression
-        if packing.check and packing.format != 1:
+        if packing.check and packing.format == 2:
             header["check"] = packing.check
 
         def done(complete: bool) -> None:
@@ -153,9 +159,11 @@ class Transfers:
         """
         return self._inflight.slot()
 
-    def receive(self, volume: object, source: Any) -> dict[str, Any]:
+    def receive(self, volume: object, source: Any, *, idle: float = 120.0) -> dict[str, Any]:
         """Read a framed stream from *source* (a binary file) into *volume*: a new volume from
-        a full stream, the replica brought up to date by an incremental one.
+        a full stream, the replica brought up to date by an incremental one. A format 3 stream
+        from a socket (a buffered reader of it) goes on to the native receiver by splice(2);
+        *idle*: seconds the socket may then stay silent.
 
         The stream is checked before anything is published: a truncated, corrupted or
         aborted stream, one for the other backend, or an incremental one whose base the
@@ -174,6 +182,10 @@ class Transfers:
         if header.get("backend") != self._backend.kind:
             raise StreamRefused(f"the stream is from a {header.get('backend')} volume; this "
                                 f"plugin stores volumes on {self._backend.kind}")
+        if reader.format == stream.NATIVE and not self._backend.checked_streams:
+            # format 3 has no check of ours: only a receiver that checks every byte may take it
+            raise StreamRefused(f"the stream (format 3) relies on the native receiver's checks, "
+                                f"which {self._backend.kind} here does not make; send format 2")
         try:
             snapshot = names.snapshot_name(header.get("snapshot"))
             opts = options.validate({k: v for k, v in (header.get("options") or {}).items()
@@ -197,10 +209,19 @@ class Transfers:
             try:
                 with self._backend.receiving(volume, snapshot, base, opts, resume=resume) as pipe, \
                         _unpacked(packed, pipe) as sink:
-                    for chunk in stream.prefetch(reader.data(hold_last=True)):
-                        sink.write(chunk)
+                    if reader.format == stream.NATIVE:
+                        _relay(reader, source, sink, idle)
+                    else:
+                        for chunk in stream.prefetch(reader.data(hold_last=True)):
+                            sink.write(chunk)
             except stream.StreamError as exc:
                 raise StreamRefused(f"{exc}; nothing was kept") from None
+            except CommandFailed as exc:
+                if reader.format != stream.NATIVE:
+                    raise
+                # format 3: the native receiver is the one that checks the data
+                raise StreamRefused(f"the native receiver refused the stream (damaged, or not "
+                                    f"a {self._backend.kind} stream): {exc}; nothing was kept") from None
             except (BrokenPipeError, ConnectionError) as exc:
                 raise StreamRefused(f"the receiver stopped early ({exc}); nothing was kept") from None
             if self.admitted is not None:
@@ -251,11 +272,31 @@ class _Packing:
     check: str | None
 
 
-def _format(raw: object) -> int:
+def _format(raw: object, native: bool) -> int:
+    """The stream format asked for (None: the best one here; *native*: format 3 is allowed)."""
+    if raw is None:
+        return stream.NATIVE if native else stream.FORMAT
     if raw not in stream.FORMATS or isinstance(raw, bool):
         raise InvalidRequest(f"unknown stream format {raw!r}: use "
                              + " or ".join(map(str, stream.FORMATS)))
+    if raw == stream.NATIVE and not native:
+        raise InvalidRequest("stream format 3 is for uncompressed streams that check themselves "
+                             "(Btrfs): use 1 or 2")
     return int(raw)  # type: ignore[call-overload]
+
+
+def _relay(reader: stream.Reader, source: Any, sink: BinaryIO, idle: float) -> None:
+    """A format 3 stream's data into *sink*: spliced from the socket under *source* where it
+    is one (the stream socket's buffered reader; the HTTP body is not), else read and written.
+    The structure is checked either way (:meth:`stream.Reader.relay`); the data is checked by
+    the native receiver, and nothing is published before the end mark checked out."""
+    move = kernel_mover(source, sink, idle, lambda moved: None) \
+        if isinstance(source, io.BufferedReader) else None
+    if move is not None:
+        reader.relay(move)
+        return
+    for chunk in reader.data(hold_last=False):
+        sink.write(chunk)
 
 
 @contextmanager

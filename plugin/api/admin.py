@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, request
 
 from .volume_driver import domain
 
-from .. import names, stream
+from .. import names
 from ..compression import compression
 from ..errors import InvalidRequest, PluginError, VolumeBusy
 from ..history import Replication
@@ -111,8 +111,7 @@ def send() -> Response:
     the stream starts are JSON replies, later ones end the stream with an abort frame."""
     body = docker_request()
     transfer = domain().transfers.send(required(body, "Volume"), body.get("Snapshot"), body.get("Since"),
-                                       compression=body.get("Compression"),
-                                       format=body.get("Format", stream.FORMAT))
+                                       compression=body.get("Compression"), format=body.get("Format"))
     headers = {"X-Snapvol-Snapshot": transfer.header["snapshot"],
                "X-Snapvol-Base": transfer.header["base"] or ""}
     return Response(transfer, mimetype=STREAM_TYPE, headers=headers)
