@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from . import compression as compressions, names, options, stream
+from . import compression as compressions, names, options, splicing, stream
 from .client import kernel_mover
 from .backends.base import Backend
 from .errors import (CommandFailed, InvalidName, InvalidOption, InvalidRequest, PluginError, SnapshotNotFound,
@@ -370,6 +371,50 @@ class Transfer:
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from stream.encode(self.header, stream.prefetch(self._native()), format=self._format)
+            self._complete = True
+        finally:
+            self.close()
+
+    def into(self, sock: socket.socket, *, timeout: float | None = None,
+             progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
+        """The stream for *sock*, which must carry it as it is (no chunked HTTP encoding):
+        the caller sends what this yields, in order, and this writes the rest into *sock*
+        itself. Its first item is the stream's beginning, so a WSGI server sends its headers
+        before anything is written here. An uncompressed format 3 stream yields only that: its
+        data goes from the native sender's pipe into *sock* by splice(2) (see
+        :mod:`plugin.splicing`). Any other stream is all yielded (formats 1 and 2 check every
+        byte in Python). *progress* is told the bytes moved so far; *timeout*: seconds the
+        receiver may take nothing (a socket with a timeout).
+
+        :raises OSError: the socket broke or timed out (then the native sender is stopped).
+        """
+        if self._format != stream.NATIVE or self._compression is not None:
+            sent = 0
+            for chunk in self:
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent)
+                yield chunk
+            return
+        try:
+            start, check = stream.native_start(self.header)
+            self._child = Streaming(self._argv, feed=False)
+            with self._child:
+                yield start
+
+                def moved(total: int) -> None:
+                    self.bytes = total
+                    if progress is not None:
+                        progress(total)
+                total, frames = splicing.splice_frames(
+                    self._child.proc.stdout.fileno(), sock, stream.FRAME, stream.native_data_head,
+                    timeout=timeout, progress=moved)
+                try:
+                    self._child.finish()
+                except PluginError as exc:   # it failed: the receiver is told why (the X frame)
+                    sock.sendall(stream.abort_frame(str(exc)))
+                    raise
+                sock.sendall(stream.native_end(total, frames, check))
             self._complete = True
         finally:
             self.close()

@@ -107,13 +107,20 @@ def prune() -> Response:
 
 @bp.post("/Snapvol.Send")
 def send() -> Response:
-    """The framed stream of a snapshot as the (chunked) response body; errors found before
-    the stream starts are JSON replies, later ones end the stream with an abort frame."""
+    """The framed stream of a snapshot as the response body; errors found before the stream
+    starts are JSON replies, later ones end the stream with an abort frame.
+
+    To an HTTP/1.0 request (snapvol's CLI makes those) the body is the stream as it is, not
+    chunked, and the connection ends with it: then, under gunicorn, the stream writes its
+    data into the client's socket itself (``Transfer.into``: by splice(2) for format 3)."""
     body = docker_request()
     transfer = domain().transfers.send(required(body, "Volume"), body.get("Snapshot"), body.get("Since"),
                                        compression=body.get("Compression"), format=body.get("Format"))
     headers = {"X-Snapvol-Snapshot": transfer.header["snapshot"],
                "X-Snapvol-Base": transfer.header["base"] or ""}
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None and request.environ.get("SERVER_PROTOCOL") == "HTTP/1.0":
+        return Response(transfer.into(sock), mimetype=STREAM_TYPE, headers=headers)
     return Response(transfer, mimetype=STREAM_TYPE, headers=headers)
 
 

@@ -96,7 +96,7 @@ def test_a_target_that_reads_format_1_only_gets_format_1(domain, tmp_path, monke
     volume_with_text(domain)
     seen: list[dict] = []
 
-    def old_replica(self, where, volume, chunks):
+    def old_replica(self, where, volume, chunks, progress):
         reader = stream.Reader(io.BytesIO(b"".join(chunks)))
         header = reader.header()
         seen.append(header)
@@ -131,7 +131,7 @@ def test_a_target_that_reads_formats_1_and_2_only_gets_format_2(domain, tmp_path
     volume_with_text(domain)
     seen: list[dict] = []
 
-    def older_replica(self, where, volume, chunks):
+    def older_replica(self, where, volume, chunks, progress):
         reader = stream.Reader(io.BytesIO(b"".join(chunks)))
         header = reader.header()
         seen.append(header)
@@ -162,7 +162,7 @@ def test_a_target_without_xxhash_gets_crc32(domain, tmp_path, monkeypatch):
     volume_with_text(domain)
     seen: list[dict] = []
 
-    def no_xxhash(self, where, volume, chunks):
+    def no_xxhash(self, where, volume, chunks, progress):
         reader = stream.Reader(io.BytesIO(b"".join(chunks)))
         header = reader.header()
         seen.append(header)
