@@ -72,8 +72,9 @@ class Transfers:
         *compression* (``"zstd"``) compresses the native stream (:mod:`plugin.compression`);
         *format* None: 3 for a backend whose native streams check themselves
         (``checked_streams``) when not compressed, else 2; 2 makes a stream that a snapvol
-        reading formats 1 and 2 only reads, 1 one that snapvol 0.2 reads (no compression there); *check* (``"crc32"``) a
-        format 2 stream that a receiver without python3-xxhash reads.
+        reading formats 1 and 2 only reads, 1 one that snapvol 0.2 reads (no compression
+        there); *check* (``"crc32"``) a format 2 stream that a receiver without
+        python3-xxhash reads.
 
         :raises VolumeNotFound, SnapshotNotFound: as named.
         :raises VolumeBusy: as many transfers as allowed are already running (unless the

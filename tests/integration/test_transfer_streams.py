@@ -64,7 +64,8 @@ def test_full_then_incremental_in_each_packing(domain, backend, packing):
     domain.volumes.snapshot(["src"], "s1")
     full = sent(domain, "s1", **PACKINGS[packing])
     native = backend.checked_streams and packing == "default"    # format 3: Btrfs only
-    assert stream.Reader(io.BytesIO(full)).header()["format"] == PACKINGS[packing].get("format", 3 if native else 2)
+    wanted = PACKINGS[packing].get("format", 3 if native else 2)
+    assert stream.Reader(io.BytesIO(full)).header()["format"] == wanted
     domain.transfers.receive("dst", io.BytesIO(full))
     if isinstance(backend, FakeBackend):         # its received snapshots match nothing
         assert content(domain, "dst") == content(domain, "src")
