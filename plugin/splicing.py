@@ -13,12 +13,11 @@ import fcntl
 import os
 import select
 import socket
-import struct
-import termios
 from collections.abc import Callable
 
 _SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
 _SPLICE_F_MORE = getattr(os, "SPLICE_F_MORE", 4)
+_F_SETPIPE_SZ = 1031   # fcntl.F_SETPIPE_SZ (Linux)
 
 
 def splice_frames(source: int, sock: socket.socket, frame: int, head: Callable[[int], bytes], *,
@@ -27,39 +26,67 @@ def splice_frames(source: int, sock: socket.socket, frame: int, head: Callable[[
     """Move everything the pipe *source* gives, to its end, into *sock* as frames of at most
     *frame* bytes, each after ``head(length)``; return the bytes and frames moved.
 
-    A frame holds what the pipe holds when it is taken (FIONREAD): the payload is then in the
-    pipe already, so the length written ahead of it is the length that follows, whatever the
-    sender does next. Where the sender is the slower side the frames are short; where the
-    receiver is (btrfs receive costs about twice btrfs send), the pipe is full and so are
-    the frames. *sock* may have a timeout (it is then non-blocking): a receiver that takes
-    nothing for *timeout* seconds ends the stream with :class:`TimeoutError`.
+    A frame is gathered in a pipe of our own first (splice(2) between pipes moves page
+    references, it copies nothing): its length is then known before its head is written, and
+    frames are whole (*frame* bytes) even where the sender writes in small pieces, so every
+    later hop (the CLI's relay, the receiving plugin) handles few frames. A frame ends early
+    when the sender ends, or when our pipe has no slot left (pieces smaller than a page each
+    take one); it never waits for room in it, so it cannot wait on itself. *sock* may have
+    a timeout (it is then non-blocking): a receiver that takes nothing for *timeout* seconds
+    ends the stream with :class:`TimeoutError`.
 
     :raises OSError: the socket broke (the client went away) or splice(2) is not available.
     """
     total = frames = 0
-    count = bytearray(4)
     out = sock.fileno()
-    poller = select.poll()
-    poller.register(source, select.POLLIN)
-    while True:
-        poller.poll()                             # data, or the sender closed the pipe
-        fcntl.ioctl(source, termios.FIONREAD, count)
-        ready = min(struct.unpack("i", count)[0], frame)
-        if not ready:
-            return total, frames                  # woken with nothing to read: end of stream
-        sock.sendall(head(ready))
-        left = ready
-        while left:
-            try:
-                moved = os.splice(source, out, left, flags=_SPLICE_F_MOVE | _SPLICE_F_MORE)
-            except BlockingIOError:               # the socket is full (it has a timeout)
-                if not select.select([], [out], [], timeout)[1]:
-                    raise TimeoutError(f"the receiver took no data for {timeout:.0f} s") from None
-                continue
-            if not moved:                         # cannot be: FIONREAD said it is there
-                raise OSError("splice(2) moved nothing from a pipe that holds data")
-            left -= moved
-        total += ready
-        frames += 1
-        if progress is not None:
-            progress(total)
+    gathered, gathering = os.pipe()
+    try:
+        try:
+            fcntl.fcntl(gathering, _F_SETPIPE_SZ, frame)
+        except OSError:
+            pass       # above /proc/sys/fs/pipe-max-size: frames end when it is full
+        # non-blocking into our pipe: a splice that would wait (the sender has nothing yet,
+        # or our pipe is full) says so instead, and the poll below tells which
+        os.set_blocking(gathering, False)
+        waiting = select.poll()
+        waiting.register(source, select.POLLIN)
+        ended = False
+        while not ended:
+            filled = 0
+            while filled < frame:
+                try:
+                    moved = os.splice(source, gathering, frame - filled, flags=_SPLICE_F_MOVE)
+                except BlockingIOError:
+                    if filled and any(e & select.POLLIN for _, e in waiting.poll(0)):
+                        break                     # the sender has more: our pipe is full
+                    waiting.poll()                # wait for the sender (or its end)
+                    continue
+                if not moved:
+                    ended = True                  # the sender closed its end
+                    break
+                filled += moved
+            if filled:
+                sock.sendall(head(filled))
+                _splice_all(gathered, out, filled, timeout)
+                total += filled
+                frames += 1
+                if progress is not None:
+                    progress(total)
+        return total, frames
+    finally:
+        os.close(gathered)
+        os.close(gathering)
+
+
+def _splice_all(source: int, out: int, length: int, timeout: float | None) -> None:
+    """*length* bytes, which the pipe *source* holds, into the socket *out*."""
+    while length:
+        try:
+            moved = os.splice(source, out, length, flags=_SPLICE_F_MOVE | _SPLICE_F_MORE)
+        except BlockingIOError:                   # the socket is full (it has a timeout)
+            if not select.select([], [out], [], timeout)[1]:
+                raise TimeoutError(f"the receiver took no data for {timeout:.0f} s") from None
+            continue
+        if not moved:                             # cannot be: the pipe holds them
+            raise OSError("splice(2) moved nothing from a pipe that holds data")
+        length -= moved
