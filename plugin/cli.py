@@ -308,7 +308,8 @@ def run_send(args: argparse.Namespace, socket_path: str, stdout: TextIO, stderr:
         reader.header()
         # into a pipe (| snapvol receive, | ssh): the kernel moves the data, this checks the
         # frames and the end mark (the receiver checks every CRC); into a file, all is read
-        # and checked here, so a file that looks whole is whole
+        # and checked here, so a file that looks whole is whole (format 3: whole in its
+        # frames and counts; its data is checked by btrfs receive, command by command)
         move = None if args.output else kernel_mover(response.fp, out, 300, tee.advance)
         if move is not None:
             reader.relay(move)
