@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     send.add_argument("--compress", choices=("none", "zstd"), default=None,
                       help="compress the stream with zstd (for slow links, compressible data)")
-    send.add_argument("--format", type=int, choices=(1, 2), default=None,
-                      help="stream format: 2 (default), or 1 for a receiver running snapvol 0.2")
+    send.add_argument("--format", type=int, choices=(1, 2, 3), default=None, help="stream format: "
+                      "3 on Btrfs, else 2; 2 for a receiver reading 1 and 2 only, 1 for snapvol 0.2")
     send.set_defaults(run=run_send)
     recv = sub.add_parser("receive", parents=[common],
                           help="make a volume from a full stream, or update a replica with an "
@@ -306,8 +306,8 @@ def run_send(args: argparse.Namespace, socket_path: str, stdout: TextIO, stderr:
     try:
         reader.header()
         # into a pipe (| snapvol receive, | ssh): the kernel moves the data, this checks the
-        # frames and the end mark (the receiver checks every CRC); into a file, all is read
-        # and checked here, so a file that looks whole is whole
+        # frames and the end mark (the receiver checks every CRC); into a file, all is read and
+        # checked here, so a file that looks whole is whole (format 3: btrfs receive checks data)
         move = None if args.output else kernel_mover(response.fp, out, 300, tee.advance)
         if move is not None:
             reader.relay(move)

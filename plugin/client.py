@@ -99,7 +99,9 @@ def send_stream(path: str, volume: str, chunks: Iterable[bytes] | BinaryIO, *,
 
     *chunks* is the stream as bytes objects, or a binary file (``snapvol receive``'s input),
     which the kernel moves to the socket itself where it can (a pipe: splice(2); a regular
-    file: sendfile(2)): the bytes never pass through Python. *progress* is called with the
+    file: sendfile(2)): the bytes never pass through Python, or a plugin's running send (an
+    object with ``into(sock, timeout=, progress=)``, see ``plugin.transfers.Transfer``), which
+    writes into the socket itself what it does not yield. *progress* is called with the
     bytes given so far.
 
     :raises OSError: the socket cannot be reached.
@@ -116,6 +118,9 @@ def send_stream(path: str, volume: str, chunks: Iterable[bytes] | BinaryIO, *,
         try:
             if hasattr(chunks, "fileno"):
                 forward(chunks, sock, timeout, progress)
+            elif hasattr(chunks, "into"):
+                for chunk in chunks.into(sock, timeout=timeout, progress=progress):
+                    sock.sendall(chunk)
             else:
                 done = 0
                 for chunk in chunks:

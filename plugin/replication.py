@@ -29,7 +29,7 @@ from .targets import Target
 from .lifecycle import Lifecycle
 from .snapshot_names import REPL_PREFIX, unique_name
 from .ssh_client import SshClient
-from .transfers import Transfers
+from .transfers import Transfer, Transfers
 from .volumes import VolumeService
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Replicator:
             snapshot = names.snapshot_name(snapshot)
             attempt = 0
             # what the last attempt sent: base, token, format and compression
-            plan: dict[str, Any] = {"role": role, "format": stream.FORMAT,
+            plan: dict[str, Any] = {"role": role, "format": None,    # None: the best here
                                     "compression": self._compression if compression is None
                                     else compressions.compression(compression)}
             while True:
@@ -149,9 +149,13 @@ class Replicator:
                                         compression=plan["compression"], format=plan["format"],
                                         check=plan.get("check"))
         try:
-            reply = self._send_to(where, remote_name, _counted(transfer, progress))
+            reply = self._send_to(where, remote_name, transfer, progress)
         except TransferFailed as exc:
-            if plan["format"] != 1 and f"stream format {plan['format']} is not supported" in str(exc):
+            if f"stream format {stream.NATIVE} is not supported" in str(exc):
+                # a target that reads formats 1 and 2 only: the next attempt sends 2
+                log.info("%s reads stream formats 1 and 2: sending 2", label)
+                plan.update(format=stream.FORMAT)
+            elif plan["format"] != 1 and "stream format 2 is not supported" in str(exc):
                 # a target of snapvol 0.2 reads format 1 only (and knows no compression):
                 # the next attempt speaks its language
                 log.info("%s reads stream format 1 only: sending that", label)
@@ -236,16 +240,18 @@ class Replicator:
             return None
         return token if isinstance(token, str) and token else None
 
-    def _send_to(self, where: Target, volume: str, chunks: Iterable[bytes]) -> str:
+    def _send_to(self, where: Target, volume: str, transfer: Transfer,
+                 progress: Callable[[int], None] | None) -> str:
         if where.kind == "unix":
-            reply = send_stream(f"{where.socket}.stream", volume, chunks, timeout=self._timeout)
+            reply = send_stream(f"{where.socket}.stream", volume, transfer, timeout=self._timeout,
+                                progress=progress)
             if reply.get("Err"):
                 raise TransferFailed(f"{where}: {reply['Err']}")
             return f"received as {reply.get('Snapshot')}"
         argv = self._ssh(where, "receive", volume)
         with process.Streaming(argv, feed=True) as child, _Watchdog(child, self._timeout) as dog:
             try:
-                for chunk in chunks:
+                for chunk in _counted(transfer, progress):
                     child.proc.stdin.write(chunk)
                     dog.alive()
             except BrokenPipeError:

@@ -9,13 +9,16 @@ two across hosts.
 
 from __future__ import annotations
 
+import io
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from . import compression as compressions, names, options, stream
+from . import compression as compressions, names, options, splicing, stream
+from .client import kernel_mover
 from .backends.base import Backend
 from .errors import (CommandFailed, InvalidName, InvalidOption, InvalidRequest, PluginError, SnapshotNotFound,
                      VolumeInUse, VolumeNotFound)
@@ -57,7 +60,7 @@ class Transfers:
     def send(self, volume: object, snapshot: object = None, since: object = None, *,
              holding_slot: bool = False, resume_token: str | None = None,
              role: dict[str, Any] | None = None, compression: object = None,
-             format: int = stream.FORMAT, check: str | None = None) -> Transfer:
+             format: int | None = None, check: str | None = None) -> Transfer:
         """The framed stream of *volume*@*snapshot* (a snapshot taken now when None),
         incremental from *since*, as a :class:`Transfer` to iterate (and close). A snapshot
         taken here is the newest ``send-`` one once its stream is complete (the older ones
@@ -67,8 +70,11 @@ class Transfers:
         pinned (retention skips them) and no lock is held, so Docker's calls go on.
 
         *compression* (``"zstd"``) compresses the native stream (:mod:`plugin.compression`);
-        *format* 1 makes a stream that snapvol 0.2 reads (no compression there); *check*
-        (``"crc32"``) a format 2 stream that a receiver without python3-xxhash reads.
+        *format* None: 3 for a backend whose native streams check themselves
+        (``checked_streams``) when not compressed, else 2; 2 makes a stream that a snapvol
+        reading formats 1 and 2 only reads, 1 one that snapvol 0.2 reads (no compression
+        there); *check* (``"crc32"``) a format 2 stream that a receiver without
+        python3-xxhash reads.
 
         :raises VolumeNotFound, SnapshotNotFound: as named.
         :raises VolumeBusy: as many transfers as allowed are already running (unless the
@@ -78,7 +84,9 @@ class Transfers:
         since = None if since is None else names.snapshot_name(since)
         if check is not None and check not in stream.CHECKS:
             raise InvalidRequest(f"unknown stream check {check!r}: use " + " or ".join(stream.CHECKS))
-        packing = _Packing(compressions.compression(compression), _format(format), check)
+        packed = compressions.compression(compression)
+        packing = _Packing(packed, _format(format, self._backend.checked_streams and packed is None),
+                           check)
         if snapshot is not None:
             return self._start(volume, names.snapshot_name(snapshot), since, holding_slot,
                                resume_token, lambda complete: None, role, packing)
@@ -124,7 +132,7 @@ class Transfers:
         packing = packing or _Packing(None, stream.FORMAT, None)
         if packing.compression:
             header["compression"] = packing.compression
-        if packing.check and packing.format != 1:
+        if packing.check and packing.format == 2:
             header["check"] = packing.check
 
         def done(complete: bool) -> None:
@@ -153,9 +161,11 @@ class Transfers:
         """
         return self._inflight.slot()
 
-    def receive(self, volume: object, source: Any) -> dict[str, Any]:
+    def receive(self, volume: object, source: Any, *, idle: float = 120.0) -> dict[str, Any]:
         """Read a framed stream from *source* (a binary file) into *volume*: a new volume from
-        a full stream, the replica brought up to date by an incremental one.
+        a full stream, the replica brought up to date by an incremental one. A format 3 stream
+        from a socket (a buffered reader of it) goes on to the native receiver by splice(2);
+        *idle*: seconds the socket may then stay silent.
 
         The stream is checked before anything is published: a truncated, corrupted or
         aborted stream, one for the other backend, or an incremental one whose base the
@@ -174,6 +184,10 @@ class Transfers:
         if header.get("backend") != self._backend.kind:
             raise StreamRefused(f"the stream is from a {header.get('backend')} volume; this "
                                 f"plugin stores volumes on {self._backend.kind}")
+        if reader.format == stream.NATIVE and not self._backend.checked_streams:
+            # format 3 has no check of ours: only a receiver that checks every byte may take it
+            raise StreamRefused(f"the stream (format 3) relies on the native receiver's checks, "
+                                f"which {self._backend.kind} here does not make; send format 2")
         try:
             snapshot = names.snapshot_name(header.get("snapshot"))
             opts = options.validate({k: v for k, v in (header.get("options") or {}).items()
@@ -197,10 +211,19 @@ class Transfers:
             try:
                 with self._backend.receiving(volume, snapshot, base, opts, resume=resume) as pipe, \
                         _unpacked(packed, pipe) as sink:
-                    for chunk in stream.prefetch(reader.data(hold_last=True)):
-                        sink.write(chunk)
+                    if reader.format == stream.NATIVE:
+                        _relay(reader, source, sink, idle)
+                    else:
+                        for chunk in stream.prefetch(reader.data(hold_last=True)):
+                            sink.write(chunk)
             except stream.StreamError as exc:
                 raise StreamRefused(f"{exc}; nothing was kept") from None
+            except CommandFailed as exc:
+                if reader.format != stream.NATIVE:
+                    raise
+                # format 3: the native receiver is the one that checks the data
+                raise StreamRefused(f"the native receiver refused the stream (damaged, or not "
+                                    f"a {self._backend.kind} stream): {exc}; nothing was kept") from None
             except (BrokenPipeError, ConnectionError) as exc:
                 raise StreamRefused(f"the receiver stopped early ({exc}); nothing was kept") from None
             if self.admitted is not None:
@@ -251,11 +274,31 @@ class _Packing:
     check: str | None
 
 
-def _format(raw: object) -> int:
+def _format(raw: object, native: bool) -> int:
+    """The stream format asked for (None: the best one here; *native*: format 3 is allowed)."""
+    if raw is None:
+        return stream.NATIVE if native else stream.FORMAT
     if raw not in stream.FORMATS or isinstance(raw, bool):
         raise InvalidRequest(f"unknown stream format {raw!r}: use "
                              + " or ".join(map(str, stream.FORMATS)))
+    if raw == stream.NATIVE and not native:
+        raise InvalidRequest("stream format 3 is for uncompressed streams that check themselves "
+                             "(Btrfs): use 1 or 2")
     return int(raw)  # type: ignore[call-overload]
+
+
+def _relay(reader: stream.Reader, source: Any, sink: BinaryIO, idle: float) -> None:
+    """A format 3 stream's data into *sink*: spliced from the socket under *source* where it
+    is one (the stream socket's buffered reader; the HTTP body is not), else read and written.
+    The structure is checked either way (:meth:`stream.Reader.relay`); the data is checked by
+    the native receiver, and nothing is published before the end mark checked out."""
+    move = kernel_mover(source, sink, idle, lambda moved: None) \
+        if isinstance(source, io.BufferedReader) else None
+    if move is not None:
+        reader.relay(move)
+        return
+    for chunk in reader.data(hold_last=False):
+        sink.write(chunk)
 
 
 @contextmanager
@@ -329,6 +372,50 @@ class Transfer:
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from stream.encode(self.header, stream.prefetch(self._native()), format=self._format)
+            self._complete = True
+        finally:
+            self.close()
+
+    def into(self, sock: socket.socket, *, timeout: float | None = None,
+             progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
+        """The stream for *sock*, which must carry it as it is (no chunked HTTP encoding):
+        the caller sends what this yields, in order, and this writes the rest into *sock*
+        itself. Its first item is the stream's beginning, so a WSGI server sends its headers
+        before anything is written here. An uncompressed format 3 stream yields only that: its
+        data goes from the native sender's pipe into *sock* by splice(2) (see
+        :mod:`plugin.splicing`). Any other stream is all yielded (formats 1 and 2 check every
+        byte in Python). *progress* is told the bytes moved so far; *timeout*: seconds the
+        receiver may take nothing (a socket with a timeout).
+
+        :raises OSError: the socket broke or timed out (then the native sender is stopped).
+        """
+        if self._format != stream.NATIVE or self._compression is not None:
+            sent = 0
+            for chunk in self:
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent)
+                yield chunk
+            return
+        try:
+            start, check = stream.native_start(self.header)
+            self._child = Streaming(self._argv, feed=False)
+            with self._child:
+                yield start
+
+                def moved(total: int) -> None:
+                    self.bytes = total
+                    if progress is not None:
+                        progress(total)
+                total, frames = splicing.splice_frames(
+                    self._child.proc.stdout.fileno(), sock, stream.FRAME, stream.native_data_head,
+                    timeout=timeout, progress=moved)
+                try:
+                    self._child.finish()
+                except PluginError as exc:   # it failed: the receiver is told why (the X frame)
+                    sock.sendall(stream.abort_frame(str(exc)))
+                    raise
+                sock.sendall(stream.native_end(total, frames, check))
             self._complete = True
         finally:
             self.close()

@@ -181,6 +181,7 @@ class FakeBackend:
 
     # Streams are tar archives of the snapshot directory here (the real ones: btrfs/zfs send).
     resumable: ClassVar[bool] = False
+    checked_streams: ClassVar[bool] = False   # its "native" streams carry no check of their own
 
     def resume_token(self, volume: str) -> str | None:
         return None

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, request
 
 from .volume_driver import domain
 
-from .. import names, stream
+from .. import names
 from ..compression import compression
 from ..errors import InvalidRequest, PluginError, VolumeBusy
 from ..history import Replication
@@ -107,14 +107,20 @@ def prune() -> Response:
 
 @bp.post("/Snapvol.Send")
 def send() -> Response:
-    """The framed stream of a snapshot as the (chunked) response body; errors found before
-    the stream starts are JSON replies, later ones end the stream with an abort frame."""
+    """The framed stream of a snapshot as the response body; errors found before the stream
+    starts are JSON replies, later ones end the stream with an abort frame.
+
+    To an HTTP/1.0 request (snapvol's CLI makes those) the body is the stream as it is, not
+    chunked, and the connection ends with it: then, under gunicorn, the stream writes its
+    data into the client's socket itself (``Transfer.into``: by splice(2) for format 3)."""
     body = docker_request()
     transfer = domain().transfers.send(required(body, "Volume"), body.get("Snapshot"), body.get("Since"),
-                                       compression=body.get("Compression"),
-                                       format=body.get("Format", stream.FORMAT))
+                                       compression=body.get("Compression"), format=body.get("Format"))
     headers = {"X-Snapvol-Snapshot": transfer.header["snapshot"],
                "X-Snapvol-Base": transfer.header["base"] or ""}
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None and request.environ.get("SERVER_PROTOCOL") == "HTTP/1.0":
+        return Response(transfer.into(sock), mimetype=STREAM_TYPE, headers=headers)
     return Response(transfer, mimetype=STREAM_TYPE, headers=headers)
 
 
@@ -160,11 +166,18 @@ def replicate() -> Response:
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
     events: queue.Queue[dict[str, object]] = queue.Queue()
+    last = [0.0]
+
+    def progress(sent: int) -> None:
+        # called for every frame: wake the thread that writes the lines only as often as
+        # it writes one (each wake-up is a context switch, on a machine the transfer keeps busy)
+        if time.monotonic() - last[0] >= 0.5:
+            last[0] = time.monotonic()
+            events.put({"Bytes": sent})
 
     def work() -> None:
         try:
-            run = replicator.replicate(volume, target, body.get("Snapshot"),
-                                       progress=lambda n: events.put({"Bytes": n}),
+            run = replicator.replicate(volume, target, body.get("Snapshot"), progress=progress,
                                        remote_name=body.get("As"),
                                        compression=body.get("Compression"))
             events.put({"Err": "", "Replication": _replication(run)})
@@ -177,15 +190,11 @@ def replicate() -> Response:
     threading.Thread(target=work, name="snapvol-replicate", daemon=True).start()
 
     def lines() -> Iterator[bytes]:
-        shown = 0.0
         while True:
             event = events.get()
+            yield json.dumps(event).encode() + b"\n"
             if "Err" in event:
-                yield json.dumps(event).encode() + b"\n"
                 return
-            if time.monotonic() - shown >= 0.5:
-                shown = time.monotonic()
-                yield json.dumps(event).encode() + b"\n"
 
     return Response(lines(), mimetype="application/x-ndjson")
 

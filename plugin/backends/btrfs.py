@@ -43,6 +43,9 @@ class BtrfsBackend:
     clones_need_origin: ClassVar[bool] = False   # a snapshot of a snapshot shares no history
     atomic_snapshots: ClassVar[bool] = False   # one ioctl per subvolume: pause writers instead
     resumable: ClassVar[bool] = False          # an interrupted btrfs receive starts again
+    # every command of a btrfs stream carries a CRC32C that btrfs receive checks, and a
+    # stream is received into staging, published only once the end mark checked out
+    checked_streams: ClassVar[bool] = True
     compressions: frozenset[str] = frozenset({"zstd", "lzo", "zlib", "none"})
 
     def __init__(self, root: Path) -> None:

@@ -69,7 +69,13 @@ class Receiver:
         inbox.mkdir(mode=0o700)
         try:
             with process.Streaming(["btrfs", "receive", str(inbox)], feed=True) as child:
-                yield child.proc.stdin   # type: ignore[misc]
+                try:
+                    yield child.proc.stdin   # type: ignore[misc]
+                except BrokenPipeError:
+                    # it stopped reading: its status and stderr say why (a command that
+                    # fails its CRC32C, a stream that is not one), not the broken pipe
+                    child.finish(timeout=_RECEIVE_TIMEOUT)
+                    raise
                 child.finish(timeout=_RECEIVE_TIMEOUT)
             received = inbox / snapshot
             if not self._layout.is_ours(received):

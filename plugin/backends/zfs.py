@@ -58,6 +58,7 @@ class ZfsBackend:
         self._receiver = Receiver(self._zfs, self._layout)
         self.atomic_snapshots = self._zfs.atomic_snapshots
         self.resumable = self._zfs.resumable
+        self.checked_streams = False     # format 2: our check runs over zfs streams
         self.compressions: frozenset[str] = frozenset()
         self._facts: dict[str, Any] = {}
 

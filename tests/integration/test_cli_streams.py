@@ -1,7 +1,9 @@
 """`snapvol send | snapvol receive` between two real plugin processes (gunicorn, Btrfs in
-their embedded pool images): the stream goes out over HTTP/1.0 and is relayed by splice(2)
-in `snapvol send`, forwarded by splice(2) in `snapvol receive`, with and without zstd, and
-a stream cut on its way is refused with nothing left."""
+their embedded pool images): the stream goes out over HTTP/1.0 (format 3: spliced by the
+sending plugin into the socket) and is relayed by splice(2) in `snapvol send`, forwarded by
+splice(2) in `snapvol receive`, with and without zstd, and in each format; a stream cut on
+its way is refused with nothing left; `snapvol replicate` from plugin to plugin, full and
+incremental."""
 
 from __future__ import annotations
 
@@ -67,7 +69,8 @@ def volume_path(plugin: PluginProcess, name: str) -> Path:
     return Path(reply["Mountpoint"])
 
 
-@pytest.mark.parametrize("extra", [(), ("--compress", "zstd")], ids=["plain", "zstd"])
+@pytest.mark.parametrize("extra", [(), ("--compress", "zstd"), ("--format", "2"), ("--format", "1")],
+                         ids=["plain", "zstd", "format2", "format1"])
 def test_send_into_receive(pair, extra):
     source, replica = pair
     assert source.call("VolumeDriver.Create", {"Name": "db"})[0] == 200
@@ -87,3 +90,20 @@ def test_a_stream_cut_on_its_way_is_refused_and_leaves_nothing(pair):
     code, said = through(source, replica, "db@s1", "copy", cut=(2 << 20) + 12345)
     assert code == 2 and "truncated" in said, said
     assert replica.call("VolumeDriver.List", {})[1]["Volumes"] == []
+
+
+def test_replicate_from_plugin_to_plugin(pair):
+    source, replica = pair
+    assert source.call("VolumeDriver.Create", {"Name": "db"})[0] == 200
+    table = volume_path(source, "db") / "table"
+    table.write_bytes(os.urandom(5 << 20))
+    for snapshot in ("s1", "s2"):                         # full, then incremental
+        if snapshot == "s2":
+            table.write_bytes(table.read_bytes()[:1 << 20] + b"changed")
+        assert source.call("Snapvol.SnapshotCreate", {"Volumes": ["db"], "Name": snapshot})[0] == 200
+        proc = snapvol(source, "replicate", "db", f"unix://{replica.socket}", "--as", "copy",
+                       "--snapshot", snapshot, stdout=subprocess.PIPE)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (out + err).decode()
+        assert (volume_path(replica, "copy") / "table").read_bytes() == table.read_bytes()
+        replica.call("VolumeDriver.Unmount", {"Name": "copy", "ID": "test"})

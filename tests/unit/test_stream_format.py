@@ -1,4 +1,5 @@
 """Stream format 2 (per-frame running CRC): damage is found, and found at the frame it is in;
+format 3 (Btrfs: no check of ours over the data) finds all damage outside the native data;
 format 1 streams (snapvol 0.2) are still read, and written on request."""
 
 from __future__ import annotations
@@ -143,6 +144,68 @@ def _with_check(raw: bytes, name: str) -> bytes:
 
 
 def test_an_unknown_format_names_the_ones_read():
-    with pytest.raises(stream.StreamError, match=r"stream format 3 is not supported \(this snapvol reads formats 1, 2\)"):
-        read(encoded(header={**HEADER, "format": 3}))
+    with pytest.raises(stream.StreamError, match=r"stream format 4 is not supported \(this snapvol reads formats 1, 2, 3\)"):
+        read(encoded(header={**HEADER, "format": 4}))
 
+
+
+def native_frames(raw: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """(beginning: magic, header frame and its CRC; [data frames]; end frame) of format 3."""
+    at = len(stream.MAGIC)
+    head_end = at + 5 + struct.unpack(">I", raw[at + 1:at + 5])[0] + 4
+    pos, found = head_end, []
+    while raw[pos:pos + 1] == b"D":
+        length = struct.unpack(">I", raw[pos + 1:pos + 5])[0]
+        found.append(raw[pos:pos + 5 + length])
+        pos += 5 + length
+    return raw[:head_end], found, raw[pos:]
+
+
+def relayed(raw: bytes) -> bytes:
+    """What Reader.relay moves on (the payloads, unread by it), after checking the rest."""
+    source = io.BytesIO(raw)
+    moved: list[bytes] = []
+    reader = stream.Reader(source)
+    reader.relay(lambda length: moved.append(source.read(length)))
+    return b"".join(moved)
+
+
+def test_format_3_round_trip_by_data_and_by_relay():
+    raw = encoded(fmt=stream.NATIVE)
+    head, data_frames, end = native_frames(raw)
+    assert len(data_frames) == 4 and len(end) == 5 + 16
+    assert len(raw) == len(DATA) + len(head) + 4 * 5 + len(end)      # no check in a frame
+    reader = stream.Reader(io.BytesIO(raw))
+    assert reader.header()["check"] == "native"
+    assert read(raw) == DATA and relayed(raw) == DATA
+
+
+@pytest.mark.parametrize("damage", ["header", "header check", "end bytes", "end frames",
+                                    "end check", "cut", "frame dropped", "frame repeated"])
+def test_format_3_damage_outside_the_native_data_is_found_by_data_and_by_relay(damage):
+    """The native receiver checks the data; everything else is ours to check."""
+    raw = encoded(fmt=stream.NATIVE)
+    head, data_frames, end = native_frames(raw)
+    flip = {"header": len(stream.MAGIC) + 20, "header check": len(head) - 2,
+            "end bytes": len(raw) - 10, "end frames": len(raw) - 6, "end check": len(raw) - 1}
+    if damage in flip:
+        bad = bytearray(raw)
+        bad[flip[damage]] ^= 0x04
+        bad = bytes(bad)
+    elif damage == "cut":
+        bad = head + b"".join(data_frames)
+    elif damage == "frame dropped":
+        bad = head + b"".join(data_frames[:1] + data_frames[2:]) + end
+    else:
+        bad = head + b"".join(data_frames[:2] + data_frames[1:]) + end
+    for how in (read, relayed):
+        with pytest.raises(stream.StreamError, match="corrupted|truncated"):
+            how(bad)
+
+
+def test_format_3_a_sender_failure_is_reported():
+    head, data_frames, _ = native_frames(encoded(fmt=stream.NATIVE))
+    bad = head + data_frames[0] + stream.abort_frame("btrfs send: No space left")
+    for how in (read, relayed):
+        with pytest.raises(stream.StreamError, match="the sender failed: btrfs send: No space left"):
+            how(bad)

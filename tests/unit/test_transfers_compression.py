@@ -96,7 +96,7 @@ def test_a_target_that_reads_format_1_only_gets_format_1(domain, tmp_path, monke
     volume_with_text(domain)
     seen: list[dict] = []
 
-    def old_replica(self, where, volume, chunks):
+    def old_replica(self, where, volume, chunks, progress):
         reader = stream.Reader(io.BytesIO(b"".join(chunks)))
         header = reader.header()
         seen.append(header)
@@ -120,6 +120,40 @@ def test_a_target_that_reads_format_1_only_gets_format_1(domain, tmp_path, monke
 
 
 @pytest.mark.skipif("xxh3" not in stream.CHECKS, reason="needs python3-xxhash")
+def test_a_target_that_reads_formats_1_and_2_only_gets_format_2(domain, tmp_path, monkeypatch):
+    """Where format 3 is the default (Btrfs), a replica that reads formats 1 and 2 only
+    refuses it in its own words; the next attempt sends format 2, still compressed."""
+    from plugin import replication
+    from plugin.errors import TransferFailed
+    from plugin.history import ReplicationLog
+
+    monkeypatch.setattr(domain.backend, "checked_streams", True)   # the fake, as Btrfs
+    volume_with_text(domain)
+    seen: list[dict] = []
+
+    def older_replica(self, where, volume, chunks, progress):
+        reader = stream.Reader(io.BytesIO(b"".join(chunks)))
+        header = reader.header()
+        seen.append(header)
+        if header["format"] == 3:
+            raise TransferFailed(f"{where}: stream format 3 is not supported "
+                                 "(this snapvol reads formats 1, 2)")
+        b"".join(reader.data())
+        return "received"
+
+    monkeypatch.setattr(replication.Replicator, "_send_to", older_replica)
+    monkeypatch.setattr(replication.Replicator, "_remote_snapshots", lambda self, where, volume: None)
+    monkeypatch.setattr(replication.time, "sleep", lambda s: None)
+    replicator = replication.Replicator(domain.volumes, domain.transfers, domain.lifecycle,
+                                        ReplicationLog(tmp_path / "r.json"))
+    try:
+        run = replicator.replicate("db", "unix:///nowhere/plugin.sock", "s1")
+    finally:
+        replicator.shutdown()
+    assert run.error is None and run.attempts == 2
+    assert [h["format"] for h in seen] == [3, 2]
+
+
 def test_a_target_without_xxhash_gets_crc32(domain, tmp_path, monkeypatch):
     from plugin import replication
     from plugin.errors import TransferFailed
@@ -128,7 +162,7 @@ def test_a_target_without_xxhash_gets_crc32(domain, tmp_path, monkeypatch):
     volume_with_text(domain)
     seen: list[dict] = []
 
-    def no_xxhash(self, where, volume, chunks):
+    def no_xxhash(self, where, volume, chunks, progress):
         reader = stream.Reader(io.BytesIO(b"".join(chunks)))
         header = reader.header()
         seen.append(header)
