@@ -23,6 +23,7 @@ from plugin.locks import VolumeLocks
 from plugin.mounts import MountTable
 from plugin.transfers import StreamRefused
 from tests.fakes import FakeBackend
+from tests.integration.receiving import receive_incremental
 
 PACKINGS = {"default": {}, "format2": {"format": 2}, "crc32": {"format": 2, "check": "crc32"},
             "zstd": {"compression": "zstd"}, "format1": {"format": 1}}
@@ -72,7 +73,7 @@ def test_full_then_incremental_in_each_packing(domain, backend, packing):
         return
     write(domain, "later", b"written after s1")
     domain.volumes.snapshot(["src"], "s2")
-    domain.transfers.receive("dst", io.BytesIO(sent(domain, "s2", "s1", **PACKINGS[packing])))
+    receive_incremental(domain, backend, "dst", sent(domain, "s2", "s1", **PACKINGS[packing]))
     assert content(domain, "dst") == content(domain, "src")
     assert [s.name for s in domain.volumes.snapshots("dst")] == ["s1", "s2"]
 
