@@ -333,10 +333,28 @@ def pipe_time(first: list[str] | subprocess.Popen, second_argv: list[str],
     return time.perf_counter() - started
 
 
+def settle(kind: str, pools: list[str]) -> None:
+    """Let the filesystems finish what earlier runs left them before the next timed run:
+    Btrfs cleans a deleted subvolume's extents in the background (`btrfs subvolume sync`
+    waits for that) and writes dirty pages back later. Without this the raw pipe's deletion
+    was billed to whichever run came next."""
+    for pool in pools:
+        if kind == "btrfs":
+            subprocess.run(["btrfs", "subvolume", "sync", pool], check=True, timeout=600,
+                           stdout=subprocess.DEVNULL)
+            subprocess.run(["btrfs", "filesystem", "sync", pool], check=True, timeout=600)
+    subprocess.run(["sync"], check=True, timeout=600)
+
+
 def replication_rows(source: Target, replica: PluginProcess, size_mb: int, changed_mb: int,
-                     base: Path, kind: str) -> list[str]:
+                     base: Path, kind: str, rounds: int = 3) -> list[str]:
     """Full send+receive through snapvol against the raw native pipe on the same snapshot,
-    an incremental stream against the bytes changed, and tar+gzip of the same volume."""
+    an incremental stream against the bytes changed, and tar+gzip of the same volume.
+
+    The three full transfers take turns, *rounds* times, each on settled filesystems: a
+    2-core machine's background work (writeback, another tenant) moves single runs by more
+    than the difference being measured, and taking turns puts that on all three alike. The
+    rows give the medians, their ratio, and each round's ratio."""
     name = f"repl{secrets.token_hex(3)}"
     source.call("VolumeDriver.Create", {"Name": name})
     path = source.call("VolumeDriver.Mount", {"Name": name, "ID": "bench"})["Mountpoint"]
@@ -344,36 +362,69 @@ def replication_rows(source: Target, replica: PluginProcess, size_mb: int, chang
     fill(path, size_mb << 20)
     source.call("Snapvol.SnapshotCreate", {"Volumes": [name], "Name": "s1"})
     size = size_mb << 20
-    # raw native pipe, on the same snapshot, into the replica's storage
-    if kind == "btrfs":
-        snap = Path(path).parent.parent / "snapshots" / name / "s1"
-        scratch = replica.state_dir / "pool" / "bench-raw"
-        scratch.mkdir()
-        # ...then committed, as snapvol's receive is when it makes the volume (a snapshot
-        # commits the transaction): both columns end with the data on disk
-        raw = pipe_time(["btrfs", "send", "-q", str(snap)], ["btrfs", "receive", "-q", str(scratch)],
-                        ["btrfs", "filesystem", "sync", str(scratch)])
-        btrfsutil.set_subvolume_read_only(str(scratch / "s1"), False)
-        btrfsutil.delete_subvolume(str(scratch / "s1"))
-        scratch.rmdir()
-    else:
+    snvol = str(REPO / ".venv" / "bin" / "snapvol")
+    pools = [str(Path(path).parent.parent), str(replica.state_dir / "pool")]
+
+    def raw_pipe() -> float:
+        """The native pipe, on the same snapshot, into the replica's storage."""
+        if kind == "btrfs":
+            snap = Path(path).parent.parent / "snapshots" / name / "s1"
+            scratch = replica.state_dir / "pool" / "bench-raw"
+            scratch.mkdir()
+            # ...then committed, as snapvol's receive is when it makes the volume (a snapshot
+            # commits the transaction): both columns end with the data on disk
+            took = pipe_time(["btrfs", "send", "-q", str(snap)], ["btrfs", "receive", "-q", str(scratch)],
+                             ["btrfs", "filesystem", "sync", str(scratch)])
+            btrfsutil.set_subvolume_read_only(str(scratch / "s1"), False)
+            btrfsutil.delete_subvolume(str(scratch / "s1"))
+            scratch.rmdir()
+            return took
         dataset = f"{source.zfs_root}/{name}@s1"
         target = f"{replica.env['SNAPVOL_ZFS_ROOT']}/benchraw"
         # ...then one property set (a transaction group sync), as snapvol's receive does
-        raw = pipe_time(["zfs", "send", dataset], ["zfs", "receive", "-u", target],
-                        ["zfs", "set", "canmount=noauto", target])
+        took = pipe_time(["zfs", "send", dataset], ["zfs", "receive", "-u", target],
+                         ["zfs", "set", "canmount=noauto", target])
         subprocess.run(["zfs", "destroy", "-r", target], check=True)
-    sender = cli(source.socket, "send", f"{name}@s1", stdout=subprocess.PIPE)
-    ours = pipe_time(sender, [str(REPO / ".venv" / "bin" / "snapvol"), "--socket", str(replica.socket),
-                              "receive", name])
-    # plugin to plugin: snapvol replicate to the second instance's socket (no CLI in the path)
-    started = time.perf_counter()
-    proc = cli(source.socket, "replicate", name, f"unix://{replica.socket}", "--as", f"{name}r",
-               "--snapshot", "s1", stdout=subprocess.DEVNULL)
-    if proc.wait() != 0:
-        raise RuntimeError(proc.stderr.read().decode())
-    direct = time.perf_counter() - started
-    replica.call("VolumeDriver.Remove", {"Name": f"{name}r"})
+        return took
+
+    def drop(volume: str) -> None:
+        """*volume* gone from the replica for good (not kept in its trash)."""
+        for endpoint, body in (("VolumeDriver.Remove", {"Name": volume}),
+                               ("Snapvol.TrashPurge", {"Volume": volume})):
+            status, reply = replica.call(endpoint, body)
+            if status != 200:
+                raise RuntimeError(f"{endpoint} {volume}: {reply}")
+
+    def through_cli() -> float:
+        """`snapvol send | snapvol receive`: the CLI relays between the two plugins."""
+        sender = cli(source.socket, "send", f"{name}@s1", stdout=subprocess.PIPE)
+        took = pipe_time(sender, [snvol, "--socket", str(replica.socket), "receive", f"{name}c"])
+        drop(f"{name}c")
+        return took
+
+    def replicate() -> float:
+        """Plugin to plugin: `snapvol replicate` to the second instance's socket (no CLI in
+        the data's path)."""
+        started = time.perf_counter()
+        proc = cli(source.socket, "replicate", name, f"unix://{replica.socket}", "--as", f"{name}r",
+                   "--snapshot", "s1", stdout=subprocess.DEVNULL)
+        if proc.wait() != 0:
+            raise RuntimeError(proc.stderr.read().decode())
+        took = time.perf_counter() - started
+        drop(f"{name}r")
+        return took
+
+    runs: dict[str, list[float]] = {"raw": [], "cli": [], "replicate": []}
+    for round_ in range(rounds):
+        print(f"bench: {source.label}: transfers, round {round_ + 1} of {rounds}...", file=sys.stderr)
+        for key, run in (("raw", raw_pipe), ("cli", through_cli), ("replicate", replicate)):
+            settle(kind, pools)
+            runs[key].append(run())
+    raw, ours, direct = (statistics.median(runs[k]) for k in ("raw", "cli", "replicate"))
+
+    def each(key: str) -> str:
+        ratios = [r / o * 100 for r, o in zip(runs["raw"], runs[key])]
+        return f"rounds: {', '.join(f'{x:.0f}' for x in ratios)} %"
     # incremental: a new file of changed_mb
     with open(f"{path}/changed", "wb") as f:
         f.write(os.urandom(changed_mb << 20))
@@ -395,13 +446,13 @@ def replication_rows(source: Target, replica: PluginProcess, size_mb: int, chang
     for snap in source.call("Snapvol.SnapshotList", {"Volume": name})["Snapshots"]:
         source.call("Snapvol.SnapshotRemove", {"Volume": name, "Snapshot": snap["name"]})
     source.call("VolumeDriver.Remove", {"Name": name})
-    replica.call("VolumeDriver.Remove", {"Name": name})
     mib = size / (1 << 20)
-    return [f"| {source.label}: full send + receive of {size_mb} MiB | {mib / ours:.0f} MiB/s "
-            f"({ours:.2f} s) | raw `{kind} send \\| {kind} receive`: {mib / raw:.0f} MiB/s ({raw:.2f} s) | "
-            f"{raw / ours * 100:.0f} % |",
+    return [f"| {source.label}: full `snapvol send \\| snapvol receive` of {size_mb} MiB, median of "
+            f"{rounds} | {mib / ours:.0f} MiB/s ({ours:.2f} s) | raw `{kind} send \\| {kind} receive`: "
+            f"{mib / raw:.0f} MiB/s ({raw:.2f} s) | {raw / ours * 100:.0f} % ({each('cli')}) |",
             f"| {source.label}: `snapvol replicate` of the same snapshot to a second instance | "
-            f"{mib / direct:.0f} MiB/s ({direct:.2f} s) | raw pipe as above | {raw / direct * 100:.0f} % |",
+            f"{mib / direct:.0f} MiB/s ({direct:.2f} s) | raw pipe as above | "
+            f"{raw / direct * 100:.0f} % ({each('replicate')}) |",
             f"| {source.label}: incremental stream after writing {changed_mb} MiB | "
             f"{inc / (1 << 20):.1f} MiB | changed: {changed_mb} MiB | {inc / (changed_mb << 20):.2f}x |",
             f"| {source.label}: `tar -cz` of the same volume | {mib / tgz:.0f} MiB/s ({tgz:.2f} s) | "
@@ -787,28 +838,43 @@ def scale_rows(base: Path, counts: list[int], repeat: int) -> list[str]:
                     f"| {(pss1 - pss0) * per:+.2f} |")
         target = Target("scale", process.socket, lambda name: None,
                         lambda: [process.pid, *descendants(process.pid)])
-        print(f"bench: scale: removing {made} volumes...", file=sys.stderr)
-        removing = []
-        for index in range(made):
-            name = f"s{index:05d}"
-            if index % 10 == 0:
-                target.call("VolumeDriver.Unmount", {"Name": name, "ID": f"scale{index}"})
-            removing.append(timed(lambda: target.call("VolumeDriver.Remove", {"Name": name})))
-        head, tail = removing[:max(1, len(removing) // 10)], removing[-max(1, len(removing) // 10):]
-        time.sleep(IDLE_AFTER)
-        rss, pss = memory_mib(target.pids())
+
+        def remove_and_purge(mounted: bool) -> tuple[list[float], list[float], tuple[float, float],
+                                                     tuple[float, float]]:
+            """Remove every volume (into the trash), then purge them one by one (a purge of
+            everything in one call outlasts any client timeout); the times of each, and the
+            memory after each."""
+            print(f"bench: scale: removing {made} volumes...", file=sys.stderr)
+            removing = []
+            for index in range(made):
+                name = f"s{index:05d}"
+                if mounted and index % 10 == 0:
+                    target.call("VolumeDriver.Unmount", {"Name": name, "ID": f"scale{index}"})
+                removing.append(timed(lambda: target.call("VolumeDriver.Remove", {"Name": name})))
+            time.sleep(IDLE_AFTER)
+            removed = memory_mib(target.pids())
+            print("bench: scale: purging the trash...", file=sys.stderr)
+            purging = [timed(lambda n=f"s{index:05d}": target.call("Snapvol.TrashPurge", {"Volume": n}))
+                       for index in range(made)]
+            time.sleep(IDLE_AFTER)
+            return removing, purging, removed, memory_mib(target.pids())
+
+        removing, purging, (rss, pss), purged = remove_and_purge(mounted=True)
         rows.append(f"| after removing them (kept in the trash) | {rss:.1f} | {pss:.1f} |")
-        print(f"bench: scale: {rows[-1]}; Remove {summary(head)} .. {summary(tail)}", file=sys.stderr)
-        print("bench: scale: purging the trash...", file=sys.stderr)
-        # one by one: a purge of everything in one call outlasts any client timeout
-        purging = [timed(lambda n=f"s{index:05d}": target.call("Snapvol.TrashPurge", {"Volume": n}))
-                   for index in range(made)]
+        rows.append(f"| after purging the trash | {purged[0]:.1f} | {purged[1]:.1f} |")
+        # a second round in the same process: is what stays a high-water mark that the next
+        # volumes reuse, or does each round add to it?
+        print(f"bench: scale: making {made} volumes again...", file=sys.stderr)
+        for index in range(made):
+            target.call("VolumeDriver.Create", {"Name": f"s{index:05d}"})
         time.sleep(IDLE_AFTER)
-        rss, pss = memory_mib(target.pids())
-        rows.append(f"| after purging the trash | {rss:.1f} | {pss:.1f} |")
+        again = memory_mib(target.pids())
+        *_, purged_again = remove_and_purge(mounted=False)
+        rows.append(f"| {made:,} made again, in the same process | {again[0]:.1f} | {again[1]:.1f} |")
+        rows.append(f"| ...removed and purged again | {purged_again[0]:.1f} | {purged_again[1]:.1f} |")
         tenth = max(1, made // 10)
-        rows += ["", f"Remove, ms (median / p95): first tenth {summary(head)}; last tenth "
-                 f"{summary(tail)} (the trash holding up to {made:,} volumes); trash purge, one "
+        rows += ["", f"Remove, ms (median / p95): first tenth {summary(removing[:tenth])}; last tenth "
+                 f"{summary(removing[-tenth:])} (the trash holding up to {made:,} volumes); trash purge, one "
                  f"by one: first tenth {summary(purging[:tenth])}, last tenth {summary(purging[-tenth:])}"]
     finally:
         if process._proc is not None:
@@ -1071,6 +1137,8 @@ def main() -> None:
     parser.add_argument("--snapshot-sizes", default="10,1024,4096", help="MiB of data")
     parser.add_argument("--replication-mb", type=int, default=1024, help="MiB sent (btrfs)")
     parser.add_argument("--zfs-replication-mb", type=int, default=1024, help="MiB sent (zfs)")
+    parser.add_argument("--replication-rounds", type=int, default=3,
+                        help="turns of raw pipe, send | receive and replicate (medians)")
     parser.add_argument("--no-zfs", action="store_true",
                         help="no zfs-fuse pool, no ZFS rows (a machine where another user owns ZFS)")
     parser.add_argument("--link-mb", type=float, default=30.0,
@@ -1141,7 +1209,8 @@ def main() -> None:
                 try:
                     replica.start()
                     rows = ["| measure | snapvol | alternative | ratio |", "|---|---|---|---|"]
-                    rows += replication_rows(snapvol, replica, args.replication_mb, 10, base, "btrfs")
+                    rows += replication_rows(snapvol, replica, args.replication_mb, 10, base, "btrfs",
+                                             args.replication_rounds)
                     rows += compression_rows(snapvol, replica, 256, args.link_mb, base)
                     if not args.no_zfs:
                         zpool = make_pool(base, size=4 << 30)
@@ -1150,7 +1219,8 @@ def main() -> None:
                                                   "SNAPVOL_LOG_LEVEL": "warning",
                                                   "SNAPVOL_RUN_DIR": str(base / "run" / "zr")})
                         zreplica.start()
-                        rows += replication_rows(zfs, zreplica, args.zfs_replication_mb, 10, base, "zfs")
+                        rows += replication_rows(zfs, zreplica, args.zfs_replication_mb, 10, base, "zfs",
+                                                 args.replication_rounds)
                     rows += ["", "While four replications hang on a target that never reads:", "",
                              "| measure | hanging | idle | |", "|---|---|---|---|"]
                     rows += latency_while_hanging(snapvol, base, args.repeat)
