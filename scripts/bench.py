@@ -872,6 +872,13 @@ def scale_rows(base: Path, counts: list[int], repeat: int) -> list[str]:
         *_, purged_again = remove_and_purge(mounted=False)
         rows.append(f"| {made:,} made again, in the same process | {again[0]:.1f} | {again[1]:.1f} |")
         rows.append(f"| ...removed and purged again | {purged_again[0]:.1f} | {purged_again[1]:.1f} |")
+        # what a new process holds with no volumes: the lever that gives it all back
+        stop_keeping_mounts(process)
+        start_seconds(process)
+        target._conn = None
+        time.sleep(IDLE_AFTER)
+        restarted = memory_mib(target.pids())
+        rows.append(f"| after a restart of the plugin | {restarted[0]:.1f} | {restarted[1]:.1f} |")
         tenth = max(1, made // 10)
         rows += ["", f"Remove, ms (median / p95): first tenth {summary(removing[:tenth])}; last tenth "
                  f"{summary(removing[-tenth:])} (the trash holding up to {made:,} volumes); trash purge, one "
