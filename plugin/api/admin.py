@@ -23,7 +23,8 @@ from ..targets import Target
 from ..trash import Trash
 from ..status import snapshot_row
 from ..units import rfc3339
-from ..verify import Verifier, VerifyResult
+from ..verify import Verifier
+from ..verify_book import VerifyResult
 from ..verify_spec import CheckSpec, parse_command, parse_image, parse_path, parse_timeout
 from .wire import docker_request, reply, required
 

@@ -28,6 +28,9 @@ FORBIDDEN = {  # module prefix -> imports it must never make
     # the trash's storage knows no volume, no lock and no backend: only its entries
     "plugin.trash_book": ("flask", "plugin.api", "plugin.backends", "plugin.volumes",
                           "plugin.trash", "plugin.locks"),
+    # the verification record knows no backend, no lock and no check: only its results
+    "plugin.verify_book": ("flask", "plugin.api", "plugin.backends", "plugin.volumes",
+                           "plugin.verify", "plugin.locks"),
     "plugin.mounts": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.process": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.pool": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
