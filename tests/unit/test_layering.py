@@ -61,6 +61,9 @@ FORBIDDEN = {  # module prefix -> imports it must never make
     "plugin.cli_freshness": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes",
                              "plugin.api", "plugin.observe", "plugin.metrics", "prometheus_client"),
     "plugin.cli": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
+    # below plugin.cli, which imports them
+    **{f"plugin.{m}": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api",
+                       "plugin.cli") for m in ("cli_exit", "cli_transfer")},
     "plugin.client": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
     "plugin.cli_render": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api",
                           "plugin.client", "plugin.cli"),
