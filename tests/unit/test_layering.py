@@ -24,6 +24,7 @@ FORBIDDEN = {  # module prefix -> imports it must never make
     # ZFS: libzfs_core or the CLI is decided in zfs_commands alone
     "plugin.backends.zfs": ("plugin.process", "libzfs_core"),
     "plugin.backends.zfs_layout": ("plugin.process", "libzfs_core"),
+    "plugin.backends.zfs_removal": ("plugin.process", "libzfs_core"),
     "plugin.backends.zfs_receive": ("libzfs_core",),
     # the trash's storage knows no volume, no lock and no backend: only its entries
     "plugin.trash_book": ("flask", "plugin.api", "plugin.backends", "plugin.volumes",
