@@ -12,7 +12,12 @@ import struct
 import pytest
 
 from plugin import stream
-from tests.unit.test_transfers import client, domain, receive, reencoded, sent  # noqa: F401 (fixtures)
+from tests.unit import test_transfers
+from tests.unit.test_transfers import receive, reencoded, sent
+
+# test_transfers' fixtures, bound here so pytest finds them (an assignment, not an import:
+# pyflakes would call every test's argument a redefinition of an unused import)
+client, domain = test_transfers.client, test_transfers.domain
 
 pytestmark = pytest.mark.skipif(shutil.which("zstd") is None, reason="needs zstd (Debian's zstd)")
 
