@@ -41,7 +41,7 @@ from .ssh_client import SshClient
 from .storage import open_backend
 from .domain import Domain
 from .trash_book import TrashBook
-from .verify import VerifyBook
+from .verify_book import VerifyBook
 from .verify_docker import DockerChecks, managed_driver
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
 # what `import plugin.cli` loads (checked by tests/unit/test_cli_bundle.py)
-MODULES = ("__init__", "cli", "cli_freshness", "cli_render", "cli_verify", "client", "freshness",
-           "stream", "units")
+MODULES = ("__init__", "cli", "cli_exit", "cli_freshness", "cli_render", "cli_transfer",
+           "cli_verify", "client", "freshness", "stream", "units")
 MAIN = "import sys\nfrom plugin.cli import entry_point\nsys.exit(entry_point())\n"
 
 

@@ -31,7 +31,8 @@ from .status import StatusView
 from .transfers import Transfers
 from .trash import Records, Trash
 from .trash_book import TrashBook
-from .verify import Checks, Verifier, VerifyBook
+from .verify import Checks, Verifier
+from .verify_book import VerifyBook
 from .volumes import VolumeService
 
 

@@ -26,7 +26,7 @@ from .schedules import schedule_of
 from .standby_common import seconds_of
 from .targets import Target
 from .units import parse_duration, rfc3339
-from .verify import PASSED, VerifyResult
+from .verify_book import PASSED, VerifyResult
 
 log = logging.getLogger(__name__)
 

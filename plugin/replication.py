@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -29,7 +29,7 @@ from .targets import Target
 from .lifecycle import Lifecycle
 from .snapshot_names import REPL_PREFIX, unique_name
 from .ssh_client import SshClient
-from .transfers import Transfer, Transfers
+from .transfers import Transfer, Transfers, counted
 from .volumes import VolumeService
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class Replicator:
         argv = self._ssh(where, "receive", volume)
         with process.Streaming(argv, feed=True) as child, _Watchdog(child, self._timeout) as dog:
             try:
-                for chunk in _counted(transfer, progress):
+                for chunk in counted(transfer, progress):
                     child.proc.stdin.write(chunk)
                     dog.alive()
             except BrokenPipeError:
@@ -346,15 +346,6 @@ class _Watchdog:
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
-
-
-def _counted(chunks: Iterable[bytes], progress: Callable[[int], None] | None) -> Iterator[bytes]:
-    sent = 0
-    for chunk in chunks:
-        sent += len(chunk)
-        if progress is not None:
-            progress(sent)
-        yield chunk
 
 
 def _now() -> datetime:

@@ -27,7 +27,7 @@ from .snapshot_names import is_automatic
 from .statefile import quarantined
 from .units import rfc3339
 from .known import KnownVolumes
-from .verify import VerifyBook, VerifyResult
+from .verify_book import VerifyBook, VerifyResult
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -390,12 +390,7 @@ class Transfer:
         :raises OSError: the socket broke or timed out (then the native sender is stopped).
         """
         if self._format != stream.NATIVE or self._compression is not None:
-            sent = 0
-            for chunk in self:
-                sent += len(chunk)
-                if progress is not None:
-                    progress(sent)
-                yield chunk
+            yield from counted(self, progress)
             return
         try:
             start, check = stream.native_start(self.header)
@@ -427,3 +422,14 @@ class Transfer:
         done, self._done = self._done, None
         if done is not None:
             done(self._complete)
+
+
+def counted(chunks: Iterable[bytes], progress: Callable[[int], None] | None) -> Iterator[bytes]:
+    """*chunks* as they are; *progress* (if any) is told the bytes passed on so far, before
+    each chunk is."""
+    sent = 0
+    for chunk in chunks:
+        sent += len(chunk)
+        if progress is not None:
+            progress(sent)
+        yield chunk

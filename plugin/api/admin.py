@@ -23,7 +23,8 @@ from ..targets import Target
 from ..trash import Trash
 from ..status import snapshot_row
 from ..units import rfc3339
-from ..verify import Verifier, VerifyResult
+from ..verify import Verifier
+from ..verify_book import VerifyResult
 from ..verify_spec import CheckSpec, parse_command, parse_image, parse_path, parse_timeout
 from .wire import docker_request, reply, required
 
@@ -175,19 +176,31 @@ def replicate() -> Response:
             last[0] = time.monotonic()
             events.put({"Bytes": sent})
 
-    def work() -> None:
+    def replicated() -> dict[str, object]:
+        run = replicator.replicate(volume, target, body.get("Snapshot"), progress=progress,
+                                   remote_name=body.get("As"),
+                                   compression=body.get("Compression"))
+        return {"Replication": _replication(run)}
+
+    return _event_lines(events, replicated, thread="snapvol-replicate",
+                        what=f"replication of {volume}")
+
+
+def _event_lines(events: queue.Queue[dict[str, object]], work: Callable[[], dict[str, object]],
+                 *, thread: str, what: str) -> Response:
+    """Run *work* in the thread named *thread* and reply with *events* as JSON lines, as
+    they come, up to the last: ``{"Err": "", **work()}``, or ``{"Err": ..., "Status": n}``
+    when it raised (*what* names it in the log when that is a bug of ours)."""
+    def run() -> None:
         try:
-            run = replicator.replicate(volume, target, body.get("Snapshot"), progress=progress,
-                                       remote_name=body.get("As"),
-                                       compression=body.get("Compression"))
-            events.put({"Err": "", "Replication": _replication(run)})
+            events.put({"Err": "", **work()})
         except PluginError as exc:
             events.put({"Err": str(exc), "Status": exc.http_status})
         except Exception:   # our bug: the traceback stays in the log
-            log.exception("replication of %s failed", volume)
+            log.exception("%s failed", what)
             events.put({"Err": "internal error in snapvol; see the plugin log", "Status": 500})
 
-    threading.Thread(target=work, name="snapvol-replicate", daemon=True).start()
+    threading.Thread(target=run, name=thread, daemon=True).start()
 
     def lines() -> Iterator[bytes]:
         while True:
@@ -343,24 +356,10 @@ def verify() -> Response:
         names.snapshot_name(snapshot)
     events: queue.Queue[dict[str, object]] = queue.Queue()
 
-    def work() -> None:
-        try:
-            result = verifier.verify(volume, snapshot, overrides,
-                                     progress=lambda step: events.put({"Step": step}))
-            events.put({"Err": "", "Verify": _verify_row(result)})
-        except PluginError as exc:
-            events.put({"Err": str(exc), "Status": exc.http_status})
-        except Exception:   # our bug: the traceback stays in the log
-            log.exception("verification of %s failed", volume)
-            events.put({"Err": "internal error in snapvol; see the plugin log", "Status": 500})
+    def verified() -> dict[str, object]:
+        result = verifier.verify(volume, snapshot, overrides,
+                                 progress=lambda step: events.put({"Step": step}))
+        return {"Verify": _verify_row(result)}
 
-    threading.Thread(target=work, name="snapvol-verify", daemon=True).start()
-
-    def lines() -> Iterator[bytes]:
-        while True:
-            event = events.get()
-            yield json.dumps(event).encode() + b"\n"
-            if "Err" in event:
-                return
-
-    return Response(lines(), mimetype="application/x-ndjson")
+    return _event_lines(events, verified, thread="snapvol-verify",
+                        what=f"verification of {volume}")

@@ -10,7 +10,8 @@ kept current by the operations here): Get, Path, Mount and List of mounted volum
 * :mod:`.zfs_commands`: each ZFS primitive, through libzfs_core or the ``zfs`` CLI, and why;
 * :mod:`.zfs_layout`: where volumes live in the pool, their ownership and options properties;
 * :mod:`.zfs_index`: the datasets and their properties in memory, and why it is never stale;
-* :mod:`.zfs_receive`: streams received into volumes, inboxes and resume tokens.
+* :mod:`.zfs_receive`: streams received into volumes, inboxes and resume tokens;
+* :mod:`.zfs_removal`: removal (clones promoted first) and what crashed operations left.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -30,12 +30,11 @@ from ..errors import (BackendError, BackendUnavailable, CommandFailed, Conflict,
 from .base import Capacity, Leftover, SnapshotInfo, Usage, VolumeInfo, snapshot_each
 from .zfs_commands import ZfsCommands
 from .zfs_layout import OWNER, Layout
-from .zfs_receive import INBOX, Receiver
+from .zfs_receive import Receiver
+from .zfs_removal import Remover
 
 log = logging.getLogger(__name__)
 
-# a full pool refuses property changes (ZFS keeps its slop space for destroys)
-_OUT_OF_SPACE = re.compile(r"out of space|no space left", re.IGNORECASE)
 _ROLLBACK_ROOM = 1 << 20          # below this, a rollback is refused before it destroys anything
 
 
@@ -56,6 +55,7 @@ class ZfsBackend:
                               lzc.lzc_exists if lzc is not None else None)
         self._index = self._layout.index
         self._receiver = Receiver(self._zfs, self._layout)
+        self._remover = Remover(self._zfs, self._layout, self._receiver)
         self.atomic_snapshots = self._zfs.atomic_snapshots
         self.resumable = self._zfs.resumable
         self.checked_streams = False     # format 2: our check runs over zfs streams
@@ -99,36 +99,10 @@ class ZfsBackend:
         self.finish_interrupted()
 
     def leftovers(self) -> list[Leftover]:
-        """What :meth:`finish_interrupted` would do, found without changing anything (from
-        a fresh listing: what a crashed operation left is not something the index saw)."""
-        found = []
-        for name, props in self._index.sync().items():
-            dataset = f"{self.root}/{name}"
-            if name.startswith(INBOX):
-                if not self._receiver.token(dataset):        # else: kept for a resume
-                    found.append(Leftover(name.removeprefix(INBOX),
-                                          f"{dataset}: an interrupted receive", "destroy it"))
-            elif props.get(OWNER) in ("creating", "removing"):
-                found.append(Leftover(name, f"{dataset}: left {props[OWNER]} by an interrupted "
-                                      "operation", "destroy it"))
-        return found
+        return self._remover.leftovers()
 
     def finish_interrupted(self) -> None:
-        """Destroy what crashed operations left: inboxes of receives that cannot resume,
-        datasets left "creating" or "removing"."""
-        for name, props in list(self._layout.children().items()):
-            if name.startswith(INBOX):
-                self._index.invalidate()         # aborted, destroyed or kept: listed again
-                self._receiver.drop_inbox(f"{self.root}/{name}", keep_resumable=True)
-            elif props.get(OWNER) in ("creating", "removing"):
-                log.info("destroying %s/%s left %s by an interrupted operation",
-                         self.root, name, props[OWNER])
-                try:
-                    if props[OWNER] == "removing":      # clones first, as destroy_volume does
-                        self._promote_clones(f"{self.root}/{name}")
-                    self._layout.destroy(f"{self.root}/{name}", mounted=props.get("mounted") == "yes")
-                except BackendError as exc:
-                    log.error("could not destroy %s/%s: %s", self.root, name, exc)
+        self._remover.finish_interrupted()
 
     def describe(self) -> dict[str, Any]:
         return {"root": self.root, "filesystem": "zfs", "mounts": str(self.mount_base), **self._facts}
@@ -261,74 +235,9 @@ class ZfsBackend:
         log.info("renamed volume %s to %s", name, new_name)
 
     def destroy_volume(self, name: str) -> None:
-        """Destroy the dataset and its snapshots; volumes cloned from one of them are
-        promoted first (they take over the snapshots they need), so they keep working.
-
-        The mark comes first: promoting moves snapshots away, so a kill after it must not
-        leave the volume visible without them; start-up finishes a marked removal. A volume
-        no client sees (an internal name: the trash's, a verification's clone) has its
-        clones promoted before the mark instead: nobody sees it lose snapshots, and a
-        promote refused on a full pool (zfs-fuse keeps no slop space for it) then changes
-        nothing, so the caller can give up cleanly and try again later."""
-        dataset = self._layout.owned(name)
-        child = names.stored_volume_name(name)
-        if names.is_internal(name):
-            self._promote_clones(dataset)
-        marked = False
-        try:
-            self._zfs.set(dataset, OWNER, "removing")       # invisible from here on
-            self._index.note(child, OWNER, "removing")
-            marked = True
-        except CommandFailed as exc:
-            if not _OUT_OF_SPACE.search(exc.stderr):
-                raise
-            # Removing a volume is how a user frees space on a full pool: without the mark,
-            # a crash from here leaves the volume visible, and a repeated Remove finishes it.
-            log.warning("pool full: removing volume %s without marking it first", name)
-        try:
-            try:
-                self._promote_clones(dataset)
-                self._layout.destroy(dataset, mounted=True)
-            except BackendError as exc:
-                if "clone" not in str(exc) and exc.errno != errno.EEXIST:
-                    raise
-                # a clone made behind the index's back refuses the destroy: the filesystem
-                # knows it, so re-sync once and promote it too
-                self._index.sync()
-                self._promote_clones(dataset)
-                self._layout.destroy(dataset, mounted=True)
-        except BackendError:
-            # refused (a promote out of space, a busy dataset): visible again, so that the
-            # Remove can be retried, never an invisible volume nobody can remove
-            if marked:
-                try:
-                    self._zfs.set(dataset, OWNER, "snapvol")
-                    self._index.note(child, OWNER, "snapvol")
-                except BackendError as exc:
-                    log.error("volume %s stays marked for removal (the next start finishes "
-                              "it): %s", name, exc)
-            raise
-        log.info("removed volume %s", name)
-
-    def _promote_clones(self, dataset: str) -> None:
-        """Promote the volumes cloned from snapshots of *dataset*, found in the index (no
-        listing of every dataset); after each promote, the datasets whose origin it moved
-        are read again (one ``zfs get`` each: the clones of *dataset*, not all volumes)."""
-        prefix = self.root + "/"
-        for _ in range(1000):   # each promote moves at least one snapshot away from dataset
-            children = self._layout.children()
-            clones = sorted(child for child, p in children.items()
-                            if p.get("origin", "").startswith(dataset + "@")
-                            and p.get(OWNER) == "snapvol")
-            if not clones:
-                return
-            self._zfs.promote(prefix + clones[0])
-            log.info("promoted %s%s: it no longer depends on %s, which is being removed",
-                     prefix, clones[0], dataset)
-            # the promoted clone takes over the origin snapshot and those before it: its
-            # origin, the old origin's, and those of the other clones of them change
-            for child in {dataset.removeprefix(prefix), *clones}:
-                self._index.refresh(child)
+        """Clones of its snapshots are promoted first, the removal is marked before anything
+        moves (see :meth:`.zfs_removal.Remover.destroy_volume`)."""
+        self._remover.destroy_volume(name)
 
     # ------------------------------------------------------------------ snapshots
 

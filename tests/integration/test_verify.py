@@ -20,7 +20,8 @@ from plugin.locks import VolumeLocks
 from plugin.mounts import MountTable
 from plugin.scheduler import Scheduler
 from plugin.trash_book import TrashBook
-from plugin.verify import ERROR, FAILED, PASSED, Outcome, Use, VerifyBook
+from plugin.verify import Outcome, Use
+from plugin.verify_book import ERROR, FAILED, PASSED, VerifyBook
 from plugin.verify_docker import CheckCannotRun
 
 T0 = datetime(2026, 12, 1, tzinfo=timezone.utc)

@@ -310,7 +310,7 @@ def test_a_remove_the_filesystem_refuses_leaves_the_volume_visible_to_retry(back
 
     def refused(dataset):
         raise CommandFailed(["zfs", "promote", "x"], 1, "cannot promote 'x': out of space")
-    monkeypatch.setattr(backend, "_promote_clones", refused)
+    monkeypatch.setattr(backend._remover, "promote_clones", refused)
     with pytest.raises(BackendError, match="out of space"):
         backend.destroy_volume("v1")
     assert [v.name for v in backend.volumes()] == ["v1"] and backend.leftovers() == []

@@ -24,10 +24,14 @@ FORBIDDEN = {  # module prefix -> imports it must never make
     # ZFS: libzfs_core or the CLI is decided in zfs_commands alone
     "plugin.backends.zfs": ("plugin.process", "libzfs_core"),
     "plugin.backends.zfs_layout": ("plugin.process", "libzfs_core"),
+    "plugin.backends.zfs_removal": ("plugin.process", "libzfs_core"),
     "plugin.backends.zfs_receive": ("libzfs_core",),
     # the trash's storage knows no volume, no lock and no backend: only its entries
     "plugin.trash_book": ("flask", "plugin.api", "plugin.backends", "plugin.volumes",
                           "plugin.trash", "plugin.locks"),
+    # the verification record knows no backend, no lock and no check: only its results
+    "plugin.verify_book": ("flask", "plugin.api", "plugin.backends", "plugin.volumes",
+                           "plugin.verify", "plugin.locks"),
     "plugin.mounts": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.process": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.pool": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
@@ -58,6 +62,9 @@ FORBIDDEN = {  # module prefix -> imports it must never make
     "plugin.cli_freshness": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes",
                              "plugin.api", "plugin.observe", "plugin.metrics", "prometheus_client"),
     "plugin.cli": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
+    # below plugin.cli, which imports them
+    **{f"plugin.{m}": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api",
+                       "plugin.cli") for m in ("cli_exit", "cli_transfer")},
     "plugin.client": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api"),
     "plugin.cli_render": ("flask", "btrfsutil", "plugin.backends", "plugin.volumes", "plugin.api",
                           "plugin.client", "plugin.cli"),

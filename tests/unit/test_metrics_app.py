@@ -138,7 +138,7 @@ def test_standbys_and_replicate_targets_carry_their_cadence(tmp_path: Path):
 def test_validated_restores_are_metrics_of_their_last_result_and_last_success(tmp_path: Path):
     """A volume with verify= carries its interval; its last verification's end and whether
     it failed, and the end of its last one that passed (the batch-job pattern)."""
-    from plugin.verify import FAILED, PASSED, VerifyBook, VerifyResult
+    from plugin.verify_book import FAILED, PASSED, VerifyBook, VerifyResult
 
     domain = Domain.assemble(FakeBackend(tmp_path / "root"), MountTable(tmp_path / "mounts.json"),
                              VolumeLocks(0.5), verify_book=VerifyBook(tmp_path / "verify.json"))

@@ -12,7 +12,12 @@ import struct
 import pytest
 
 from plugin import stream
-from tests.unit.test_transfers import client, domain, receive, reencoded, sent  # noqa: F401 (fixtures)
+from tests.unit import test_transfers
+from tests.unit.test_transfers import receive, reencoded, sent
+
+# test_transfers' fixtures, bound here so pytest finds them (an assignment, not an import:
+# pyflakes would call every test's argument a redefinition of an unused import)
+client, domain = test_transfers.client, test_transfers.domain
 
 pytestmark = pytest.mark.skipif(shutil.which("zstd") is None, reason="needs zstd (Debian's zstd)")
 
@@ -86,35 +91,45 @@ def test_format_1_on_request(client, domain):
     assert response.status_code == 400
 
 
-def test_a_target_that_reads_format_1_only_gets_format_1(domain, tmp_path, monkeypatch):
-    """A replica of snapvol 0.2 refuses format 2 with its own words; the next attempt sends
-    format 1, uncompressed (0.2 knows no compression)."""
+def replicate_to_replica(domain, tmp_path, monkeypatch, refusal, **options):
+    """Replicate db@s1 (with the Replicator's *options*) to an in-process replica that reads
+    every stream and refuses it in the words ``refusal(header)`` returns, if any; the run and
+    the headers the replica saw."""
     from plugin import replication
     from plugin.errors import TransferFailed
     from plugin.history import ReplicationLog
 
-    volume_with_text(domain)
     seen: list[dict] = []
 
-    def old_replica(self, where, volume, chunks, progress):
+    def replica(self, where, volume, chunks, progress):
         reader = stream.Reader(io.BytesIO(b"".join(chunks)))
         header = reader.header()
         seen.append(header)
-        if header["format"] != 1:
-            raise TransferFailed(f"{where}: stream format {header['format']} is not supported "
-                                 "(this snapvol reads format 1)")
+        refused = refusal(header)
+        if refused:
+            raise TransferFailed(f"{where}: {refused}")
         b"".join(reader.data())
         return "received"
 
-    monkeypatch.setattr(replication.Replicator, "_send_to", old_replica)
+    monkeypatch.setattr(replication.Replicator, "_send_to", replica)
     monkeypatch.setattr(replication.Replicator, "_remote_snapshots", lambda self, where, volume: None)
     monkeypatch.setattr(replication.time, "sleep", lambda s: None)
     replicator = replication.Replicator(domain.volumes, domain.transfers, domain.lifecycle,
-                                        ReplicationLog(tmp_path / "r.json"), compression="zstd")
+                                        ReplicationLog(tmp_path / "r.json"), **options)
     try:
-        run = replicator.replicate("db", "unix:///nowhere/plugin.sock", "s1")
+        return replicator.replicate("db", "unix:///nowhere/plugin.sock", "s1"), seen
     finally:
         replicator.shutdown()
+
+
+def test_a_target_that_reads_format_1_only_gets_format_1(domain, tmp_path, monkeypatch):
+    """A replica of snapvol 0.2 refuses format 2 with its own words; the next attempt sends
+    format 1, uncompressed (0.2 knows no compression)."""
+    volume_with_text(domain)
+    run, seen = replicate_to_replica(
+        domain, tmp_path, monkeypatch, compression="zstd",
+        refusal=lambda header: None if header["format"] == 1 else
+        f"stream format {header['format']} is not supported (this snapvol reads format 1)")
     assert run.error is None and run.attempts == 2
     assert [(h["format"], h.get("compression")) for h in seen] == [(2, "zstd"), (1, None)]
 
@@ -123,62 +138,20 @@ def test_a_target_that_reads_format_1_only_gets_format_1(domain, tmp_path, monke
 def test_a_target_that_reads_formats_1_and_2_only_gets_format_2(domain, tmp_path, monkeypatch):
     """Where format 3 is the default (Btrfs), a replica that reads formats 1 and 2 only
     refuses it in its own words; the next attempt sends format 2, still compressed."""
-    from plugin import replication
-    from plugin.errors import TransferFailed
-    from plugin.history import ReplicationLog
-
     monkeypatch.setattr(domain.backend, "checked_streams", True)   # the fake, as Btrfs
     volume_with_text(domain)
-    seen: list[dict] = []
-
-    def older_replica(self, where, volume, chunks, progress):
-        reader = stream.Reader(io.BytesIO(b"".join(chunks)))
-        header = reader.header()
-        seen.append(header)
-        if header["format"] == 3:
-            raise TransferFailed(f"{where}: stream format 3 is not supported "
-                                 "(this snapvol reads formats 1, 2)")
-        b"".join(reader.data())
-        return "received"
-
-    monkeypatch.setattr(replication.Replicator, "_send_to", older_replica)
-    monkeypatch.setattr(replication.Replicator, "_remote_snapshots", lambda self, where, volume: None)
-    monkeypatch.setattr(replication.time, "sleep", lambda s: None)
-    replicator = replication.Replicator(domain.volumes, domain.transfers, domain.lifecycle,
-                                        ReplicationLog(tmp_path / "r.json"))
-    try:
-        run = replicator.replicate("db", "unix:///nowhere/plugin.sock", "s1")
-    finally:
-        replicator.shutdown()
+    run, seen = replicate_to_replica(
+        domain, tmp_path, monkeypatch,
+        refusal=lambda header: "stream format 3 is not supported (this snapvol reads formats 1, 2)"
+        if header["format"] == 3 else None)
     assert run.error is None and run.attempts == 2
     assert [h["format"] for h in seen] == [3, 2]
 
 
 def test_a_target_without_xxhash_gets_crc32(domain, tmp_path, monkeypatch):
-    from plugin import replication
-    from plugin.errors import TransferFailed
-    from plugin.history import ReplicationLog
-
     volume_with_text(domain)
-    seen: list[dict] = []
-
-    def no_xxhash(self, where, volume, chunks, progress):
-        reader = stream.Reader(io.BytesIO(b"".join(chunks)))
-        header = reader.header()
-        seen.append(header)
-        if header["check"] != "crc32":
-            raise TransferFailed(f"{where}: the stream is checked with 'xxh3', which this "
-                                 "snapvol cannot compute (install python3-xxhash)")
-        b"".join(reader.data())
-        return "received"
-
-    monkeypatch.setattr(replication.Replicator, "_send_to", no_xxhash)
-    monkeypatch.setattr(replication.Replicator, "_remote_snapshots", lambda self, where, volume: None)
-    monkeypatch.setattr(replication.time, "sleep", lambda s: None)
-    replicator = replication.Replicator(domain.volumes, domain.transfers, domain.lifecycle,
-                                        ReplicationLog(tmp_path / "r.json"))
-    try:
-        run = replicator.replicate("db", "unix:///nowhere/plugin.sock", "s1")
-    finally:
-        replicator.shutdown()
+    run, seen = replicate_to_replica(
+        domain, tmp_path, monkeypatch,
+        refusal=lambda header: None if header["check"] == "crc32" else
+        "the stream is checked with 'xxh3', which this snapvol cannot compute (install python3-xxhash)")
     assert run.error is None and [h["check"] for h in seen] == ["xxh3", "crc32"]

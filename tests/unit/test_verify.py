@@ -24,7 +24,8 @@ from plugin.history import AutoHistory
 from plugin.locks import VolumeLocks
 from plugin.mounts import MountTable
 from plugin.trash_book import TrashBook
-from plugin.verify import ERROR, FAILED, PASSED, Outcome, Use, VerifyBook, VerifyUnavailable
+from plugin.verify import Outcome, Use, VerifyUnavailable
+from plugin.verify_book import ERROR, FAILED, PASSED, VerifyBook
 from plugin.verify_spec import CheckSpec
 from tests.fakes import FakeBackend
 
