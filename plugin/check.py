@@ -101,7 +101,7 @@ class Checker:
                                 if self._replications is not None else ()):
             have = self._snapshot_names(volume)
             for target, base in sorted(targets.items()):
-                if base not in have:
+                if base not in have and self._still_missing(volume, target, base):
                     problems.append({
                         "kind": "missing replication base",
                         "what": f"{volume}@{base}, the snapshot {target} last received, is gone "
@@ -158,6 +158,21 @@ class Checker:
         if self._quiescer is None:
             return False
         return not any(c.state in HOLDING_STATES for c in self._quiescer.containers([volume]))
+
+    def _still_missing(self, volume: str, target: str, base: str) -> bool:
+        """Whether the base *target* last received of *volume*, which a listing just did not
+        find, is stale, and not the middle of an operation.
+
+        Every change to a volume's snapshots and its records happens under its lock (a purge
+        destroys the volume, then forgets its records; a move into the trash renames the
+        records, then the volume). So after the listing: if the lock is held, an operation
+        may be between its two steps (not a problem, not yet); if it is free and the record
+        is still there, no operation was midway when the listing ran, and the base is gone.
+        """
+        if self._locks.busy(volume):
+            return False
+        assert self._replications is not None
+        return self._replications.base(volume, target) == base
 
     def _snapshot_names(self, volume: str) -> set[str]:
         try:

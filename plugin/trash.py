@@ -154,11 +154,14 @@ class Trash:
         entry = Trashed(id=secrets.token_hex(_ID_LENGTH // 2), name=name,
                         removed_at=self._clock().replace(microsecond=0), state="moving")
         self._book.put(entry)                                    # the intent first
-        try:
-            self._finish(entry)
-        except BaseException:
-            self._unwind(entry, entry.name, entry.internal)   # Remove failed: nothing moved
-            raise
+        # the internal name's lock too: between the records' rename and the volume's, the
+        # records name a volume that does not exist yet, and snapvol check must see it busy
+        with self._locks.hold(entry.internal):
+            try:
+                self._finish(entry)
+            except BaseException:
+                self._unwind(entry, entry.name, entry.internal)   # Remove failed: nothing moved
+                raise
         log.info("volume %s moved to the trash as %s (kept until %s)", name, entry.id,
                  entry.expires_at(self.ttl).isoformat())
         return entry
