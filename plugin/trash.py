@@ -286,13 +286,28 @@ class Trash:
 
     def recover(self) -> None:
         """At start, before serving: finish every interrupted intent, drop records whose
-        volume is gone, and keep trashed volumes whose record was lost."""
+        volume is gone, and keep trashed volumes whose record was lost.
+
+        A move or restore the storage refuses to finish now (a dataset still busy after the
+        kill) is undone, not left for later: its Remove or restore was never answered, and
+        the volume, still under its old name, is in use again from now on. Finishing it at
+        some later start would take it away from under whoever uses it (the torture found
+        this). A purge that cannot finish stays an intent: its volume is out of sight."""
         for entry in self._book.all():
             try:
                 self._finish(entry)
             except PluginError as exc:
-                log.error("trash: could not finish %s of %s (%s): %s", entry.state, entry.id,
-                          entry.name, exc)
+                if entry.state == "moving":
+                    log.error("trash: could not finish moving %s into the trash (%s), undone: "
+                              "the volume stays; remove it again: %s", entry.name, entry.id, exc)
+                    self._unwind(entry, entry.name, entry.internal)
+                elif entry.state == "restoring":
+                    log.error("trash: could not finish restoring %s as %s, undone: it stays in "
+                              "the trash; restore it again: %s", entry.id, entry.restore_as, exc)
+                    self._unwind(entry, entry.internal, entry.restore_as)
+                else:
+                    log.error("trash: could not finish %s of %s (%s): %s", entry.state,
+                              entry.id, entry.name, exc)
         known = self.internal_names()
         for info in self._backend.internal_volumes():
             kind, _, token = info.name.removeprefix(names.INTERNAL_PREFIX).partition(".")

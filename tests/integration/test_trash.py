@@ -182,6 +182,46 @@ def test_start_finishes_a_trashing_a_kill_interrupted(backend, tmp_path):
     assert [s.name for s in restarted.volumes.snapshots("v")] == ["s1"]
 
 
+def test_start_undoes_a_trashing_or_restore_it_cannot_finish(backend, tmp_path, monkeypatch):
+    """An interrupted move into the trash, and an interrupted restore, whose rename the
+    storage refuses at start (a dataset still busy after the kill: CI's ZFS torture saw it):
+    both are undone, each volume stays where it was with its records, and no intent is left
+    for a later start to finish behind the back of whoever uses the volume meanwhile."""
+    from plugin.errors import BackendError
+
+    domain = assemble(backend, tmp_path)
+    domain.volumes.create("v", {})
+    domain.volumes.snapshot(["v"], "s1")
+    domain.replications.record("v", Replication("ssh://b", datetime.now(timezone.utc), "s1"))
+    domain.volumes.create("w", {})
+    domain.volumes.remove("w")
+    [w] = domain.trash.entries()
+    book = TrashBook(tmp_path / "trash.journal")
+    moving = Trashed("0123456789ab", "v", datetime.now(timezone.utc).replace(microsecond=0),
+                     state="moving")
+    book.put(moving)
+    book.put(Trashed(w.id, "w", w.removed_at, state="restoring", restore_as="w2"))
+    original = backend.rename_volume
+    refused = []
+
+    def busy(name, new_name):
+        backend.volume(name)                    # a name that is not there: VolumeNotFound
+        refused.append((name, new_name))
+        raise BackendError(f"cannot rename {name!r}: dataset is busy")
+
+    monkeypatch.setattr(backend, "rename_volume", busy)
+    restarted = assemble(backend, tmp_path)
+    assert ("v", moving.internal) in refused and (w.internal, "w2") in refused
+    monkeypatch.setattr(backend, "rename_volume", original)
+    assert {v.name for v in restarted.volumes.list()} == {"v"}
+    assert [(e.id, e.state, e.restore_as) for e in restarted.trash.entries()] == [(w.id, "trashed", "")]
+    assert restarted.replications.recorded_bases() == {"v": {"ssh://b": "s1"}}
+    again = assemble(backend, tmp_path)            # the next start has nothing to finish
+    assert {v.name for v in again.volumes.list()} == {"v"}
+    assert [s.name for s in again.volumes.snapshots("v")] == ["s1"]
+    assert again.trash.restore(w.id) == "w"
+
+
 def test_a_lost_trash_record_keeps_the_volume_under_an_unknown_name(backend, tmp_path):
     domain = assemble(backend, tmp_path)
     domain.volumes.create("v", {})
