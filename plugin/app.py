@@ -32,6 +32,7 @@ from .mounts import MountTable
 from .observe import Observer
 from .pool import prepare_root
 from .quiesce import DockerQuiescer
+from .recycle import Recycler, Requests
 from .refusal import REFUSAL_ENV, is_managed, start_refusal
 from .replication import Replicator
 from .roles import RoleBook
@@ -137,6 +138,7 @@ def create_app(domain: Domain | None = None,
     scheduler = app.extensions["snapvol.scheduler"] = Scheduler(
         domain.schedules, domain.volumes, replicator=replicator, standbys=standbys,
         trash=domain.trash, verifier=domain.verifier, lateness=metrics.lateness.observe)
+    app.extensions["snapvol.recycler"] = _recycler(app, domain, scheduler, settings)
     if settings.metrics is not None:
         app.extensions["snapvol.metrics_server"] = MetricsServer(metrics, settings.metrics)
     if settings.publish_dir is None:       # a host install; dockerd always lists a managed plugin
@@ -198,6 +200,32 @@ def _time_requests(app: Flask, metrics: Metrics) -> None:
             endpoint = rule.rule.lstrip("/") if rule is not None else "other"
             metrics.request(endpoint, response.status_code, time.perf_counter() - started_at)
         return response
+
+
+def _recycler(app: Flask, domain: Domain, scheduler: Scheduler, settings: Settings) -> Recycler:
+    """The worker's replacement when idle after many volumes went (:mod:`plugin.recycle`);
+    started by gunicorn's hooks. It counts the requests being served to know when it is idle."""
+    requests = Requests()
+
+    @app.before_request
+    def serving() -> None:
+        requests.begin()
+        g.snapvol_serving = True
+
+    @app.teardown_request
+    def served(_exc: BaseException | None) -> None:
+        if g.pop("snapvol_serving", False):         # teardown runs even if before did not
+            requests.end()
+
+    def count() -> int:
+        return len(domain.volumes.known) + (len(domain.trash) if domain.trash is not None else 0)
+
+    def idle() -> bool:
+        return (requests.serving == 0 and domain.inflight.running == 0 and domain.locks.idle()
+                and not scheduler.passing)
+
+    return Recycler(count=count, idle=idle, drop=settings.recycle_drop,
+                    quiet=settings.recycle_quiet)
 
 
 def wsgi() -> Flask:

@@ -31,6 +31,12 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _volume_count(raw: str) -> int:
+    if not raw.isdigit() or int(raw) > 10_000_000:
+        raise ValueError("must be a whole number of volumes from 0 to 10000000")
+    return int(raw)
+
+
 def _docker_host(raw: str) -> str:
     if not raw.startswith(("unix:///", "tcp://")):
         raise ValueError("must be unix:///path/to/docker.sock or tcp://host:port")
@@ -150,6 +156,8 @@ class Settings:
     metrics: tuple[str, int] | None
     trash_ttl: int
     trash_full: int
+    recycle_drop: int
+    recycle_quiet: float
 
     # field -> (environment variable, default, parser, help)
     SPEC: ClassVar[dict[str, tuple[str, str, Callable[[str], object], str]]] = {
@@ -220,6 +228,12 @@ class Settings:
         "trash_full": ("SNAPVOL_TRASH_FULL", "90", _percent,
                        "pool fill (percent) from which trashed volumes are purged, oldest "
                        "first, and rm destroys at once"),
+        "recycle_drop": ("SNAPVOL_RECYCLE_DROP", "1000", _volume_count,
+                         "when this many volumes (with the trash) fewer than the most the "
+                         "worker held remain, and it is idle, a fresh worker replaces it to "
+                         "give the memory back; 0: never"),
+        "recycle_quiet": ("SNAPVOL_RECYCLE_QUIET", "60", _seconds,
+                          "how long the number of volumes must stay unchanged before that"),
     }
 
     @classmethod

@@ -43,6 +43,10 @@ threads = _settings.threads
 timeout = 150                     # beyond Docker's longest per-call deadline (2 min)
 graceful_timeout = 20
 pidfile = os.environ.get("SNAPVOL_PIDFILE") or None
+# gunicorn 24+ opens a control socket in ~/.gunicorn by default: one path for every instance
+# on the host (tests run several), and a way in that nobody asked for. Older gunicorn (Debian's
+# 20.1) ignores the name.
+control_socket_disable = True
 loglevel = _settings.log_level
 logconfig_dict = {
     "version": 1,
@@ -123,14 +127,15 @@ def post_worker_init(worker) -> None:
     them, glibc is told to give freed memory back (:func:`plugin.serve.give_back_freed_memory`)."""
     give_back_freed_memory()
     for name in ("snapvol.streams", "snapvol.scheduler", "snapvol.announcer",
-                 "snapvol.metrics_server"):
+                 "snapvol.metrics_server", "snapvol.recycler"):
         part = worker.wsgi.extensions.get(name)
         if part is not None:
             part.start()
 
 
 def worker_exit(server, worker) -> None:
-    """Stop the scheduler (a run in progress finishes first) and the stream socket."""
+    """Stop the scheduler (a run in progress finishes first), the stream socket and the
+    rest. Also when the worker asked to be replaced (:mod:`plugin.recycle`)."""
     app = getattr(worker, "wsgi", None)
     if app is None:
         return
@@ -140,7 +145,7 @@ def worker_exit(server, worker) -> None:
     streams = app.extensions.get("snapvol.streams")
     if streams is not None:
         streams.stop()
-    for name in ("snapvol.announcer", "snapvol.metrics_server"):
+    for name in ("snapvol.announcer", "snapvol.metrics_server", "snapvol.recycler"):
         part = app.extensions.get(name)
         if part is not None:
             part.stop()

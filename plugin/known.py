@@ -35,6 +35,10 @@ class KnownVolumes:
         with self._guard:
             self._names.discard(name)
 
+    def __len__(self) -> int:
+        with self._guard:
+            return len(self._names)
+
     def __contains__(self, name: object) -> bool:
         with self._guard:
             return name in self._names

@@ -39,6 +39,11 @@ class VolumeLocks:
         with self._guard:
             return name in self._entries
 
+    def idle(self) -> bool:
+        """Whether no operation holds (or waits for) any lock right now."""
+        with self._guard:
+            return not self._entries
+
     @contextmanager
     def hold(self, *names: str) -> Iterator[None]:
         """Lock every name, always in sorted order, so two callers can never deadlock.

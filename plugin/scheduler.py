@@ -83,6 +83,7 @@ class Scheduler:
         self._lateness = lateness
         self._workers = workers
         self.last_pass: datetime | None = None      # when run_once last listed the volumes
+        self.passing = False                        # whether the loop is in a pass now
         volumes.on_change(self._wake.set)
         volumes.on_create(lambda _name, opts: self._wake.set() if "verify" in opts else None)
         if standbys is not None:
@@ -254,12 +255,15 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
+            self.passing = True
             try:
                 self.run_once(self._clock())
                 pause = self.seconds_to_next(self._clock())
             except Exception:   # a bug must not end automatic snapshots for good
                 log.exception("scheduler: unexpected error; retrying in a minute")
                 pause = MAX_SLEEP
+            finally:
+                self.passing = False
             due_at = time.monotonic() + pause
             if self._wake.wait(pause):
                 self._settle(due_at)

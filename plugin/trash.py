@@ -99,6 +99,10 @@ class Trash:
         """Whether anything is in the trash (cheap: no listing)."""
         return len(self._book) > 0
 
+    def __len__(self) -> int:
+        """How many volumes the trash holds (cheap: no listing)."""
+        return len(self._book)
+
     def internal_names(self) -> set[str]:
         return {t.internal for t in self._book.all()}
 

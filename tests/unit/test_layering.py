@@ -32,6 +32,9 @@ FORBIDDEN = {  # module prefix -> imports it must never make
     # the verification record knows no backend, no lock and no check: only its results
     "plugin.verify_book": ("flask", "plugin.api", "plugin.backends", "plugin.volumes",
                            "plugin.verify", "plugin.locks"),
+    # the worker's replacement knows only counts and callables: no HTTP, no storage
+    "plugin.recycle": ("flask", "plugin.api", "plugin.app", "plugin.volumes", "plugin.backends",
+                       "plugin.scheduler"),
     "plugin.mounts": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.process": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
     "plugin.pool": ("flask", "plugin.api", "plugin.volumes", "plugin.backends"),
