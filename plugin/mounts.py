@@ -97,6 +97,8 @@ class MountTable:
         table = {**self._ids, name: ids}
         if not ids:
             del table[name]
+        # one line (indent=None): json's C encoder, 4x faster with 1,000 volumes mounted,
+        # where the indented file cost every Mount 1.8 ms (scale bench: Mount 3.0 ms)
         write_json_atomically(self._path, {"boot_id": self._boot_id, "mounts": table},
-                              durable=False)
+                              durable=False, indent=None)
         self._ids = table

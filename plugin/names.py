@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import stat
 from pathlib import Path
 
 from .errors import InvalidName
@@ -100,10 +101,41 @@ def under(root: Path, *parts: str) -> Path:
     :raises InvalidName: the path resolves to *root* itself or outside it.
     """
     path = root.joinpath(*parts)
-    real_root, real = _real_root(root), Path(os.path.realpath(path))
-    if real == real_root or not real.is_relative_to(real_root):
+    real_root = _real_root(root)
+    inside = _inside_without_links(str(real_root), parts)
+    if inside is None:                      # a symlink, or ``..``: resolve the whole path
+        real = Path(os.path.realpath(path))
+        inside = real != real_root and real.is_relative_to(real_root)
+    if not inside:
         raise InvalidName(f"{path} resolves outside {root}")
     return path
+
+
+def _inside_without_links(real_root: str, parts: tuple[str, ...]) -> bool | None:
+    """Whether ``real_root/parts...`` names something strictly below *real_root*, walking
+    only the components below it (the root is resolved once: :func:`_real_root`); None when
+    a component is a symlink or ``..``, which :func:`os.path.realpath` must judge.
+
+    Why: this runs on every Docker call (three times for a Get), and ``realpath`` walks every
+    component from ``/`` with an ``lstat`` each: 18 a Get, a tenth of its time. A component
+    that does not exist ends the walk: nothing below it can redirect anything."""
+    current, below = real_root, False
+    for part in parts:
+        for piece in part.split("/"):
+            if piece in ("", "."):
+                continue
+            if piece == "..":
+                return None
+            current, below = f"{current}/{piece}", True
+            try:
+                mode = os.lstat(current).st_mode
+            except FileNotFoundError:
+                return below
+            except OSError:
+                return None
+            if stat.S_ISLNK(mode):
+                return None
+    return below
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,33 @@ def test_under_refuses_symlink_escape(tmp_path: Path):
     with pytest.raises(InvalidName, match="resolves outside"):
         names.under(root, "evil")
     assert names.under(root, "fine") == root / "fine"
+
+
+@pytest.mark.parametrize("parts, inside", [
+    (("v",), True), (("v", "data"), True), (("missing", "deeper"), True),
+    (("v", "up"), False), (("v", "inner"), True), (("v", "loop"), False),
+    (("link-in",), True), (("link-out", "x"), False), (("v", "..", ".."), False),
+    (("v", ".."), False), (("",), False), ((".",), False), (("v/../v",), True),
+    (("v/../../root2",), False),
+])
+def test_under_walks_below_the_root_as_realpath_would(tmp_path: Path, parts, inside):
+    """The walk that skips the root's own components judges every path as resolving it
+    whole does: symlinks inside and out, ``..``, the root itself, what does not exist."""
+    root = tmp_path / "root"
+    (root / "v" / "data").mkdir(parents=True)
+    (tmp_path / "root2").mkdir()
+    (root / "v" / "up").symlink_to(tmp_path)
+    (root / "v" / "inner").symlink_to(root / "v" / "data")
+    (root / "v" / "loop").symlink_to(root)                 # the root itself
+    (root / "link-in").symlink_to("v")
+    (root / "link-out").symlink_to(tmp_path / "root2")
+    real = Path(os.path.realpath(root.joinpath(*parts)))
+    assert (real != root and real.is_relative_to(root)) == inside   # the reference
+    if inside:
+        assert names.under(root, *parts) == root.joinpath(*parts)
+    else:
+        with pytest.raises(InvalidName, match="resolves outside"):
+            names.under(root, *parts)
 
 
 @pytest.mark.parametrize("text, size", [("1", 1), ("512M", 512 << 20), ("20G", 20 << 30),
