@@ -265,7 +265,9 @@ class Backend(Protocol):
         adds the snapshot to the volume (which must hold *base*) and makes the volume's
         content that of the snapshot. Only when the block ends normally is anything
         published; if it raises, everything received is removed (nothing half-made) or, on
-        ``resumable`` backends, kept out of sight for a *resume* stream to complete.
+        ``resumable`` backends, when the stream was cut short (not refused by the native
+        receiver), kept out of sight for a *resume* stream to complete. A native receiver
+        that stops reading raises its own failure (its stderr), not the broken pipe.
 
         :raises VolumeExists: a full stream for a volume that exists.
         :raises SnapshotExists: the volume already has a snapshot of that name.
