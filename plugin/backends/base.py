@@ -128,8 +128,9 @@ class Backend(Protocol):
     clones_need_origin: ClassVar[bool]       # zfs: a clone depends on its origin snapshot
     atomic_snapshots: bool                   # several volumes in one atomic call (OpenZFS)
     resumable: bool                          # an interrupted receive can resume (OpenZFS -s)
-    # its native receiver checks every byte of a stream and :meth:`receiving` publishes
-    # nothing unless the block ends without error: stream format 3 (no check of ours) is safe
+    # its native receiver checks a stream (every byte it uses) before it keeps any of it, and
+    # :meth:`receiving` publishes nothing unless the block ends without error: stream format 3
+    # (no check of ours) is safe
     checked_streams: bool
 
     def leftovers(self) -> list[Leftover]:
