@@ -110,7 +110,7 @@ class Receiver:
             if self._layout.is_mounted(self._layout.mountpoint(volume)):
                 self._zfs.unmount(dataset)
         argv = self._zfs.receive_argv(target, force=base is not None and not resume)
-        refused = True       # until the input was cut: then it was interrupted, not refused
+        refused = False      # by zfs receive itself (not a stream cut short): no resume then
         try:
             with process.Streaming(argv, feed=True) as child:
                 try:
@@ -118,6 +118,7 @@ class Receiver:
                 except BrokenPipeError:
                     # it stopped reading: its status and stderr say why (a stream that fails
                     # its checksum, or is none), not the broken pipe
+                    refused = True
                     child.finish(timeout=_RECEIVE_TIMEOUT)
                     raise
                 except BaseException:
@@ -125,9 +126,9 @@ class Receiver:
                     # saves its state for a resume, on OpenZFS), or completes on a native
                     # stream that was whole (an envelope refused at its end mark), which is
                     # undone below; killed, it might complete after that (zfs-fuse's daemon)
-                    refused = False
                     child.close_input_and_wait(timeout=60.0)
                     raise
+                refused = True
                 child.finish(timeout=_RECEIVE_TIMEOUT)
         except BaseException:
             # nothing half-made; an interrupted stream's state is kept for a resume (OpenZFS),
