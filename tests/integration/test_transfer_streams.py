@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import threading
 from pathlib import Path
 
@@ -130,7 +131,7 @@ DAMAGES = ["cut at a frame boundary", "cut inside", "bit flipped", "frame of ano
 @pytest.mark.parametrize("path", ["file", "socket"])
 @pytest.mark.parametrize("packing", ["default", "format2"])
 @pytest.mark.parametrize("damage", DAMAGES)
-def test_damaged_streams_are_refused_and_leave_nothing(domain, damage, packing, path):
+def test_damaged_streams_are_refused_and_leave_nothing(domain, backend, damage, packing, path):
     if damage.startswith("zstd") and (packing != "default" or shutil.which("zstd") is None):
         pytest.skip("needs zstd (and runs once)")
     domain.volumes.create("src", {})
@@ -166,10 +167,13 @@ def test_damaged_streams_are_refused_and_leave_nothing(domain, damage, packing, 
         bad = flip(raw, starts[1] + 1000)
     receive = (lambda b: via_socket(domain, "dst", b)) if path == "socket" else \
         (lambda b: domain.transfers.receive("dst", io.BytesIO(b)))
+    kept = zfs_names(backend) if backend.kind == "zfs" else None
     with pytest.raises(StreamRefused, match="truncated|corrupted|fails its check|integrity|"
                        "sender failed|native receiver refused"):
         receive(bad)
     assert [v.name for v in domain.volumes.list()] == ["src"]
+    if kept is not None:
+        assert zfs_names(backend) == kept        # no inbox left either
     receive(raw)          # the whole one still goes in
     assert sorted(v.name for v in domain.volumes.list()) == ["dst", "src"]
     if damage != "frame of another stream":      # that one wrote src anew after s1
@@ -228,6 +232,12 @@ def native_offset(raw: bytes, at: int) -> int:
 ZFS_RECORD = 312      # every zfs send record's head (dmu_replay_record_t): BEGIN first, END last
 
 
+def zfs_names(backend) -> set[str]:
+    """Every dataset and snapshot below the backend's root, inboxes and clones included."""
+    return set(subprocess.run(["zfs", "list", "-H", "-r", "-t", "all", "-o", "name", backend.root],
+                              capture_output=True, text=True, check=True, timeout=60).stdout.split())
+
+
 def test_bit_flips_anywhere_in_a_zfs_stream_are_refused(domain, backend):
     """Format 3 leaves the data's check to zfs receive: a fletcher4 checksum of the whole
     stream, which the END record carries and zfs receive compares before it commits (OpenZFS:
@@ -264,7 +274,7 @@ def test_bit_flips_anywhere_in_a_zfs_stream_are_refused(domain, backend):
                ZFS_RECORD, ZFS_RECORD + 8, ZFS_RECORD + 100,                   # the next record
                size // 3, size // 2, end - 1,                                  # data, last record
                end, end + 8, end + 15, end + 24, end + 39]                     # END: type, checksum
-    volumes = ["src"]
+    volumes, kept = ["src"], zfs_names(backend)
     for at in refused:
         for bit in (0x01, 0x80):
             bad = bytearray(raw)
@@ -272,6 +282,7 @@ def test_bit_flips_anywhere_in_a_zfs_stream_are_refused(domain, backend):
             with pytest.raises(StreamRefused, match="native receiver refused the stream"):
                 via_socket(domain, "dst", bytes(bad))
             assert sorted(v.name for v in domain.volumes.list()) == volumes, (at, bit)
+            assert zfs_names(backend) == kept, (at, bit)      # no inbox, no clone left
     zfs_fuse = not os.path.exists("/dev/zfs")
     for at in (4, 7, end + 4, end + 40, end + 47, end + 48, end + 200, size - 1):
         bad = bytearray(raw)
@@ -286,14 +297,17 @@ def test_bit_flips_anywhere_in_a_zfs_stream_are_refused(domain, backend):
         assert [s.name for s in domain.volumes.snapshots(copy)] == ["s1"]
         volumes.append(copy)
         assert sorted(v.name for v in domain.volumes.list()) == sorted(volumes)
+        kept = zfs_names(backend)
     # cut short in whole records, framed anew: only zfs receive can tell
     for cut in (end, ZFS_RECORD * 2, size // 2):
         framed = b"".join(stream.encode(header, [native[:cut]], format=3))
         with pytest.raises(StreamRefused, match="native receiver refused the stream"):
             via_socket(domain, "dst", framed)
         assert sorted(v.name for v in domain.volumes.list()) == sorted(volumes), cut
+        assert zfs_names(backend) == kept, cut
     with pytest.raises(StreamRefused, match="truncated"):      # and cut anywhere: ours
         via_socket(domain, "dst", raw[:len(raw) // 2])
+    assert zfs_names(backend) == kept
     via_socket(domain, "dst", raw)
     assert content(domain, "dst") == content(domain, "src")
 
@@ -331,9 +345,12 @@ def test_a_refused_incremental_stream_leaves_the_replica_as_it_was(domain, backe
         head = {k: v for k, v in reader.header().items() if k != "format"}
         native = b"".join(reader.data())
         bad = b"".join(stream.encode(head, [native[:len(native) * 3 // 4]], format=3))
+    kept = zfs_names(backend) if backend.kind == "zfs" else None
     with pytest.raises(StreamRefused, match="truncated|corrupted|integrity|native receiver refused"):
         via_socket(domain, "dst", bad)
     assert [s.name for s in domain.volumes.snapshots("dst")] == ["s1"]
     assert content(domain, "dst") == before
+    if kept is not None:
+        assert zfs_names(backend) == kept           # no clone, no snapshot left
     receive_incremental(domain, backend, "dst", raw)      # the whole one still goes in
     assert content(domain, "dst") == content(domain, "src")
