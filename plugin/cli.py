@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--compress", choices=("none", "zstd"), default=None,
                       help="compress the stream with zstd (for slow links, compressible data)")
     send.add_argument("--format", type=int, choices=(1, 2, 3), default=None, help="stream format: "
-                      "3 on Btrfs, else 2; 2 for a receiver reading 1 and 2 only, 1 for snapvol 0.2")
+                      "3 when not compressed, else 2; 2 for a receiver reading 1 and 2 only, or whose "
+                      "ZFS takes no format 3 (snapvol before it did), 1 for snapvol 0.2")
     send.set_defaults(run=run_send)
     recv = sub.add_parser("receive", parents=[common],
                           help="make a volume from a full stream, or update a replica with an "

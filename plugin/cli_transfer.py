@@ -90,7 +90,7 @@ def run_send(args: argparse.Namespace, socket_path: str, stdout: TextIO, stderr:
         reader.header()
         # into a pipe (| snapvol receive, | ssh): the kernel moves the data, this checks the
         # frames and the end mark (the receiver checks every CRC); into a file, all is read and
-        # checked here, so a file that looks whole is whole (format 3: btrfs receive checks data)
+        # checked here, so a file that looks whole is whole (format 3: the native receiver checks data)
         move = None if args.output else kernel_mover(response.fp, out, 300, tee.advance)
         if move is not None:
             reader.relay(move)

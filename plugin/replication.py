@@ -151,9 +151,11 @@ class Replicator:
         try:
             reply = self._send_to(where, remote_name, transfer, progress)
         except TransferFailed as exc:
-            if f"stream format {stream.NATIVE} is not supported" in str(exc):
-                # a target that reads formats 1 and 2 only: the next attempt sends 2
-                log.info("%s reads stream formats 1 and 2: sending 2", label)
+            if f"stream format {stream.NATIVE} is not supported" in str(exc) \
+                    or "relies on the native receiver's checks" in str(exc):
+                # a target that reads formats 1 and 2 only, or whose storage takes no format 3
+                # (ZFS on a snapvol before format 3 for ZFS): the next attempt sends 2
+                log.info("%s takes no stream format 3: sending 2", label)
                 plan.update(format=stream.FORMAT)
             elif plan["format"] != 1 and "stream format 2 is not supported" in str(exc):
                 # a target of snapvol 0.2 reads format 1 only (and knows no compression):

@@ -1,10 +1,10 @@
 """Moving a native stream from its sender's pipe into a socket as stream frames, in the kernel.
 
 A format 3 stream (:mod:`plugin.stream`) has no check of ours over its data, so the plugin
-need not see the data at all: each frame's payload goes from the ``btrfs send`` pipe to the
-socket with splice(2), which hands the pipe's pages on instead of copying them into Python
-and out again (that copy, and zeroing a fresh 1 MiB buffer for every frame, was most of the
-CPU the sending plugin added to the native pipe).
+need not see the data at all: each frame's payload goes from the ``btrfs send`` or ``zfs
+send`` pipe to the socket with splice(2), which hands the pipe's pages on instead of copying
+them into Python and out again (that copy, and zeroing a fresh 1 MiB buffer for every
+frame, was most of the CPU the sending plugin added to the native pipe).
 """
 
 from __future__ import annotations

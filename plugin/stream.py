@@ -14,8 +14,8 @@ Format 2 (written by default since 0.3)::
                                              count, the running check once more
     b"X" <u32 length> <UTF-8 message>        instead of "Z": the sender failed mid-way
 
-Format 3 (written by default on Btrfs): the native stream checks itself, so no check of ours
-runs over it::
+Format 3 (written by default for uncompressed streams, Btrfs and ZFS): the native stream
+checks itself, so no check of ours runs over it::
 
     b"SNAPVOL-STREAM\n"                    magic
     b"H" <u32 length> <JSON header> <u32 CRC-32 of the JSON header>      {"format": 3, ...}
@@ -23,15 +23,28 @@ runs over it::
     b"Z" <u32 16> <u64 bytes> <u32 frames> <u32 CRC-32 of the JSON header>   end
     b"X" <u32 length> <UTF-8 message>        instead of "Z": the sender failed mid-way
 
-Written only for a stream whose every byte its native receiver verifies before it is used:
-``btrfs send`` puts a CRC32C in every command (header and data) and ``btrfs receive`` refuses
-a command that fails it, and refuses a stream without its magic; the receiving backend then
-publishes nothing unless the end mark checked out (``Backend.checked_streams``). What the
-native check cannot see is ours to find: truncation and frames lost or repeated (the byte and
-frame counts in ``Z``), an abort (``X``), a damaged header (its own CRC-32, checked before the
-header is used), another kind of stream (the magic, the header's backend). Without a check
-over the data, both plugins move it with splice(2): it never passes through Python, which
-was most of the CPU a transfer added to the native pipe.
+Written only for a stream whose native receiver verifies it before anything it received is
+published (``Backend.checked_streams``), and the receiving backend publishes nothing unless
+the end mark checked out too:
+
+* ``btrfs send`` puts a CRC32C in every command (header and data); ``btrfs receive``, into
+  staging, refuses a command that fails it, and a stream without its magic.
+* ``zfs send`` ends its stream with a fletcher4 checksum of all of it. zfs-fuse's ``zfs
+  receive`` checks it only at that END record, having applied the records before it; when
+  it fails it undoes them (destroys the ``recv:`` inbox it made for a full stream, or the
+  clone or rolls back the volume for an incremental one). OpenZFS also checksums each record
+  as it goes. Unchecked on zfs-fuse, and unused: bytes 4-7 of the BEGIN and END records and
+  what follows END's checksum (it checksums BEGIN rebuilt from its fields, the stream
+  before END).
+
+What the native check cannot see is ours to find: truncation and frames lost or repeated (the
+byte and frame counts in ``Z``), an abort (``X``), a damaged header (its own CRC-32, checked
+before the header is used), another kind of stream (the magic, the header's backend). The
+data is relayed unheld, so the native receiver may have taken a whole native stream when a
+bad end mark is read: the backend undoes it then (the staging emptied; the inbox destroyed,
+or the volume rolled back to the base), and discards what a refused receive left, resumable
+state included. Without a check over the data, both plugins move it with splice(2): it never
+passes through Python, which was most of the CPU a transfer added to the native pipe.
 
 Format 1 (0.2): the same as 2 without the per-frame CRC, and ``Z`` carries a SHA-256 of header
 and data (32 bytes) and the byte count (8). All three are read; formats 1 and 2 are written on
@@ -53,7 +66,7 @@ handing it on, so damage is caught where it is, not only at the end.
 
 A reader knows a truncated, corrupted or aborted stream from a whole one, and can hold the
 last data frame back until the end mark is verified (so a native receiver never completes on
-a stream that is then found cut short).
+a stream that is then found cut short; formats 1 and 2, whose data Python reads anyway).
 
 The header may say ``"compression": "zstd"``: the data frames then carry the native stream
 compressed by zstd (the CRC covers what travels, i.e. the compressed bytes).

@@ -283,7 +283,7 @@ def _format(raw: object, native: bool) -> int:
                              + " or ".join(map(str, stream.FORMATS)))
     if raw == stream.NATIVE and not native:
         raise InvalidRequest("stream format 3 is for uncompressed streams that check themselves "
-                             "(Btrfs): use 1 or 2")
+                             "(Btrfs, ZFS): use 1 or 2")
     return int(raw)  # type: ignore[call-overload]
 
 

@@ -128,8 +128,9 @@ class Backend(Protocol):
     clones_need_origin: ClassVar[bool]       # zfs: a clone depends on its origin snapshot
     atomic_snapshots: bool                   # several volumes in one atomic call (OpenZFS)
     resumable: bool                          # an interrupted receive can resume (OpenZFS -s)
-    # its native receiver checks every byte of a stream and :meth:`receiving` publishes
-    # nothing unless the block ends without error: stream format 3 (no check of ours) is safe
+    # its native receiver checks a stream (every byte it uses) before it keeps any of it, and
+    # :meth:`receiving` publishes nothing unless the block ends without error: stream format 3
+    # (no check of ours) is safe
     checked_streams: bool
 
     def leftovers(self) -> list[Leftover]:
@@ -265,7 +266,9 @@ class Backend(Protocol):
         adds the snapshot to the volume (which must hold *base*) and makes the volume's
         content that of the snapshot. Only when the block ends normally is anything
         published; if it raises, everything received is removed (nothing half-made) or, on
-        ``resumable`` backends, kept out of sight for a *resume* stream to complete.
+        ``resumable`` backends, when the stream was cut short (not refused by the native
+        receiver), kept out of sight for a *resume* stream to complete. A native receiver
+        that stops reading raises its own failure (its stderr), not the broken pipe.
 
         :raises VolumeExists: a full stream for a volume that exists.
         :raises SnapshotExists: the volume already has a snapshot of that name.

@@ -45,6 +45,9 @@ class ZfsBackend:
     kind: ClassVar[str] = "zfs"
     rollback_keeps_newer: ClassVar[bool] = False        # zfs rollback -r destroys them
     clones_need_origin: ClassVar[bool] = True           # destroy refuses while a clone exists
+    # format 3: zfs send's stream carries a fletcher4 checksum over all of it, which zfs
+    # receive checks at the END record before it commits anything (OpenZFS: also per record)
+    checked_streams: ClassVar[bool] = True
 
     def __init__(self, root: str, mount_base: Path, lzc: Any | None = None) -> None:
         self.root = root
@@ -58,7 +61,6 @@ class ZfsBackend:
         self._remover = Remover(self._zfs, self._layout, self._receiver)
         self.atomic_snapshots = self._zfs.atomic_snapshots
         self.resumable = self._zfs.resumable
-        self.checked_streams = False     # format 2: our check runs over zfs streams
         self.compressions: frozenset[str] = frozenset()
         self._facts: dict[str, Any] = {}
 

@@ -10,7 +10,14 @@ ZFS applies it atomically at the end of the stream, or not at all.
 On OpenZFS a receive is resumable (``zfs receive -s``): an interrupted one leaves its state in
 the inbox (full) or the dataset (incremental), :meth:`Receiver.resume_token` gives the token,
 and a stream from ``zfs send -t`` received with *resume* completes it. A new stream for the
-volume drops such a state first.
+volume drops such a state first, and so does a stream that ``zfs receive`` itself refused (a
+damaged one: sent again whole, not resumed).
+
+A failed receive is undone whatever the stream's format: ``zfs receive`` destroys what it made
+when it fails (zfs-fuse checks a stream's checksum only at its END record, and applies records
+before that, into the inbox or a temporary clone), and a stream refused *after* zfs took it
+whole (format 3 relays the native stream unheld, so its envelope's end mark is read last) is
+undone here: the inbox destroyed, or the volume rolled back to the stream's base.
 """
 
 from __future__ import annotations
@@ -103,20 +110,34 @@ class Receiver:
             if self._layout.is_mounted(self._layout.mountpoint(volume)):
                 self._zfs.unmount(dataset)
         argv = self._zfs.receive_argv(target, force=base is not None and not resume)
+        refused = False      # by zfs receive itself (not a stream cut short): no resume then
         try:
             with process.Streaming(argv, feed=True) as child:
                 try:
                     yield child.proc.stdin   # type: ignore[misc]
-                except BaseException:
-                    if self._zfs.resumable:  # let it see the end of its input and save its state
-                        child.close_input_and_wait(timeout=60.0)
+                except BrokenPipeError:
+                    # it stopped reading: its status and stderr say why (a stream that fails
+                    # its checksum, or is none), not the broken pipe
+                    refused = True
+                    child.finish(timeout=_RECEIVE_TIMEOUT)
                     raise
+                except BaseException:
+                    # let it see the end of its input and finish by itself: it then fails (and
+                    # saves its state for a resume, on OpenZFS), or completes on a native
+                    # stream that was whole (an envelope refused at its end mark), which is
+                    # undone below; killed, it might complete after that (zfs-fuse's daemon)
+                    child.close_input_and_wait(timeout=60.0)
+                    raise
+                refused = True
                 child.finish(timeout=_RECEIVE_TIMEOUT)
         except BaseException:
-            if base is None and not self._zfs.resumable:
-                self.drop_inbox(target, keep_resumable=False)    # nothing half-made
-            elif base is not None:
-                self._drop_unaccepted(dataset, volume, snapshot)
+            # nothing half-made; an interrupted stream's state is kept for a resume (OpenZFS),
+            # but not what the receiver itself refused (a damaged stream starts again)
+            keep = self._zfs.resumable and not refused
+            if base is None:
+                self.drop_inbox(target, keep_resumable=keep)
+            else:
+                self._drop_unaccepted(dataset, volume, base, snapshot, keep_resumable=keep)
             raise
         finally:
             if base is not None:
@@ -127,15 +148,20 @@ class Receiver:
         self._adopt(target, volume, options)
         log.info("received %s@%s (full)", volume, snapshot)
 
-    def _drop_unaccepted(self, dataset: str, volume: str, snapshot: str) -> None:
-        """A failed incremental receive must leave no snapshot: zfs-fuse has been seen to
-        answer "I/O error" with the snapshot made, and a stream whose envelope failed its
-        checksum may have been whole to zfs. Either way it was never accepted."""
+    def _drop_unaccepted(self, dataset: str, volume: str, base: str, snapshot: str, *,
+                         keep_resumable: bool) -> None:
+        """A failed incremental receive must leave the volume at *base*: zfs-fuse has been
+        seen to answer "I/O error" with the snapshot made, and a stream whose envelope failed
+        its check after the native stream was whole (format 3 relays it unheld) was applied
+        by zfs; either way it was never accepted, so the volume goes back to *base* (which
+        also destroys the snapshot). The state of a refused resumable receive goes too."""
         try:
+            if not keep_resumable and self.token(dataset):
+                log.info("dropping the refused receive's state in %s", dataset)
+                self._zfs.abort_receive(dataset)
             if snapshot in self._layout.snapshots(dataset, volume):
-                log.warning("the failed receive left %s@%s; removing it", volume, snapshot)
-                self._zfs.destroy_snapshot(f"{dataset}@{snapshot}",
-                                           f"cannot remove {volume}@{snapshot}")
+                log.warning("the failed receive left %s@%s; back to %s", volume, snapshot, base)
+                self._zfs.rollback(f"{dataset}@{base}")
         except PluginError as exc:
             log.error("could not check for or remove %s@%s after a failed receive: %s",
                       volume, snapshot, exc)
