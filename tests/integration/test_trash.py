@@ -159,12 +159,14 @@ def test_past_the_fill_threshold_rm_destroys_and_the_oldest_trashed_go_first(dom
     assert domain.trash.tidy() == [] and [e.name for e in domain.trash.entries()] == ["fourth"]
 
 
-def test_start_finishes_a_trashing_a_kill_interrupted(backend, tmp_path):
-    """The intent was recorded, then the plugin died before the volume moved; and a restore
-    killed the same way."""
+def interrupted_move_and_restore(backend, tmp_path: Path) -> tuple[Trashed, Trashed]:
+    """What a kill leaves in the journal: volume v (snapshot s1, a replication base) being
+    moved into the trash, and trashed volume w being restored as w2; neither rename done.
+    Returns the move's intent and w's trash entry."""
     domain = assemble(backend, tmp_path)
     domain.volumes.create("v", {})
     domain.volumes.snapshot(["v"], "s1")
+    domain.replications.record("v", Replication("ssh://b", datetime.now(timezone.utc), "s1"))
     domain.volumes.create("w", {})
     domain.volumes.remove("w")
     [w] = domain.trash.entries()
@@ -173,6 +175,13 @@ def test_start_finishes_a_trashing_a_kill_interrupted(backend, tmp_path):
                      state="moving")
     book.put(moving)
     book.put(Trashed(w.id, "w", w.removed_at, state="restoring", restore_as="w2"))
+    return moving, w
+
+
+def test_start_finishes_a_trashing_a_kill_interrupted(backend, tmp_path):
+    """The intent was recorded, then the plugin died before the volume moved; and a restore
+    killed the same way."""
+    moving, w = interrupted_move_and_restore(backend, tmp_path)
 
     restarted = assemble(backend, tmp_path)
     assert {v.name for v in restarted.volumes.list()} == {"w2"}
@@ -189,18 +198,7 @@ def test_start_undoes_a_trashing_or_restore_it_cannot_finish(backend, tmp_path, 
     for a later start to finish behind the back of whoever uses the volume meanwhile."""
     from plugin.errors import BackendError
 
-    domain = assemble(backend, tmp_path)
-    domain.volumes.create("v", {})
-    domain.volumes.snapshot(["v"], "s1")
-    domain.replications.record("v", Replication("ssh://b", datetime.now(timezone.utc), "s1"))
-    domain.volumes.create("w", {})
-    domain.volumes.remove("w")
-    [w] = domain.trash.entries()
-    book = TrashBook(tmp_path / "trash.journal")
-    moving = Trashed("0123456789ab", "v", datetime.now(timezone.utc).replace(microsecond=0),
-                     state="moving")
-    book.put(moving)
-    book.put(Trashed(w.id, "w", w.removed_at, state="restoring", restore_as="w2"))
+    moving, w = interrupted_move_and_restore(backend, tmp_path)
     original = backend.rename_volume
     refused = []
 
