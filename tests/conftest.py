@@ -24,12 +24,14 @@ import pytest
 REQUIRE_ALL = os.environ.get("SNAPVOL_REQUIRE_ALL_TIERS") == "1"
 
 
-def need(*tools: str, root: bool = True) -> None:
-    """Skip (or, under scripts/test, fail) unless we are root and *tools* are installed."""
+def need(*tools: str, root: bool = True, modules: dict[str, bool] | None = None) -> None:
+    """Skip (or, under scripts/test, fail) unless we are root and *tools* are installed, and
+    each of *modules* (a package's name -> whether it is there) is."""
     problems = []
     if root and os.geteuid() != 0:
         problems.append("root (mount, mkfs)")
     problems += [t for t in tools if shutil.which(t) is None]
+    problems += [name for name, there in (modules or {}).items() if not there]
     if problems:
         message = f"needs {', '.join(problems)}"
         if REQUIRE_ALL:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import struct
 
 import pytest
 
 from plugin import stream
+from tests.conftest import need
 from tests.unit import test_transfers
 from tests.unit.test_transfers import receive, reencoded, sent
 
@@ -19,7 +19,9 @@ from tests.unit.test_transfers import receive, reencoded, sent
 # pyflakes would call every test's argument a redefinition of an unused import)
 client, domain = test_transfers.client, test_transfers.domain
 
-pytestmark = pytest.mark.skipif(shutil.which("zstd") is None, reason="needs zstd (Debian's zstd)")
+@pytest.fixture(autouse=True)
+def zstd_installed() -> None:
+    need("zstd", root=False)                # Debian's zstd: fails under scripts/test
 
 
 def volume_with_text(domain, name: str = "db") -> None:
@@ -134,10 +136,10 @@ def test_a_target_that_reads_format_1_only_gets_format_1(domain, tmp_path, monke
     assert [(h["format"], h.get("compression")) for h in seen] == [(2, "zstd"), (1, None)]
 
 
-@pytest.mark.skipif("xxh3" not in stream.CHECKS, reason="needs python3-xxhash")
 def test_a_target_that_reads_formats_1_and_2_only_gets_format_2(domain, tmp_path, monkeypatch):
     """Where format 3 is the default (Btrfs), a replica that reads formats 1 and 2 only
     refuses it in its own words; the next attempt sends format 2, still compressed."""
+    need(root=False, modules={"python3-xxhash": "xxh3" in stream.CHECKS})
     monkeypatch.setattr(domain.backend, "checked_streams", True)   # the fake, as Btrfs
     volume_with_text(domain)
     run, seen = replicate_to_replica(
